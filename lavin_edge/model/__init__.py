@@ -1,0 +1,1 @@
+"""PyTorch model of LaVIN: routed adapters, the LLaMA decoder, the vision towers and their assembly."""

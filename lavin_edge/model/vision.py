@@ -1,0 +1,34 @@
+"""The vision tower interface: an image encoder carrying routed adapters that returns a few visual
+tokens taken from several depths (LaVIN takes the ViT's class token after every 4th block)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lavin_edge.config import AdapterConfig, VisionConfig
+
+
+class VisionTower(nn.Module):
+    """Subclasses set ``token_dims`` (the width of each visual token) and implement ``forward``:
+    images [B, 3, S, S] (ImageNet-normalised) -> one [B, token_dims[i]] tensor per visual token."""
+
+    token_dims: list[int]
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """Frozen weights only (what a vision checkpoint holds): everything but the adapters."""
+        return {k: v for k, v in self.state_dict().items() if ".adapter." not in f".{k}"}
+
+
+def build_vision_tower(cfg: VisionConfig, adapter: AdapterConfig | None) -> VisionTower:
+    cfg.validate()
+    if cfg.kind == "vit":
+        from lavin_edge.model.vit import ClipViT
+
+        return ClipViT(cfg, adapter)
+    from lavin_edge.model.efficientnet import EfficientNetLite
+
+    return EfficientNetLite(cfg, adapter)
