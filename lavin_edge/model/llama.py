@@ -164,6 +164,9 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, adapter) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if not self.tok_embeddings.weight.is_meta:
+            # LLaMA's init scale; nn.Embedding's N(0, 1) gives absurd logits when embeddings are tied.
+            nn.init.normal_(self.tok_embeddings.weight, std=0.02)
         self.gradient_checkpointing = False
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 

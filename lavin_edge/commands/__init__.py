@@ -1,0 +1,1 @@
+"""One module per CLI subcommand; each exports ``command`` (a click.Command)."""

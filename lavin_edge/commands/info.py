@@ -1,0 +1,42 @@
+"""`lavin-edge info`: the model's structure and parameter counts, built on the meta device."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from lavin_edge.config import LLM_PRESETS, VISION_PRESETS, preset
+
+
+@click.command(name="info")
+@click.option("--llm", "llm", default="llama-7b", show_default=True, type=click.Choice(sorted(LLM_PRESETS)),
+              help="LLM preset.")
+@click.option("--vision", "vision", default="vit-l-14", show_default=True,
+              type=click.Choice(sorted(VISION_PRESETS)), help="Vision tower preset.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def command(llm: str, vision: str, as_json: bool) -> None:
+    """Count the parameters of LaVIN(LLM preset, vision preset) without allocating weights."""
+    from lavin_edge.model.lavin import build_lavin
+
+    cfg = preset(llm, vision)
+    counts = build_lavin(cfg, "meta").count_parameters()
+    info = {"llm": llm, "vision": vision, **counts, "config": cfg.to_dict(), "extension": _extension_info()}
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"LaVIN  llm={llm}  vision={vision}")
+    for key in ("trainable_params", "total_params", "llm_adapters", "vision_adapters", "visual_proj",
+                "modality_embedding"):
+        click.echo(f"  {key:<20} {counts[key]:>15,}")
+    click.echo(f"  {'extension':<20} {info['extension']}")
+
+
+def _extension_info() -> dict | str:
+    """What the compiled extension reports about this CPU, or why it is unavailable."""
+    try:
+        from lavin_edge import _C  # type: ignore[attr-defined]
+    except ImportError as e:
+        return f"not available ({e})"
+    features = getattr(_C, "cpu_features", None)
+    return features() if callable(features) else "available"

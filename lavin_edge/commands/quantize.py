@@ -1,0 +1,12 @@
+"""`lavin-edge quantize`: not built yet."""
+
+import sys
+
+import click
+
+
+@click.command(name="quantize", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def command() -> None:
+    """Not implemented yet."""
+    click.echo("lavin-edge quantize: not implemented yet", err=True)
+    sys.exit(2)

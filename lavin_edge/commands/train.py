@@ -1,0 +1,12 @@
+"""`lavin-edge train`: not built yet."""
+
+import sys
+
+import click
+
+
+@click.command(name="train", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def command() -> None:
+    """Not implemented yet."""
+    click.echo("lavin-edge train: not implemented yet", err=True)
+    sys.exit(2)
