@@ -1,0 +1,233 @@
+"""``merge``: base + trained adapters -> one deployable model directory (routers folded).
+
+The LLM routing is a constant table [layers x 2 modalities x 2 experts] (position 0 holds the modality
+token and attends only to itself, so its state at every layer depends on the modality alone). We compute
+it by running the two modality tokens through the LLM as one-token sequences, fold each layer's two
+experts into one up-projection per modality, and drop the router and the modality token.
+
+Merged model directory (``format: "lavin-edge-merged"``, ``format_version: 1``; also docs/model-format.md):
+
+- ``config.json``: ``format``, ``format_version``, ``lavin_config`` (LavinConfig.to_dict()),
+  ``position_offset`` (1: the absolute position of the first real token; cache slot i is position i + 1),
+  ``tokenizer`` (``{"file": "tokenizer.json"}`` for a copied file, ``{"gguf": "/abs/path.gguf"}`` for a GGUF
+  base's embedded vocab, or ``null``), ``routing_table`` ([layers][modality][expert], for the record),
+  ``source`` (where base and adapters came from). A quantized directory adds ``quantization_config``.
+- ``model.safetensors``: the LLM in Meta naming at the top level (``tok_embeddings.weight``,
+  ``layers.{i}.attention.wq.weight`` ..., ``norm.weight``, ``output.weight`` unless tied), each layer's
+  folded adapter as ``layers.{i}.adapter.down.weight [r, D]``, ``.down.bias [r]``, ``.up.weight [2, D, r]``,
+  ``.up.bias [2, D]`` (modality 0 text, 1 image); the vision tower with its per-token routed adapters under
+  ``vision.*``; the projection under ``visual_proj.*``.
+- the tokenizer file, when the base had one (``tokenizer.json`` or ``tokenizer.model``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lavin_edge.config import LavinConfig
+from lavin_edge.model.lavin import LaVIN, build_lavin
+from lavin_edge.model.llama import KVCache
+from lavin_edge.model.merged import MergedLaVIN
+
+FORMAT = "lavin-edge-merged"
+FORMAT_VERSION = 1
+POSITION_OFFSET = 1
+
+
+class ModelDirError(ValueError):
+    """A model directory that is not what the command expects (not merged, wrong version, quantized ...)."""
+
+
+@torch.no_grad()
+def routing_table(model: LaVIN) -> torch.Tensor:
+    """[layers, 2 modalities, 2 experts]: each layer's routing weights for text (0) and image (1) inputs.
+
+    A one-token sequence holding only the modality token gives position 0 exactly the state it has in
+    any longer sequence, since the attention mask lets it see only itself."""
+    llm = model.llm
+    was_training = model.training
+    model.eval()
+    try:
+        h = model.modality_embedding(torch.arange(2, device=model.modality_embedding.weight.device))[:, None]
+        cache = KVCache.allocate(llm.cfg, 2, 1, h.dtype, h.device)
+        llm.forward_embeds(h, cache, 0)
+        rows = []
+        for layer, route in zip(llm.layers, cache.route, strict=True):
+            if layer.adapter is None or route is None:
+                raise ValueError("the LLM has no routed adapters to merge")
+            rows.append(layer.adapter.routing_weights(route)[:, 0])  # [2 modalities, 2 experts]
+        return torch.stack(rows).float()
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def merge_lavin(model: LaVIN) -> tuple[MergedLaVIN, torch.Tensor]:
+    """The merged runtime model (same dtype as ``model``) and the routing table it folded in."""
+    table = routing_table(model)
+    merged = MergedLaVIN(LavinConfig.from_dict(model.cfg.to_dict()), POSITION_OFFSET)
+    merged.to(next(model.parameters()).dtype)
+    llm_sd = {k: v for k, v in model.llm.state_dict().items() if ".adapter." not in f".{k}"}
+    missing = merged.llm.load_state_dict(llm_sd, strict=False).missing_keys
+    if any(".adapter." not in f".{k}" for k in missing):
+        raise RuntimeError(f"merged LLM lacks base tensors: {missing[:5]}")
+    for i, (src, dst) in enumerate(zip(model.llm.layers, merged.llm.layers, strict=True)):
+        ad = src.adapter
+        dst.adapter.down.load_state_dict(ad.down.state_dict())
+        for m in range(2):
+            u_w, u_b = ad.folded(table[i, m].to(ad.up_b.weight.dtype))
+            dst.adapter.up.weight[m] = u_w
+            dst.adapter.up.bias[m] = u_b
+    merged.vision.load_state_dict(model.vision.state_dict())
+    merged.visual_proj.load_state_dict(model.visual_proj.state_dict())
+    return merged.eval(), table
+
+
+# ----------------------------------------------------------------------------- files
+
+def file_state_dict(model: MergedLaVIN) -> dict[str, torch.Tensor]:
+    """The module's state dict in the file's naming: LLM tensors at the top level (Meta names)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        out[k[len("llm."):] if k.startswith("llm.") else k] = v.contiguous()
+    return out
+
+
+def module_state_dict(file_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of ``file_state_dict``."""
+    return {k if k.startswith(("vision.", "visual_proj.")) else f"llm.{k}": v for k, v in file_sd.items()}
+
+
+def _tokenizer_entry(tokenizer: str | Path | None, out: Path) -> dict[str, str] | None:
+    if tokenizer is None:
+        return None
+    p = Path(tokenizer)
+    if p.suffix == ".gguf":
+        return {"gguf": str(p.resolve())}
+    if p.is_dir():
+        p = next((p / n for n in ("tokenizer.json", "tokenizer.model") if (p / n).exists()), p)
+    if p.name not in ("tokenizer.json", "tokenizer.model") or not p.is_file():
+        raise FileNotFoundError(f"{tokenizer}: not a tokenizer.json / tokenizer.model / .gguf")
+    shutil.copyfile(p, out / p.name)
+    return {"file": p.name}
+
+
+def tokenizer_path(model_dir: str | Path, config: dict[str, Any]) -> Path | None:
+    """Where the merged model's tokenizer lives (for ``lavin_edge.io.load_tokenizer``), or None."""
+    entry = config.get("tokenizer")
+    if not entry:
+        return None
+    return Path(entry["gguf"]) if "gguf" in entry else Path(model_dir) / entry["file"]
+
+
+def save_merged(model: MergedLaVIN, out_dir: str | Path, tokenizer: str | Path | None = None,
+                source: dict[str, Any] | None = None, routing: torch.Tensor | None = None,
+                extra: dict[str, Any] | None = None, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write config.json + model.safetensors (+ the tokenizer). ``tensors`` replaces the state dict (the
+    quantizer passes its packed tensors); ``extra`` adds config keys (``quantization_config``)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "lavin_config": model.cfg.to_dict(),
+        "position_offset": model.llm.position_offset,
+        "tokenizer": _tokenizer_entry(tokenizer, out),
+        "routing_table": None if routing is None else routing.tolist(),
+        "source": source or {},
+        **(extra or {}),
+    }
+    sd = file_state_dict(model) if tensors is None else tensors
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": FORMAT})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return out
+
+
+def read_config(model_dir: str | Path, allow_quantized: bool = True) -> dict[str, Any]:
+    """config.json of a merged directory; a clear error for anything else."""
+    d = Path(model_dir)
+    f = d / "config.json"
+    if not f.is_file():
+        raise ModelDirError(f"{d}: no config.json (not a model directory)")
+    cfg = json.loads(f.read_text())
+    if cfg.get("format") != FORMAT:
+        hint = " (it looks like trained adapters: run `lavin-edge merge` first)" if (
+            d / "adapters.safetensors").exists() else ""
+        raise ModelDirError(f"{d}: not a merged model (config.json format is {cfg.get('format')!r}, "
+                            f"expected {FORMAT!r}){hint}")
+    if cfg.get("format_version") != FORMAT_VERSION:
+        raise ModelDirError(f"{d}: format_version {cfg.get('format_version')!r} unsupported (expected 1)")
+    if not allow_quantized and "quantization_config" in cfg:
+        raise ModelDirError(f"{d}: already quantized ({cfg['quantization_config']})")
+    if not (d / "model.safetensors").is_file():
+        raise ModelDirError(f"{d}: model.safetensors missing")
+    return cfg
+
+
+def load_merged(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[MergedLaVIN, dict[str, Any]]:
+    """Load an unquantized merged directory -> (model in eval mode, config dict)."""
+    from safetensors.torch import load_file
+
+    cfg = read_config(model_dir, allow_quantized=False)
+    model = MergedLaVIN(LavinConfig.from_dict(cfg["lavin_config"]), int(cfg["position_offset"]))
+    sd = module_state_dict(load_file(str(Path(model_dir) / "model.safetensors")))
+    model.load_state_dict(sd, strict=True)
+    return model.to(dtype).eval(), cfg
+
+
+# ----------------------------------------------------------------------------- trained artifacts
+
+def load_trained(adapter_dir: str | Path, llm: str | Path | None = None, vision: str | Path | None = None,
+                 dtype: torch.dtype = torch.float32) -> tuple[LaVIN, dict[str, Any], Path | None]:
+    """Rebuild the trained LaVIN: base weights (``llm``/``vision``, or where config.json says they came from)
+    + ``adapters.safetensors``. Returns (model, the artifact's config.json, tokenizer path)."""
+    from safetensors.torch import load_file
+
+    from lavin_edge.io.checks import load_state_dict_strict
+    from lavin_edge.io.llama_loaders import load_llm
+    from lavin_edge.io.vision_loaders import load_vision
+
+    d = Path(adapter_dir)
+    if not (d / "adapters.safetensors").is_file() or not (d / "config.json").is_file():
+        raise ModelDirError(f"{d}: expected adapters.safetensors + config.json (the output of `lavin-edge train`)")
+    meta = json.loads((d / "config.json").read_text())
+    cfg_dict = meta.get("lavin_config") or meta.get("config") or meta
+    cfg = LavinConfig.from_dict(cfg_dict)
+    base = meta.get("base") or {}
+    llm_src = llm or base.get("llm")
+    vision_src = vision or base.get("vision")
+    if llm_src is None or vision_src is None:
+        raise ModelDirError(f"{d}: config.json does not say where the base came from; pass --llm and --vision")
+    llm_cfg, llm_sd, tok = load_llm(llm_src, dtype)
+    vis_cfg, vis_sd = load_vision(vision_src, dtype)
+    for name, want, got in (("llm", cfg.llm, llm_cfg), ("vision", cfg.vision, vis_cfg)):
+        if want.__dict__ != got.__dict__:
+            raise ModelDirError(f"{name} base {got} does not match the trained config {want}")
+    model = build_lavin(cfg).to(dtype)
+    load_state_dict_strict(model.llm, llm_sd, source=str(llm_src))
+    load_state_dict_strict(model.vision, vis_sd, source=str(vision_src))
+    adapters = load_file(str(d / "adapters.safetensors"))
+    expected = model.trainable_state_dict()
+    if set(adapters) != set(expected):
+        diff = sorted(set(adapters) ^ set(expected))[:8]
+        raise ModelDirError(f"{d}/adapters.safetensors does not match the model's trainable tensors: {diff}")
+    model.load_state_dict(adapters, strict=False)
+    tok_path = Path(meta["tokenizer"]) if meta.get("tokenizer") else tok
+    return model.eval(), meta, tok_path
+
+
+def merge_dir(adapter_dir: str | Path, out_dir: str | Path, llm: str | Path | None = None,
+              vision: str | Path | None = None) -> Path:
+    """CLI entry: trained artifact dir -> merged model dir."""
+    model, meta, tok = load_trained(adapter_dir, llm, vision)
+    merged, table = merge_lavin(model)
+    source = {"adapters": str(Path(adapter_dir).resolve()), "base": meta.get("base") or {
+        "llm": str(llm), "vision": str(vision)}}
+    return save_merged(merged, out_dir, tok, source, table)
