@@ -1,0 +1,281 @@
+// pybind11 module lavin_edge._C.
+//
+// Tensors cross as raw addresses (tensor.data_ptr()) plus sizes: no torch headers, no copies.
+// The Python wrapper (lavin_edge/kernels/__init__.py) validates dtype, device, contiguity and
+// shapes and owns every buffer; this file re-checks the arithmetic relations between the
+// sizes it receives (so a wrong call raises ValueError instead of reading out of bounds) and
+// releases the GIL around the kernels.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <omp.h>
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu_features.h"
+#include "kernels.h"
+#ifdef LAVIN_EDGE_WITH_CUDA
+#include "cuda/cuda_api.h"
+#endif
+
+namespace py = pybind11;
+using namespace lavin;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+void require(bool ok, const std::string& msg) {
+  if (!ok) throw std::invalid_argument(msg);
+}
+
+enum class Isa { kScalar, kAvx2, kAvx512 };
+
+Isa parse_isa(const std::string& name) {
+  const CpuFeatures& f = cpu_features();
+  if (name == "scalar") return Isa::kScalar;
+  if (name == "avx2") {
+    require(f.can_avx2(), "isa 'avx2' requested but this CPU lacks AVX2/FMA/F16C");
+    return Isa::kAvx2;
+  }
+  if (name == "avx512") {
+    require(f.can_avx512(), "isa 'avx512' requested but this CPU lacks AVX-512 F/BW/VL/DQ/VNNI");
+    return Isa::kAvx512;
+  }
+  throw std::invalid_argument("unknown isa '" + name + "' (expected scalar, avx2 or avx512)");
+}
+
+std::string best_isa() {
+  const CpuFeatures& f = cpu_features();
+  return f.can_avx512() ? "avx512" : f.can_avx2() ? "avx2" : "scalar";
+}
+
+int resolve_threads(int threads) { return threads > 0 ? threads : omp_get_max_threads(); }
+
+py::dict py_cpu_features() {
+  const CpuFeatures& f = cpu_features();
+  py::dict d;
+  d["avx2"] = f.avx2;
+  d["fma"] = f.fma;
+  d["f16c"] = f.f16c;
+  d["avx512f"] = f.avx512f;
+  d["avx512bw"] = f.avx512bw;
+  d["avx512vl"] = f.avx512vl;
+  d["avx512dq"] = f.avx512dq;
+  d["avx512_vnni"] = f.avx512vnni;
+  d["avx512_bf16"] = f.avx512bf16;
+  d["best_isa"] = best_isa();
+  d["omp_max_threads"] = omp_get_max_threads();
+#ifdef LAVIN_EDGE_WITH_CUDA
+  d["cuda_compiled"] = true;
+#else
+  d["cuda_compiled"] = false;
+#endif
+  return d;
+}
+
+// ---- W4 -------------------------------------------------------------------------------------
+
+void py_w4_gemm(const std::string& isa_name, uintptr_t qw, int64_t qw_bytes, uintptr_t scales, int64_t scales_numel,
+                uintptr_t zeros, int64_t zeros_numel, uintptr_t perm, int64_t perm_numel, int64_t n, int64_t np,
+                int64_t k, int64_t kp, int64_t groups, uintptr_t x, int64_t m, int64_t ldx, uintptr_t y, int64_t ldy,
+                int threads) {
+  const Isa isa = parse_isa(isa_name);
+  require(n > 0 && k > 0 && m > 0, "w4_gemm: n, k and m must be positive");
+  require(np % kTile == 0 && np >= n && np - n < kTile, "w4_gemm: np must be n rounded up to a multiple of 16");
+  require(kp % kBlock == 0 && kp >= k && kp - k < kBlock, "w4_gemm: kp must be k rounded up to a multiple of 32");
+  require(groups > 0 && (kp / kBlock) % groups == 0, "w4_gemm: groups must divide kp / 32");
+  require(qw_bytes == np / kTile * (kp / 8) * 64, "w4_gemm: packed weight size does not match n, k");
+  require(scales_numel == np * groups && zeros_numel == np * groups, "w4_gemm: scales/zeros size does not match");
+  require(ldx >= k && ldy >= n, "w4_gemm: row strides smaller than the rows");
+  require(perm == 0 || perm_numel == k, "w4_gemm: perm must hold k entries");
+  require(qw && scales && zeros && x && y, "w4_gemm: null pointer");
+  W4Prepared w;
+  w.qw = ptr<const uint8_t>(qw);
+  w.scales = ptr<const uint16_t>(scales);
+  w.zeros = ptr<const uint8_t>(zeros);
+  w.perm = perm ? ptr<const int32_t>(perm) : nullptr;
+  w.n = n;
+  w.np = np;
+  w.k = k;
+  w.kp = kp;
+  w.groups = groups;
+  w.blocks_per_group = kp / kBlock / groups;
+  if (w.perm) {  // O(k): cheap next to the O(nk) product, and it rules out a wild gather
+    for (int64_t i = 0; i < k; ++i)
+      require(w.perm[i] >= 0 && w.perm[i] < k, "w4_gemm: perm entry out of range [0, k)");
+  }
+  std::vector<int8_t> q(static_cast<size_t>(m * kp));
+  std::vector<float> d(static_cast<size_t>(m * (kp / kBlock)));
+  std::vector<float> gsum(static_cast<size_t>(m * groups));
+  const int nt = resolve_threads(threads);
+  {
+    py::gil_scoped_release nogil;
+    quantize_activations(ptr<const float>(x), ldx, w, m, q.data(), d.data(), gsum.data());
+    XQuant xq{q.data(), d.data(), gsum.data(), m};
+    float* out = ptr<float>(y);
+    switch (isa) {
+      case Isa::kAvx512: w4_gemm_avx512(w, xq, out, ldy, nt); break;
+      case Isa::kAvx2: w4_gemm_avx2(w, xq, out, ldy, nt); break;
+      default: w4_gemm_generic(w, xq, out, ldy, nt); break;
+    }
+  }
+}
+
+void py_w4_gemm_gptq_reference(uintptr_t x, int64_t m, uintptr_t qweight, int64_t qweight_numel, uintptr_t qzeros,
+                               int64_t qzeros_numel, uintptr_t scales, int64_t scales_numel, uintptr_t g_idx,
+                               int64_t g_idx_numel, int64_t n, int64_t k, int64_t groups, int64_t group_size,
+                               int zero_offset, uintptr_t y, int threads) {
+  require(n > 0 && k > 0 && m > 0 && groups > 0 && group_size > 0, "gptq_reference: sizes must be positive");
+  require(k % 8 == 0, "gptq_reference: k must be a multiple of 8");
+  require(qweight_numel == k / 8 * n, "gptq_reference: qweight must be [k/8, n]");
+  require(qzeros_numel == groups * ((n + 7) / 8), "gptq_reference: qzeros must be [G, ceil(n/8)]");
+  require(scales_numel == groups * n, "gptq_reference: scales must be [G, n]");
+  require(g_idx == 0 || g_idx_numel == k, "gptq_reference: g_idx must hold k entries");
+  require(g_idx != 0 || (k + group_size - 1) / group_size <= groups, "gptq_reference: too few groups for k");
+  const int32_t* gi = g_idx ? ptr<const int32_t>(g_idx) : nullptr;
+  if (gi) {
+    for (int64_t i = 0; i < k; ++i)
+      require(gi[i] >= 0 && gi[i] < groups, "gptq_reference: g_idx entry out of range [0, G)");
+  }
+  py::gil_scoped_release nogil;
+  w4_gemm_gptq_reference(ptr<const float>(x), m, ptr<const int32_t>(qweight), ptr<const int32_t>(qzeros),
+                         ptr<const uint16_t>(scales), gi, n, k, groups, group_size, zero_offset, ptr<float>(y),
+                         resolve_threads(threads));
+}
+
+// ---- adapters ----------------------------------------------------------------------------------
+
+void py_llm_adapter(const std::string& isa_name, uintptr_t x, uintptr_t y, int64_t rows, int64_t dim, int64_t rank,
+                    uintptr_t g, uintptr_t A, uintptr_t a, uintptr_t U, uintptr_t u, uintptr_t row_modality,
+                    double eps, int threads) {
+  const Isa isa = parse_isa(isa_name);
+  require(rows > 0 && dim > 0, "llm_adapter: rows and dim must be positive");
+  require(rank > 0 && rank <= 64, "llm_adapter: rank must be in [1, 64]");
+  const int32_t* mod = ptr<const int32_t>(row_modality);
+  for (int64_t i = 0; i < rows; ++i) require(mod[i] == 0 || mod[i] == 1, "llm_adapter: modality must be 0 or 1");
+  LlmAdapterArgs p{ptr<const float>(x), ptr<float>(y), rows, dim, rank, ptr<const float>(g), ptr<const float>(A),
+                   ptr<const float>(a), ptr<const float>(U), ptr<const float>(u), mod, static_cast<float>(eps)};
+  const int nt = resolve_threads(threads);
+  py::gil_scoped_release nogil;
+  switch (isa) {
+    case Isa::kAvx512: llm_adapter_avx512(p, nt); break;
+    case Isa::kAvx2: llm_adapter_avx2(p, nt); break;
+    default: llm_adapter_scalar(p, nt); break;
+  }
+}
+
+void py_vit_adapter(const std::string& isa_name, uintptr_t x, uintptr_t y, int64_t rows, int64_t dim, int64_t rank,
+                    uintptr_t A, uintptr_t a, uintptr_t R, uintptr_t rb, uintptr_t B, uintptr_t b, uintptr_t Dw,
+                    uintptr_t d, double temperature, double scale, int threads) {
+  const Isa isa = parse_isa(isa_name);
+  require(rows > 0 && dim > 0 && dim % 2 == 0, "vit_adapter: rows > 0 and an even dim > 0 required");
+  require(rank >= 2 && rank <= 64 && rank % 2 == 0, "vit_adapter: rank must be even, in [2, 64]");
+  require(temperature > 0.0, "vit_adapter: temperature must be positive");
+  VitAdapterArgs p{ptr<const float>(x), ptr<float>(y), rows, dim, rank, ptr<const float>(A), ptr<const float>(a),
+                   ptr<const float>(R), ptr<const float>(rb), ptr<const float>(B), ptr<const float>(b),
+                   ptr<const float>(Dw), ptr<const float>(d), static_cast<float>(temperature),
+                   static_cast<float>(scale)};
+  const int nt = resolve_threads(threads);
+  py::gil_scoped_release nogil;
+  switch (isa) {
+    case Isa::kAvx512: vit_adapter_avx512(p, nt); break;
+    case Isa::kAvx2: vit_adapter_avx2(p, nt); break;
+    default: vit_adapter_scalar(p, nt); break;
+  }
+}
+
+double py_read_bandwidth(uintptr_t buf, int64_t nbytes, int threads) {
+  require(buf != 0 && nbytes >= 64, "read_bandwidth: need a buffer of at least 64 bytes");
+  py::gil_scoped_release nogil;
+  return read_bandwidth_kernel(ptr<const void>(buf), nbytes, resolve_threads(threads));
+}
+
+// ---- CUDA --------------------------------------------------------------------------------------
+#ifdef LAVIN_EDGE_WITH_CUDA
+void check_cuda(const std::string& err) {
+  if (!err.empty()) throw std::runtime_error("CUDA error: " + err);
+}
+#endif
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "lavin-edge native kernels (CPU: scalar/AVX2/AVX-512 VNNI; CUDA when built with nvcc)";
+  m.def("cpu_features", &py_cpu_features, "CPU features the kernels dispatch on, plus best_isa and build info");
+  m.def("w4_gemm", &py_w4_gemm, "W4 GEMM on the prepared layout (see csrc/kernels.h)", py::arg("isa"), py::arg("qw"),
+        py::arg("qw_bytes"), py::arg("scales"), py::arg("scales_numel"), py::arg("zeros"), py::arg("zeros_numel"),
+        py::arg("perm"), py::arg("perm_numel"), py::arg("n"), py::arg("np"), py::arg("k"), py::arg("kp"),
+        py::arg("groups"), py::arg("x"), py::arg("m"), py::arg("ldx"), py::arg("y"), py::arg("ldy"),
+        py::arg("threads") = 0);
+  m.def("w4_gemm_gptq_reference", &py_w4_gemm_gptq_reference,
+        "Scalar double-accumulating W4 GEMM straight on the GPTQ layout (oracle)", py::arg("x"), py::arg("m"),
+        py::arg("qweight"), py::arg("qweight_numel"), py::arg("qzeros"), py::arg("qzeros_numel"), py::arg("scales"),
+        py::arg("scales_numel"), py::arg("g_idx"), py::arg("g_idx_numel"), py::arg("n"), py::arg("k"),
+        py::arg("groups"), py::arg("group_size"), py::arg("zero_offset"), py::arg("y"), py::arg("threads") = 0);
+  m.def("llm_adapter", &py_llm_adapter, "Fused RMSNorm + folded routed adapter (fp32)", py::arg("isa"), py::arg("x"),
+        py::arg("y"), py::arg("rows"), py::arg("dim"), py::arg("rank"), py::arg("g"), py::arg("A"), py::arg("a"),
+        py::arg("U"), py::arg("u"), py::arg("row_modality"), py::arg("eps"), py::arg("threads") = 0);
+  m.def("vit_adapter", &py_vit_adapter, "Per-token routed ViT adapter (fp32)", py::arg("isa"), py::arg("x"),
+        py::arg("y"), py::arg("rows"), py::arg("dim"), py::arg("rank"), py::arg("A"), py::arg("a"), py::arg("R"),
+        py::arg("rb"), py::arg("B"), py::arg("b"), py::arg("Dw"), py::arg("d"), py::arg("temperature"),
+        py::arg("scale"), py::arg("threads") = 0);
+  m.def("read_bandwidth", &py_read_bandwidth, "Sum a buffer with `threads` threads (STREAM-like read probe)",
+        py::arg("buf"), py::arg("nbytes"), py::arg("threads") = 0);
+  m.def("max_threads", []() { return omp_get_max_threads(); });
+#ifdef LAVIN_EDGE_WITH_CUDA
+  m.attr("cuda_compiled") = true;
+  m.def("cuda_device_count", &cuda::device_count, "CUDA devices visible (0 without a driver)");
+  m.def(
+      "cuda_w4_gemm",
+      [](uintptr_t x, int64_t ldx, uintptr_t perm, uintptr_t qweight, uintptr_t scales, uintptr_t zeros, int64_t m,
+         int64_t n, int64_t k, int64_t groups, int64_t group_size, uintptr_t workspace, uintptr_t y, int64_t stream) {
+        require(m > 0 && n > 0 && k > 0 && k % 8 == 0, "cuda_w4_gemm: bad sizes (k must be a multiple of 8)");
+        require(group_size > 0 && group_size % 8 == 0 && groups * group_size >= k,
+                "cuda_w4_gemm: group_size must be a multiple of 8 covering k");
+        require(ldx >= k, "cuda_w4_gemm: ldx < k");
+        check_cuda(cuda::w4_gemm(ptr<const void>(x), ldx, ptr<const int32_t>(perm), ptr<const int32_t>(qweight),
+                                 ptr<const void>(scales), ptr<const uint8_t>(zeros), m, n, k, groups, group_size,
+                                 ptr<float>(workspace), ptr<void>(y), stream));
+      },
+      py::arg("x"), py::arg("ldx"), py::arg("perm"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("groups"), py::arg("group_size"), py::arg("workspace"),
+      py::arg("y"), py::arg("stream") = 0);
+  m.def(
+      "cuda_llm_adapter",
+      [](uintptr_t x, uintptr_t y, int64_t rows, int64_t dim, int64_t rank, uintptr_t g, uintptr_t A, uintptr_t a,
+         uintptr_t U, uintptr_t u, uintptr_t row_modality, double eps, int64_t stream) {
+        require(rows > 0 && dim > 0 && rank > 0 && rank <= 64, "cuda_llm_adapter: bad sizes");
+        check_cuda(cuda::llm_adapter(ptr<const void>(x), ptr<void>(y), rows, dim, rank, ptr<const float>(g),
+                                     ptr<const float>(A), ptr<const float>(a), ptr<const float>(U),
+                                     ptr<const float>(u), ptr<const int32_t>(row_modality), static_cast<float>(eps),
+                                     stream));
+      },
+      py::arg("x"), py::arg("y"), py::arg("rows"), py::arg("dim"), py::arg("rank"), py::arg("g"), py::arg("A"),
+      py::arg("a"), py::arg("U"), py::arg("u"), py::arg("row_modality"), py::arg("eps"), py::arg("stream") = 0);
+  m.def(
+      "cuda_vit_adapter",
+      [](uintptr_t x, uintptr_t y, int64_t rows, int64_t dim, int64_t rank, uintptr_t A, uintptr_t a, uintptr_t R,
+         uintptr_t rb, uintptr_t B, uintptr_t b, uintptr_t Dw, uintptr_t d, double temperature, double scale,
+         int64_t stream) {
+        require(rows > 0 && dim > 0 && dim % 2 == 0 && rank >= 2 && rank <= 64 && rank % 2 == 0,
+                "cuda_vit_adapter: bad sizes");
+        check_cuda(cuda::vit_adapter(ptr<const void>(x), ptr<void>(y), rows, dim, rank, ptr<const float>(A),
+                                     ptr<const float>(a), ptr<const float>(R), ptr<const float>(rb),
+                                     ptr<const float>(B), ptr<const float>(b), ptr<const float>(Dw),
+                                     ptr<const float>(d), static_cast<float>(temperature),
+                                     static_cast<float>(scale), stream));
+      },
+      py::arg("x"), py::arg("y"), py::arg("rows"), py::arg("dim"), py::arg("rank"), py::arg("A"), py::arg("a"),
+      py::arg("R"), py::arg("rb"), py::arg("B"), py::arg("b"), py::arg("Dw"), py::arg("d"), py::arg("temperature"),
+      py::arg("scale"), py::arg("stream") = 0);
+#else
+  m.attr("cuda_compiled") = false;
+  m.def("cuda_device_count", []() { return 0; }, "CUDA kernels not compiled: always 0");
+#endif
+}

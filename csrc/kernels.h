@@ -1,0 +1,127 @@
+// Shared declarations of the lavin-edge CPU kernels.
+//
+// Every kernel takes raw pointers: the Python wrapper (lavin_edge/kernels/__init__.py) has
+// already checked dtype, device, contiguity and shapes, and bindings.cpp re-checks the
+// shapes it is given before calling in here. Nothing in this file allocates or validates.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+
+namespace lavin {
+
+// ---------------------------------------------------------------------------------------
+// W4 GEMM, prepared ("tiled") layout.
+//
+// Built once at load by lavin_edge.kernels.prepare_w4 from a GPTQ checkpoint:
+//   * act-order rows are permuted so that every quantization group is a contiguous run of
+//     K rows (the permutation `perm` is kept and x is gathered by it at run time);
+//   * K is padded with zero rows to Kp, a multiple of kBlock (x is zero-padded likewise, so
+//     the padding never contributes);
+//   * N is padded to Np, a multiple of kTile columns;
+//   * weights: for tile t (16 output columns) and k-chunk c (8 rows) one 64-byte record:
+//     32-bit lane i = column 16t+i, byte b of that lane = q[8c+b] | q[8c+b+4] << 4.
+//     So `v & 0xF` gives, per column, the 4 values of rows 8c..8c+3 and `v >> 4 & 0xF`
+//     rows 8c+4..8c+7: exactly the u8 operand of vpdpbusd against 4 broadcast x bytes.
+//     A tile's records are contiguous (Kp/8 records), tiles follow each other: each thread
+//     streams one contiguous range of memory.
+//   * scales: fp16 bits [Np/16][G][16] (the checkpoint's values, unchanged);
+//   * zeros:  uint8     [Np/16][G][16] (true zero point, 0..16: v1's stored zero-1 is
+//     normalised at load).
+// y[m, n] = sum_g s[g,n] * (sum_{k in g} q[k,n] x[m,k] - z[g,n] sum_{k in g} x[m,k]).
+constexpr int kTile = 16;   // output columns per tile (one zmm of int32 lanes)
+constexpr int kBlock = 32;  // rows per int8 activation block (one float scale each)
+
+struct W4Prepared {
+  const uint8_t* qw = nullptr;       // [Np/16][Kp/8][64]
+  const uint16_t* scales = nullptr;  // [Np/16][G][16] fp16 bits
+  const uint8_t* zeros = nullptr;    // [Np/16][G][16]
+  const int32_t* perm = nullptr;     // [K] or nullptr: x is read as x[perm[k]]
+  int64_t n = 0, np = 0;             // true and padded output columns
+  int64_t k = 0, kp = 0;             // true and padded input rows
+  int64_t groups = 0;                // G
+  int64_t blocks_per_group = 0;      // Kp / kBlock / G
+};
+
+// Activations quantized once per matmul: per row, int8 values in blocks of kBlock with one
+// float scale per block, and the sum of the (dequantized) x of every group, used to fold the
+// zero point out of the inner loop.
+struct XQuant {
+  const int8_t* q = nullptr;    // [m][Kp]
+  const float* d = nullptr;     // [m][Kp/kBlock]
+  const float* gsum = nullptr;  // [m][G]
+  int64_t m = 0;
+};
+
+// Quantize (and gather by perm, and zero-pad) the rows of x [m][k] (row stride ldx).
+void quantize_activations(const float* x, int64_t ldx, const W4Prepared& w, int64_t m, int8_t* q,
+                          float* d, float* gsum);
+
+// y [m][n] (row stride ldy) = x W^T on the prepared layout. One per ISA; the generic one is
+// the scalar reference of the int8 algorithm (the SIMD ones agree with it to rounding of the
+// last float additions: all three use the same operation order and explicit FMAs).
+void w4_gemm_generic(const W4Prepared& w, const XQuant& xq, float* y, int64_t ldy, int threads);
+void w4_gemm_avx2(const W4Prepared& w, const XQuant& xq, float* y, int64_t ldy, int threads);
+void w4_gemm_avx512(const W4Prepared& w, const XQuant& xq, float* y, int64_t ldy, int threads);
+
+// Scalar fp reference straight on the GPTQ checkpoint layout (no int8 activations):
+// qweight int32 [k/8][n], qzeros int32 [G][ceil(n/8)], scales fp16 [G][n], g_idx [k] or
+// nullptr (then group = k / group_size); zero = stored + zero_offset (1 for gptq v1).
+// Accumulates in double: this is the oracle, not a fast path.
+void w4_gemm_gptq_reference(const float* x, int64_t m, const int32_t* qweight, const int32_t* qzeros,
+                            const uint16_t* scales, const int32_t* g_idx, int64_t n, int64_t k,
+                            int64_t groups, int64_t group_size, int zero_offset, float* y, int threads);
+
+// ---------------------------------------------------------------------------------------
+// Adapters (fp32 on CPU). Shapes as in DESIGN.md / issue 6:
+//   LLM: x [rows][D]; g [D]; A [r][D]; a [r]; U [2][D][r]; u [2][D]; modality per row 0/1.
+//   ViT: x [rows][D]; A [r][D]; a [r]; R [2][D]; rb [2]; B [D][r/2]; b [D]; Dw [D][r/2]; d [D].
+struct LlmAdapterArgs {
+  const float* x; float* y; int64_t rows, dim, rank;
+  const float *g, *A, *a, *U, *u;
+  const int32_t* row_modality;  // [rows], each 0 or 1
+  float eps;
+};
+struct VitAdapterArgs {
+  const float* x; float* y; int64_t rows, dim, rank;
+  const float *A, *a, *R, *rb, *B, *b, *Dw, *d;
+  float temperature, scale;
+};
+void llm_adapter_scalar(const LlmAdapterArgs& p, int threads);
+void llm_adapter_avx2(const LlmAdapterArgs& p, int threads);
+void llm_adapter_avx512(const LlmAdapterArgs& p, int threads);
+void vit_adapter_scalar(const VitAdapterArgs& p, int threads);
+void vit_adapter_avx2(const VitAdapterArgs& p, int threads);
+void vit_adapter_avx512(const VitAdapterArgs& p, int threads);
+
+// ---------------------------------------------------------------------------------------
+// Misc.
+double read_bandwidth_kernel(const void* buf, int64_t nbytes, int threads);  // returns checksum
+
+inline float half_to_float(uint16_t h) {
+  // IEEE binary16 -> binary32, exact for every input (normals, subnormals, inf, nan).
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu;
+  uint32_t mant = h & 0x3FFu;
+  uint32_t bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalise
+      int e = -1;
+      do { ++e; mant <<= 1; } while ((mant & 0x400u) == 0);
+      mant &= 0x3FFu;
+      bits = sign | (static_cast<uint32_t>(127 - 15 - e) << 23) | (mant << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7F800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+}  // namespace lavin

@@ -1,0 +1,123 @@
+// Scalar W4 kernels: activation quantization (shared by every ISA), the generic int8 kernel
+// on the prepared layout (the reference the SIMD kernels are tested against, bit for bit in
+// practice), and a double-accumulating oracle straight on the GPTQ checkpoint layout.
+#include <algorithm>
+#include <vector>
+
+#include <omp.h>
+
+#include "kernels.h"
+
+namespace lavin {
+
+void quantize_activations(const float* x, int64_t ldx, const W4Prepared& w, int64_t m, int8_t* q,
+                          float* d, float* gsum) {
+  const int64_t nblocks = w.kp / kBlock;
+#pragma omp parallel for schedule(static) if (m >= 4)
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = x + r * ldx;
+    int8_t* qr = q + r * w.kp;
+    float* dr = d + r * nblocks;
+    float* gr = gsum + r * w.groups;
+    float buf[kBlock];
+    for (int64_t g = 0; g < w.groups; ++g) gr[g] = 0.0f;
+    for (int64_t b = 0; b < nblocks; ++b) {
+      // Gather (act-order) and zero-pad: rows >= k contribute nothing.
+      float amax = 0.0f;
+      for (int i = 0; i < kBlock; ++i) {
+        const int64_t kk = b * kBlock + i;
+        float v = 0.0f;
+        if (kk < w.k) v = xr[w.perm ? w.perm[kk] : kk];
+        buf[i] = v;
+        amax = std::max(amax, std::fabs(v));
+      }
+      // Symmetric int8 in [-127, 127]: |q| <= 127 keeps the AVX2 int16 partial sums of a
+      // whole block (8 products of <= 15*127, summed in pairs) below 32767.
+      const float dscale = amax / 127.0f;
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      int32_t bsum = 0;
+      for (int i = 0; i < kBlock; ++i) {
+        float t = std::nearbyint(buf[i] * inv);
+        t = std::min(127.0f, std::max(-127.0f, t));
+        const int8_t qi = static_cast<int8_t>(t);
+        qr[b * kBlock + i] = qi;
+        bsum += qi;
+      }
+      dr[b] = dscale;
+      gr[b / w.blocks_per_group] += dscale * static_cast<float>(bsum);
+    }
+  }
+}
+
+void w4_gemm_generic(const W4Prepared& w, const XQuant& xq, float* y, int64_t ldy, int threads) {
+  const int64_t tiles = w.np / kTile;
+  const int64_t chunks = w.kp / 8;  // 64-byte records per tile
+  const int64_t nblocks = w.kp / kBlock;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < tiles; ++t) {
+    const uint8_t* tile = w.qw + t * chunks * 64;
+    for (int64_t r = 0; r < xq.m; ++r) {
+      const int8_t* xr = xq.q + r * w.kp;
+      const float* dr = xq.d + r * nblocks;
+      const float* gr = xq.gsum + r * w.groups;
+      float out[kTile] = {0};
+      for (int64_t g = 0; g < w.groups; ++g) {
+        float accg[kTile] = {0};
+        for (int64_t bi = 0; bi < w.blocks_per_group; ++bi) {
+          const int64_t b = g * w.blocks_per_group + bi;
+          int32_t isum[kTile] = {0};
+          for (int c = 0; c < kBlock / 8; ++c) {
+            const uint8_t* rec = tile + (b * (kBlock / 8) + c) * 64;
+            const int8_t* xc = xr + b * kBlock + c * 8;
+            for (int i = 0; i < kTile; ++i) {
+              for (int byte = 0; byte < 4; ++byte) {
+                const uint8_t v = rec[i * 4 + byte];
+                isum[i] += (v & 0xF) * xc[byte] + (v >> 4) * xc[byte + 4];
+              }
+            }
+          }
+          for (int i = 0; i < kTile; ++i) accg[i] = std::fma(static_cast<float>(isum[i]), dr[b], accg[i]);
+        }
+        const uint16_t* sc = w.scales + (t * w.groups + g) * kTile;
+        const uint8_t* zp = w.zeros + (t * w.groups + g) * kTile;
+        for (int i = 0; i < kTile; ++i) {
+          const float corr = std::fma(-static_cast<float>(zp[i]), gr[g], accg[i]);
+          out[i] = std::fma(half_to_float(sc[i]), corr, out[i]);
+        }
+      }
+      const int64_t n0 = t * kTile;
+      for (int i = 0; i < kTile && n0 + i < w.n; ++i) y[r * ldy + n0 + i] = out[i];
+    }
+  }
+}
+
+void w4_gemm_gptq_reference(const float* x, int64_t m, const int32_t* qweight, const int32_t* qzeros,
+                            const uint16_t* scales, const int32_t* g_idx, int64_t n, int64_t k,
+                            int64_t groups, int64_t group_size, int zero_offset, float* y, int threads) {
+  constexpr int64_t kCols = 64;
+  const int64_t nz = (n + 7) / 8;
+  const int64_t col_blocks = (n + kCols - 1) / kCols;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t cb = 0; cb < col_blocks; ++cb) {
+    const int64_t n0 = cb * kCols;
+    const int64_t n1 = std::min(n, n0 + kCols);
+    std::vector<double> acc(static_cast<size_t>(m * kCols), 0.0);
+    for (int64_t kk = 0; kk < k; ++kk) {
+      int64_t g = g_idx ? g_idx[kk] : kk / group_size;
+      if (g < 0 || g >= groups) continue;  // validated before; never read out of bounds
+      const uint32_t* row = reinterpret_cast<const uint32_t*>(qweight) + (kk / 8) * n;
+      const unsigned shift = static_cast<unsigned>(kk % 8) * 4;
+      for (int64_t j = n0; j < n1; ++j) {
+        const int q = static_cast<int>((row[j] >> shift) & 0xFu);
+        const uint32_t zword = static_cast<uint32_t>(qzeros[g * nz + j / 8]);
+        const int z = static_cast<int>((zword >> ((j % 8) * 4)) & 0xFu) + zero_offset;
+        const float wv = half_to_float(scales[g * n + j]) * static_cast<float>(q - z);
+        for (int64_t r = 0; r < m; ++r) acc[r * kCols + (j - n0)] += static_cast<double>(wv) * x[r * k + kk];
+      }
+    }
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t j = n0; j < n1; ++j) y[r * n + j] = static_cast<float>(acc[r * kCols + (j - n0)]);
+  }
+}
+
+}  // namespace lavin

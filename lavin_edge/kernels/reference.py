@@ -1,0 +1,138 @@
+"""Pure-PyTorch references of the native kernels (the fallback backend and the test oracles).
+
+Everything here is written for clarity, in fp32 (or float64 where noted), on whatever device
+the inputs are on.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .gptq_format import unpack_nibbles_cols, unpack_nibbles_rows, zero_offset
+
+ACT_BLOCK = 32  # rows per int8 activation block in the native W4 kernels
+
+
+def resolve_group_size(group_size: int | None, k: int) -> int:
+    """GPTQ's group_size -1 (or None/0) means one group spanning all of K."""
+    return k if group_size is None or group_size <= 0 else int(group_size)
+
+
+def dequantize_gptq(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor | None = None,
+    group_size: int | None = 128,
+    checkpoint_format: str = "gptq",
+) -> torch.Tensor:
+    """GPTQ tensors -> dense fp32 ``W`` [N, K]: ``W[n, k] = s[g(k), n] * (q[k, n] - z[g(k), n])``.
+
+    ``g(k) = g_idx[k]`` when given, else ``k // group_size``. ``checkpoint_format`` "gptq" (v1)
+    stores zero - 1; "gptq_v2" stores the zero.
+    """
+    k = qweight.shape[0] * 8
+    n = qweight.shape[1]
+    gs = resolve_group_size(group_size, k)
+    q = unpack_nibbles_rows(qweight).float()  # [K, N]
+    z = unpack_nibbles_cols(qzeros, n).float() + zero_offset(checkpoint_format)  # [G, N]
+    gi = g_idx.long() if g_idx is not None else torch.arange(k, device=qweight.device) // gs
+    w = scales.float()[gi] * (q - z[gi])  # [K, N]
+    return w.t().contiguous()
+
+
+def w4_matmul_reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor | None = None,
+    group_size: int | None = 128,
+    checkpoint_format: str = "gptq",
+) -> torch.Tensor:
+    """``x @ W^T`` in float64 (the oracle), returned as fp32. x: [..., K]."""
+    w = dequantize_gptq(qweight, qzeros, scales, g_idx, group_size, checkpoint_format)
+    return (x.double() @ w.double().t()).float()
+
+
+def quantize_activations_reference(x: torch.Tensor, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """What the native W4 kernels see of x: the int8 round trip of each 32-row block.
+
+    Rows are gathered by ``perm`` (act-order), zero-padded to a multiple of 32, quantized per
+    block to ``round(x * 127/amax)`` (round half to even, like the C++ side) and dequantized
+    with ``amax/127``; the result is scattered back to the original row order. Comparing the
+    kernel with ``dequantized x @ W^T`` isolates kernel bugs from the (intended) int8 error.
+    """
+    m, k = x.shape
+    xp = x.float()[:, perm.long()] if perm is not None else x.float()
+    kp = -(-k // ACT_BLOCK) * ACT_BLOCK
+    xp = torch.nn.functional.pad(xp, (0, kp - k)).reshape(m, kp // ACT_BLOCK, ACT_BLOCK)
+    amax = xp.abs().amax(dim=2, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    d = amax / torch.tensor(127.0)
+    xq = torch.clamp(torch.round(xp * inv), -127, 127) * d
+    xq = xq.reshape(m, kp)[:, :k]
+    if perm is not None:
+        out = torch.empty_like(xq)
+        out[:, perm.long()] = xq
+        return out
+    return xq
+
+
+def llm_adapter_reference(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    A: torch.Tensor,
+    a: torch.Tensor,
+    U: torch.Tensor,
+    u: torch.Tensor,
+    modality: torch.Tensor,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Fused RMSNorm + folded routed adapter (LLM side), fp32 math.
+
+    x [B, T, D]; g [D]; A [r, D]; a [r]; U [2, D, r]; u [2, D]; modality [B] (0 text, 1 image).
+    n = rmsnorm(x) * g;  y = n + U_m (A n + a) + u_m  with m = modality of the sequence.
+    """
+    xf = x.float()
+    n = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps) * g.float()
+    z = n @ A.float().t() + a.float()  # [B, T, r]
+    mod = modality.long()
+    Um = U.float()[mod]  # [B, D, r]
+    up = torch.einsum("btr,bdr->btd", z, Um) + u.float()[mod].unsqueeze(1)
+    return (n + up).to(x.dtype)
+
+
+def vit_adapter_reference(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    a: torch.Tensor,
+    R: torch.Tensor,
+    rb: torch.Tensor,
+    B: torch.Tensor,
+    b: torch.Tensor,
+    Dw: torch.Tensor,
+    d: torch.Tensor,
+    temperature: float,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """Per-token routed adapter (ViT side), fp32 math. x [..., D].
+
+    z = A x + a;  w_t = softmax((R x_t + rb) / t);
+    y = x + s (w0 (B z + b) + w1 (Dw z + d)), where B, Dw [D, r/2] are grouped projections:
+    output half k reads hidden channels (r/2)k .. (r/2)k + r/2 - 1.
+    """
+    xf = x.float()
+    dim = xf.shape[-1]
+    r = A.shape[0]
+    h = r // 2
+    z = xf @ A.float().t() + a.float()  # [..., r]
+    w = torch.softmax((xf @ R.float().t() + rb.float()) / temperature, dim=-1)  # [..., 2]
+
+    def grouped(W: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        lo = z[..., :h] @ W.float()[: dim // 2].t()
+        hi = z[..., h:] @ W.float()[dim // 2 :].t()
+        return torch.cat([lo, hi], dim=-1) + bias.float()
+
+    y = xf + scale * (w[..., :1] * grouped(B, b) + w[..., 1:] * grouped(Dw, d))
+    return y.to(x.dtype)
