@@ -1,0 +1,236 @@
+"""GPTQ (Frantar et al., 2022) in plain PyTorch, plus round-to-nearest (RTN) on the same grid.
+
+Why our own: gptqmodel (the maintained library) installs here only as a pure-Python sdist pinned to an
+older numpy and needs CPU worker pools and on-the-fly C++ builds; it quantizes Hugging Face module trees,
+not our Meta-named LLaMA with folded adapters. Its maths is small, so we keep a readable copy that follows
+the reference algorithm step for step (same quantizer, same damping, same block/group bookkeeping) and test
+it against the library on the same layer and inputs (``tests/test_gptq_vs_gptqmodel.py``). See
+``docs/quantization.md`` for the evidence.
+
+Conventions: a Linear weight is ``W [N, K]`` (N outputs, K inputs); the Hessian is over the K inputs,
+``H = 2/n sum_x x x^T`` in fp32. Integers ``q`` lie in ``0 .. 2^bits - 1`` and dequantize as
+``scale * (q - zero)``; groups run along K; ``g_idx[k]`` is the group of input column k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+@dataclass
+class QuantResult:
+    """One quantized Linear: ints ``q [N, K]`` (int32), ``scales``/``zeros [G, N]`` (fp32, zeros integral),
+    ``g_idx [K]`` (int32), ``damp`` (the damping fraction that made H invertible), ``loss`` (GPTQ's
+    sum of (w - q)^2 / d^2 / 2 over the weight, the reference's ``avg_loss`` numerator)."""
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    damp: float = 0.0
+    loss: float = 0.0
+
+    def dequantize(self) -> torch.Tensor:
+        """W_hat [N, K] = scale[g_idx[k], n] * (q[n, k] - zero[g_idx[k], n])."""
+        g = self.g_idx.long()
+        return (self.q.float() - self.zeros[g].T) * self.scales[g].T
+
+
+def check_group_size(k: int, group_size: int) -> None:
+    """Raise a ValueError for an unsupported group size or an input width not divisible by it."""
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"unsupported group size {group_size}; choose from {list(SUPPORTED_GROUP_SIZES)}")
+    if group_size != -1 and k % group_size:
+        raise ValueError(f"input width {k} is not divisible by group size {group_size}")
+
+
+def grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row min/max grid of ``w [N, g]`` -> (scale [N], zero [N]), exactly as the reference quantizer.
+
+    The range always includes 0; symmetric grids centre the zero at 2^(bits-1); an all-zero row gets
+    the range [-1, 1] so its scale is never 0."""
+    maxq = 2**bits - 1
+    zero_t = torch.zeros(w.shape[0], device=w.device)
+    xmin = torch.minimum(w.min(1).values, zero_t)
+    xmax = torch.maximum(w.max(1).values, zero_t)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    both0 = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(both0, torch.full_like(xmin, -1.0), xmin)
+    xmax = torch.where(both0, torch.full_like(xmax, 1.0), xmax)
+    scale = (xmax - xmin) / maxq
+    zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-xmin / scale)
+    return scale, zero
+
+
+def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes of ``w`` on the grid (same shape as ``w``), clamped to 0 .. 2^bits - 1."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+
+
+def _validate(w: torch.Tensor, bits: int, group_size: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"unsupported bits {bits}; choose from {list(SUPPORTED_BITS)}")
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight [N, K], got shape {tuple(w.shape)}")
+    check_group_size(w.shape[1], group_size)
+
+
+def rtn_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True) -> QuantResult:
+    """Round-to-nearest on GPTQ's grid (the baseline GPTQ must beat)."""
+    _validate(w, bits, group_size)
+    w = w.float()
+    n, k = w.shape
+    gs = k if group_size == -1 else group_size
+    scales, zeros, qs = [], [], []
+    for s in range(0, k, gs):
+        scale, zero = grid_params(w[:, s:s + gs], bits, sym)
+        qs.append(quantize_column(w[:, s:s + gs], scale[:, None], zero[:, None], bits))
+        scales.append(scale)
+        zeros.append(zero)
+    g_idx = (torch.arange(k) // gs).to(torch.int32)
+    return QuantResult(torch.cat(qs, 1).to(torch.int32), torch.stack(scales), torch.stack(zeros), g_idx)
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n sum x x^T`` over the rows of the inputs a Linear sees (fp32, [K, K])."""
+
+    def __init__(self, k: int, device: torch.device | str = "cpu") -> None:
+        self.H = torch.zeros(k, k, device=device)
+        self.n = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        m = x.shape[0]
+        if m == 0:
+            return
+        # Rescale the running mean so H stays 2/n sum x x^T with n the total count (the reference's update).
+        self.H.mul_(self.n / (self.n + m))
+        self.n += m
+        x = x * (2.0 / self.n) ** 0.5
+        self.H.addmm_(x.T, x)
+
+
+def _inverse_factor(H: torch.Tensor, damp_percent: float, damp_increment: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1, raising damp until it exists.
+
+    Dampening keeps the inverse well conditioned; the reference starts at ``damp_percent`` and adds
+    ``damp_increment`` until the factorisation succeeds."""
+    mean = torch.mean(torch.diag(H))
+    damp = damp_percent
+    while damp < 1.0:
+        Hd = H.clone()
+        Hd.diagonal().add_(damp * mean)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            try:
+                return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True), damp
+            except torch.linalg.LinAlgError:
+                pass
+        if damp_increment <= 0:
+            break
+        damp += damp_increment
+    raise ValueError(f"Hessian is not positive definite even with damping {damp:.3f}; more calibration data?")
+
+
+def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True,
+                  desc_act: bool = False, static_groups: bool = False, damp_percent: float = 0.05,
+                  damp_increment: float = 0.01, block_size: int = 128) -> QuantResult:
+    """Quantize ``w [N, K]`` given the input Hessian ``H [K, K]``: columns one at a time, each rounding error
+    spread over the not-yet-quantized columns through the inverse Hessian's Cholesky factor, block-wise
+    (lazy batch updates) for speed.
+
+    ``desc_act`` quantizes columns in order of decreasing diag(H) (largest activations first); its groups
+    are then formed along that order, so ``g_idx`` is non-monotonic unless ``static_groups`` fixes the
+    grids on the original column order before any update (then ``g_idx[k] = k // group_size``)."""
+    _validate(w, bits, group_size)
+    if H.shape != (w.shape[1], w.shape[1]):
+        raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight inputs {w.shape[1]}")
+    if block_size < 1:
+        raise ValueError(f"block size must be positive, got {block_size}")
+    W = w.detach().clone().float()
+    H = H.detach().clone().float()
+    n, k = W.shape
+    gs = group_size
+    # Inputs that never fire carry no information: pin them so H stays invertible, zero their weights.
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    static: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if static_groups and gs != -1:
+        static = [grid_params(W[:, s:s + gs], bits, sym) for s in range(0, k, gs)]
+
+    perm = None
+    if desc_act:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+
+    Hinv, damp = _inverse_factor(H, damp_percent, damp_increment)
+    del H
+
+    Q = torch.zeros_like(W)
+    losses = torch.zeros_like(W)
+    scales: list[torch.Tensor] = []
+    zeros: list[torch.Tensor] = []
+    scale, zero = grid_params(W, bits, sym)  # per-channel grid when group_size == -1
+    if gs == -1:
+        scales, zeros = [scale], [zero]
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if gs != -1:
+                if static:
+                    orig = int(perm[col]) if perm is not None else col
+                    scale, zero = static[orig // gs]
+                elif col % gs == 0:
+                    # As the reference: the grid comes from W, which holds the updates of earlier blocks
+                    # but not yet this block's; identical when group and block boundaries align.
+                    scale, zero = grid_params(W[:, col:col + gs], bits, sym)
+                    scales.append(scale)
+                    zeros.append(zero)
+            wc = W1[:, i]
+            d = Hinv1[i, i]
+            qc = quantize_column(wc, scale, zero, bits)
+            deq = scale * (qc - zero)
+            Q[:, col] = qc
+            err = (wc - deq) / d
+            losses[:, col] = (wc - deq) ** 2 / d**2 / 2
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    if static:
+        scales = [s for s, _ in static]
+        zeros = [z for _, z in static]
+    gsz = k if gs == -1 else gs
+    if perm is not None:
+        inv = torch.argsort(perm)
+        Q = Q[:, inv]
+        if static:
+            g_idx = torch.arange(k) // gsz
+        else:
+            # Column k was quantized at position inv[k] of the act-order walk, in that position's group.
+            g_idx = inv // gsz
+    else:
+        g_idx = torch.arange(k) // gsz
+    return QuantResult(Q.to(torch.int32), torch.stack(scales), torch.stack(zeros), g_idx.to(torch.int32),
+                       damp=damp, loss=float(losses.sum()))
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """Mean squared output error ``mean over inputs x and outputs n of ((W - W_hat) x)_n^2`` on the inputs
+    that built ``H = 2/n sum x x^T`` -- exact, without replaying the inputs."""
+    dw = (w.float() - w_hat.float())
+    return float(((dw @ H) * dw).sum() / 2 / w.shape[0])

@@ -1,0 +1,323 @@
+"""The layer-by-layer GPTQ driver over a merged LaVIN.
+
+Calibration samples go through the adapted model (folded adapters active, both modalities, images through
+the vision tower) to the input of LLM layer 0. Then, for each layer l in turn, the inputs of layer l are
+the outputs of the already-quantized layers 0..l-1, so each layer corrects for the error upstream. Inside
+a layer the linears are quantized in execution order (true sequential): {wq, wk, wv} (they share one input
+and one Hessian), then wo, then {w1, w3}, then w2, each group's Hessian built from inputs that already pass
+through the quantized earlier groups. Only one Hessian lives at a time.
+
+Quantized directory: the merged layout (``lavin_edge.merge``) with each LLM linear's ``.weight`` replaced by
+``.qweight``, ``.qzeros``, ``.scales``, ``.g_idx`` (``lavin_edge.quantize.pack``), ``quantization_config``
+in config.json, and ``quantize_config.json`` in the standard GPTQ form.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lavin_edge.config import LavinConfig
+from lavin_edge.merge import FORMAT, file_state_dict, module_state_dict, read_config, save_merged
+from lavin_edge.model.llama import attention_mask
+from lavin_edge.model.merged import MergedLaVIN
+from lavin_edge.quantize.gptq import (
+    SUPPORTED_GROUP_SIZES,
+    HessianAccumulator,
+    check_group_size,
+    gptq_quantize,
+    output_error,
+    rtn_quantize,
+)
+from lavin_edge.quantize.pack import FORMATS, dequantize_packed, pack_linear
+
+# Execution order inside a block; names in one group read the same input (one Hessian).
+SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("attention.wq", "attention.wk", "attention.wv"),
+    ("attention.wo",),
+    ("feed_forward.w1", "feed_forward.w3"),
+    ("feed_forward.w2",),
+)
+LINEAR_NAMES = tuple(n for g in SEQUENTIAL_GROUPS for n in g)
+PACKED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+class CalibrationError(ValueError):
+    """Calibration data that cannot serve: empty, a missing modality, an image that does not fit."""
+
+
+@dataclass
+class GPTQConfig:
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    desc_act: bool = False
+    static_groups: bool = False
+    damp_percent: float = 0.05
+    damp_increment: float = 0.01
+    block_size: int = 128
+    true_sequential: bool = True
+    # None: "gptq" (v1) when symmetric; "gptq_v2" when asymmetric, since v1 cannot store a zero point of 0.
+    checkpoint_format: str | None = None
+
+    @property
+    def format(self) -> str:
+        return self.checkpoint_format or ("gptq" if self.sym else "gptq_v2")
+
+    def validate(self, model: MergedLaVIN) -> None:
+        """Every error a run could hit on shapes or settings, raised before any work."""
+        if self.bits != 4:
+            raise ValueError(f"only 4-bit is supported (the kernels and the int32 packing), got {self.bits}")
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(f"unsupported group size {self.group_size}; choose from {list(SUPPORTED_GROUP_SIZES)}")
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown checkpoint_format {self.format!r}; choose from {FORMATS}")
+        if self.format == "gptq" and not self.sym:
+            raise ValueError("asymmetric quantization needs checkpoint_format gptq_v2 (v1 stores zero - 1)")
+        if not 0 < self.damp_percent < 1:
+            raise ValueError(f"damp_percent must lie in (0, 1), got {self.damp_percent}")
+        if self.block_size < 1:
+            raise ValueError(f"block size must be positive, got {self.block_size}")
+        layer = model.llm.layers[0]
+        for name in LINEAR_NAMES:
+            n, k = _get(layer, name).weight.shape
+            try:
+                check_group_size(k, self.group_size)
+            except ValueError as e:
+                raise ValueError(f"{name} [{n} x {k}]: {e}") from None
+            if k % 8 or n % 8:
+                raise ValueError(f"{name} [{n} x {k}]: both dims must be multiples of 8 for int32 packing")
+
+    def quantization_config(self) -> dict[str, Any]:
+        """The standard ``quantization_config`` / ``quantize_config.json`` content."""
+        return {
+            "quant_method": "gptq",
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "desc_act": self.desc_act,
+            "sym": self.sym,
+            "static_groups": self.static_groups,
+            "damp_percent": self.damp_percent,
+            "true_sequential": self.true_sequential,
+            "checkpoint_format": self.format,
+            "pack_dtype": "int32",
+            "lm_head": False,
+            "modules": [f"layers.*.{n}" for n in LINEAR_NAMES],
+        }
+
+
+@dataclass
+class CalibSample:
+    """One calibration sequence as the model reads it: ids, where the image goes (-1: none), the image."""
+
+    input_ids: list[int]
+    image_pos: int = -1
+    image: torch.Tensor | None = None
+
+    @property
+    def modality(self) -> str:
+        return "image" if self.image_pos >= 0 else "text"
+
+
+def check_calibration(samples: list[CalibSample], model: MergedLaVIN,
+                      modalities: tuple[str, ...] = ("text", "image")) -> None:
+    """Refuse calibration data that does not match the model or misses a modality it will serve."""
+    if not samples:
+        raise CalibrationError("no calibration samples")
+    size = model.cfg.vision.image_size
+    for i, s in enumerate(samples):
+        if len(s.input_ids) < 2:
+            raise CalibrationError(f"sample {i}: fewer than 2 tokens")
+        if len(s.input_ids) > model.llm.capacity:
+            raise CalibrationError(f"sample {i}: {len(s.input_ids)} tokens exceed the context {model.llm.capacity}")
+        if s.image_pos >= 0:
+            if s.image is None:
+                raise CalibrationError(f"sample {i}: image placeholders at {s.image_pos} but no image")
+            if tuple(s.image.shape) != (3, size, size):
+                raise CalibrationError(f"sample {i}: image shape {tuple(s.image.shape)}, the vision tower takes "
+                                       f"(3, {size}, {size})")
+            if s.image_pos + model.n_visual > len(s.input_ids):
+                raise CalibrationError(f"sample {i}: {model.n_visual} visual tokens at {s.image_pos} overrun "
+                                       f"the {len(s.input_ids)}-token sequence")
+        elif s.image is not None:
+            raise CalibrationError(f"sample {i}: an image but no placeholder position (image_pos = -1)")
+    have = {s.modality for s in samples}
+    for m in modalities:
+        if m not in have:
+            raise CalibrationError(f"calibration data has no {m} samples; the model serves {list(modalities)} "
+                                   f"and GPTQ must see the activations of each (found only {sorted(have)})")
+
+
+@dataclass
+class LinearReport:
+    name: str
+    shape: tuple[int, int]
+    gptq_error: float  # mean squared output error on the calibration inputs of this linear
+    rtn_error: float  # the same for round-to-nearest on the same grid
+    damp: float
+    seconds: float
+
+
+@dataclass
+class QuantizeReport:
+    config: dict[str, Any]
+    n_samples: int
+    n_tokens: int
+    linears: list[LinearReport] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _get(module: nn.Module, dotted: str) -> nn.Linear:
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def _layer_inputs(model: MergedLaVIN, samples: list[CalibSample]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Embeddings (with projected visual tokens) entering LLM layer 0, one [1, T, D] per sample."""
+    out = []
+    dtype = model.llm.tok_embeddings.weight.dtype
+    for s in samples:
+        ids = torch.tensor([s.input_ids])
+        pos = torch.tensor([s.image_pos])
+        img = None if s.image is None else s.image[None].to(dtype)
+        out.append((model.embed(ids, pos, img), (pos >= 0).long()))
+    return out
+
+
+@torch.no_grad()
+def _run_layer(model: MergedLaVIN, i: int, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    layer = model.llm.layers[i]
+    outs = []
+    for h, modality in inputs:
+        t = h.shape[1]
+        cos, sin = model.llm.rope_slice(0, t, h.device)
+        outs.append(layer(h, modality, cos, sin, attention_mask(t, 0, False, h.device), None, i, 0))
+    return outs
+
+
+@torch.no_grad()
+def quantize_model(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQConfig,
+                   modalities: tuple[str, ...] = ("text", "image"), progress: bool = True
+                   ) -> tuple[dict[str, torch.Tensor], QuantizeReport]:
+    """GPTQ every LLM linear of ``model`` in place (its weights become the dequantized 4-bit values, as served)
+    and return the packed tensors ``{layers.{i}.{name}.{qweight,qzeros,scales,g_idx}}`` and a report."""
+    from tqdm.auto import tqdm
+
+    qcfg.validate(model)
+    check_calibration(samples, model, modalities)
+    model.eval()
+    t0 = time.time()
+    inputs = _layer_inputs(model, samples)
+    report = QuantizeReport(qcfg.quantization_config(), len(samples), sum(len(s.input_ids) for s in samples))
+    packed: dict[str, torch.Tensor] = {}
+    groups = SEQUENTIAL_GROUPS if qcfg.true_sequential else (LINEAR_NAMES,)
+    n_layers = len(model.llm.layers)
+    bar = tqdm(range(n_layers), desc="GPTQ", unit="layer", disable=not progress)
+    for i in bar:
+        layer = model.llm.layers[i]
+        hessians: dict[str, HessianAccumulator] = {}
+        for group in groups:
+            # One accumulator per distinct input (only the group's first linear when they share one).
+            readers = [group[0]] if qcfg.true_sequential else [n for n in group if n in (
+                "attention.wq", "attention.wo", "feed_forward.w1", "feed_forward.w2")]
+            handles = []
+            for name in readers:
+                lin = _get(layer, name)
+                acc = HessianAccumulator(lin.in_features)
+                hessians[name] = acc
+                handles.append(lin.register_forward_pre_hook(lambda _m, a, acc=acc: acc.add_batch(a[0])))
+            try:
+                _run_layer(model, i, inputs)
+            finally:
+                for hnd in handles:
+                    hnd.remove()
+            for name in group:
+                source = {"attention.wk": "attention.wq", "attention.wv": "attention.wq",
+                          "feed_forward.w3": "feed_forward.w1"}.get(name, name)
+                H = hessians[source].H
+                lin = _get(layer, name)
+                w = lin.weight.detach().float()
+                t1 = time.time()
+                res = gptq_quantize(w, H, qcfg.bits, qcfg.group_size, qcfg.sym, qcfg.desc_act,
+                                    qcfg.static_groups, qcfg.damp_percent, qcfg.damp_increment, qcfg.block_size)
+                tensors = pack_linear(res, qcfg.bits, qcfg.format)
+                w_hat = dequantize_packed(tensors, qcfg.bits, qcfg.format)  # what will be served (fp16 scales)
+                rtn = rtn_quantize(w, qcfg.bits, qcfg.group_size, qcfg.sym)
+                rtn.scales = rtn.scales.half().float()
+                report.linears.append(LinearReport(
+                    f"layers.{i}.{name}", (w.shape[0], w.shape[1]), output_error(w, w_hat, H),
+                    output_error(w, rtn.dequantize(), H), res.damp, time.time() - t1))
+                for suffix, t in tensors.items():
+                    packed[f"layers.{i}.{name}.{suffix}"] = t
+                lin.weight.copy_(w_hat.to(lin.weight.dtype))
+            if qcfg.true_sequential:
+                hessians.clear()  # one Hessian at a time
+        hessians.clear()
+        inputs = [(o, m) for o, (_, m) in zip(_run_layer(model, i, inputs), inputs, strict=True)]
+        last = report.linears[-len(LINEAR_NAMES):]
+        bar.set_postfix(gptq=f"{sum(r.gptq_error for r in last):.3g}", rtn=f"{sum(r.rtn_error for r in last):.3g}")
+    report.seconds = time.time() - t0
+    return packed, report
+
+
+# ----------------------------------------------------------------------------- files
+
+def save_quantized(model: MergedLaVIN, packed: dict[str, torch.Tensor], merged_config: dict[str, Any],
+                   qcfg: GPTQConfig, out_dir: str | Path, tokenizer: str | Path | None = None,
+                   report: QuantizeReport | None = None) -> Path:
+    """Write the quantized directory: the merged layout with packed LLM linears."""
+    quantized = {k.rsplit(".", 1)[0] for k in packed}
+    tensors = {k: v for k, v in file_state_dict(model).items() if k.rsplit(".", 1)[0] not in quantized}
+    tensors.update(packed)
+    qc = qcfg.quantization_config()
+    source = dict(merged_config.get("source") or {})
+    source["quantized_from"] = merged_config.get("_dir")
+    table = merged_config.get("routing_table")
+    out = save_merged(model, out_dir, tokenizer, source, None if table is None else torch.tensor(table),
+                      extra={"quantization_config": qc}, tensors=tensors)
+    (out / "quantize_config.json").write_text(json.dumps(qc, indent=2) + "\n")
+    if report is not None:
+        (out / "quantize_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return out
+
+
+def _read_quantized(model_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    cfg = read_config(model_dir)
+    if "quantization_config" not in cfg:
+        raise ValueError(f"{model_dir}: not quantized (no quantization_config in config.json)")
+    return cfg, load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+def load_quantized_as_fp(model_dir: str | Path, dtype: torch.dtype = torch.float32
+                         ) -> tuple[MergedLaVIN, dict[str, Any]]:
+    """The dequantized reference model of a quantized directory (weights = scale * (q - zero), fp16 scales):
+    what quality checks measure and what the chat engine falls back to without kernels."""
+    cfg, sd = _read_quantized(model_dir)
+    qc = cfg["quantization_config"]
+    fmt, bits = qc.get("checkpoint_format", "gptq"), int(qc["bits"])
+    dense: dict[str, torch.Tensor] = {}
+    prefixes = {k.rsplit(".", 1)[0] for k in sd if k.endswith(".qweight")}
+    for p in prefixes:
+        parts = {s: sd[f"{p}.{s}"] for s in PACKED_SUFFIXES}
+        dense[f"{p}.weight"] = dequantize_packed(parts, bits, fmt)
+    dense.update({k: v for k, v in sd.items() if k.rsplit(".", 1)[0] not in prefixes})
+    model = MergedLaVIN(LavinConfig.from_dict(cfg["lavin_config"]), int(cfg["position_offset"]))
+    model.load_state_dict(module_state_dict(dense), strict=True)
+    return model.to(dtype).eval(), cfg
+
+
+__all__ = ["FORMAT", "CalibSample", "CalibrationError", "GPTQConfig", "QuantizeReport", "check_calibration",
+           "load_quantized_as_fp", "quantize_model", "save_quantized"]
