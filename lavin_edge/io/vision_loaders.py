@@ -90,7 +90,7 @@ def load_openai_clip(path: str | Path, dtype: torch.dtype = torch.float32, heads
     return cfg, sd
 
 
-def load_hf_clip_vision(path: str | Path, dtype: torch.dtype = torch.float32,
+def load_hf_clip_vision(path: str | Path, dtype: torch.dtype = torch.float32, heads: int | None = None,
                         n_tokens: int = 6) -> tuple[VisionConfig, dict[str, torch.Tensor]]:
     """Hugging Face ``CLIPVisionModel`` (or ``CLIPModel``: the text half is dropped) safetensors directory.
 
@@ -142,7 +142,7 @@ def load_hf_clip_vision(path: str | Path, dtype: torch.dtype = torch.float32,
             continue
         other[k] = v
     width, patch = int(sd["conv1.weight"].shape[0]), int(sd["conv1.weight"].shape[-1])
-    cfg = _vit_config(width, layers, int(vc.get("num_attention_heads", width // 64)), patch,
+    cfg = _vit_config(width, layers, heads or int(vc.get("num_attention_heads", width // 64)), patch,
                       int(vc.get("image_size", math.isqrt(sd["positional_embedding"].shape[0] - 1) * patch)),
                       n_tokens)
     if int(vc.get("patch_size", patch)) != patch or int(vc.get("hidden_size", width)) != width:
