@@ -108,7 +108,9 @@ LLM_PRESETS: dict[str, LlamaConfig] = {
 VISION_PRESETS: dict[str, VisionConfig] = {
     "vit-l-14": VisionConfig(kind="vit", width=1024, layers=24, heads=16, patch_size=14),
     "vit-b-16": VisionConfig(kind="vit", width=768, layers=12, heads=12, patch_size=16),
-    "efficientnet-lite0": VisionConfig(kind="efficientnet", variant="lite0"),
+    # width = the head's channels; layers = MBConv blocks. heads/patch_size do not apply to a CNN.
+    "efficientnet-lite0": VisionConfig(kind="efficientnet", variant="lite0", width=1280, layers=16, heads=0,
+                                       patch_size=0),
     "tiny": VisionConfig(kind="vit", width=32, layers=6, heads=2, patch_size=16, image_size=64),
 }
 
