@@ -94,7 +94,10 @@ inline void tile_rows(const W4Prepared& w, const XQuant& xq, int64_t t, int64_t 
 
 void w4_gemm_avx2(const W4Prepared& w, const XQuant& xq, float* y, int64_t ldy, int threads) {
   const int64_t tiles = w.np / kTile;
-#pragma omp parallel for schedule(static) num_threads(threads)
+  // Threads take chunks of 4 tiles (128 KiB of weights at k = 4096) from a shared counter,
+  // as llama.cpp does: each chunk is one contiguous stream, and a thread that the OS
+  // deschedules does not hold up the others (a static split waits for the slowest).
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
   for (int64_t t = 0; t < tiles; ++t) {
     int64_t r = 0;
     for (; r + 2 <= xq.m; r += 2) tile_rows<2>(w, xq, t, r, y, ldy);

@@ -1,0 +1,201 @@
+"""`lavin-edge bench kernels`: W4 GEMV/GEMM against torch on LLaMA-7B layer shapes.
+
+Figures, not tests. For every shape (n x k = out x in) and m, each contender is timed with its
+weights out of cache: it rotates through enough copies of its matrix to exceed 4x the
+last-level cache, so every call streams its weights from DRAM. Reported per row: time per
+call, effective GB/s of weight bytes read (the bytes the contender's own format holds:
+packed nibbles + scales + zeros for the int4 ones), that rate as % of this machine's read
+bandwidth measured in the same run with the same number of threads (a STREAM-like sum over
+a buffer much larger than the cache), and the speed-up over torch's int4 CPU op.
+
+Contenders: ``lavin_w4`` (our kernel, GPTQ g128), ``lavin_w4_actorder`` (same with act-order,
+which adds the x gather), ``torch_fp32`` / ``torch_bf16`` (F.linear on dense weights) and
+``torch_int4`` (``torch.ops.aten._weight_int4pack_mm_for_cpu``, g128, bf16 activations).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from lavin_edge import kernels as K
+from lavin_edge.kernels.gptq_format import quantize_rtn
+
+LLAMA7B_SHAPES: tuple[tuple[int, int], ...] = ((4096, 4096), (11008, 4096), (4096, 11008))
+GROUP_SIZE = 128
+
+
+def last_level_cache_bytes() -> int:
+    """Size of the largest CPU cache reported by sysfs (32 MiB if unknown)."""
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(base):
+            path = os.path.join(base, entry, "size")
+            if entry.startswith("index") and os.path.exists(path):
+                text = open(path).read().strip().upper()
+                mult = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1], 1)
+                best = max(best, int(text.rstrip("KMG")) * mult)
+    except OSError:
+        pass
+    return best or 32 * 1024**2
+
+
+def measure_read_bandwidth(threads: int, nbytes: int, repeats: int = 5) -> float:
+    """Best-of-`repeats` read bandwidth in GB/s (1e9 B/s) summing `nbytes` with `threads` threads."""
+    buf = torch.ones(nbytes // 8, dtype=torch.int64)
+    best = float("inf")
+    for _ in range(repeats + 1):  # first pass warms the pages
+        t0 = time.perf_counter()
+        if K._C is not None:
+            K._C.read_bandwidth(buf.data_ptr(), buf.numel() * 8, threads)
+        else:  # pragma: no cover - without the extension torch's sum is the probe
+            buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e9
+
+
+def _copies(bytes_per_copy: int, llc: int) -> int:
+    return max(2, -(-4 * llc // bytes_per_copy) + 1)
+
+
+def _time_rotating(calls: list[Callable[[], Any]], min_seconds: float) -> float:
+    """Median over rounds of the mean time per call, each round calling every copy once."""
+    for c in calls:  # warm-up round (page faults, lazy init)
+        c()
+    rounds: list[float] = []
+    start = time.perf_counter()
+    while len(rounds) < 3 or (time.perf_counter() - start < min_seconds and len(rounds) < 200):
+        t0 = time.perf_counter()
+        for c in calls:
+            c()
+        rounds.append((time.perf_counter() - t0) / len(calls))
+    return statistics.median(rounds)
+
+
+def _contenders(n: int, k: int, llc: int) -> dict[str, tuple[int, Callable[[torch.Tensor], list[Callable[[], Any]]]]]:
+    """name -> (weight bytes per call, factory: x -> list of zero-arg calls, one per copy)."""
+    gen = torch.Generator().manual_seed(n * 31 + k)
+    w = torch.randn(n, k, generator=gen) * 0.02
+    out: dict[str, tuple[int, Callable[[torch.Tensor], list[Callable[[], Any]]]]] = {}
+
+    for name, act_order in (("lavin_w4", False), ("lavin_w4_actorder", True)):
+        q = quantize_rtn(w, GROUP_SIZE, act_order=act_order, generator=gen)
+        p = K.prepare_w4(q["qweight"], q["qzeros"], q["scales"], q["g_idx"], GROUP_SIZE, "gptq")
+        copies = [p] + [
+            dataclasses.replace(p, qw=p.qw.clone(), scales=p.scales.clone(), zeros=p.zeros.clone())
+            for _ in range(_copies(p.nbytes, llc) - 1)
+        ]
+        out[name] = (p.nbytes, lambda x, cs=copies: [lambda c=c: c.matmul(x) for c in cs])
+
+    for name, dt in (("torch_fp32", torch.float32), ("torch_bf16", torch.bfloat16)):
+        wd = w.to(dt)
+        nbytes = wd.numel() * wd.element_size()
+        copies_d = [wd] + [wd.clone() for _ in range(_copies(nbytes, llc) - 1)]
+        out[name] = (
+            nbytes,
+            lambda x, cs=copies_d, dt=dt: [
+                lambda c=c, xx=x.to(dt): torch.nn.functional.linear(xx, c) for c in cs
+            ],
+        )
+
+    # torch int4: asymmetric g128 like ours; w = (q - 8) * scale + zero.
+    wg = w.reshape(n, k // GROUP_SIZE, GROUP_SIZE)
+    lo, hi = wg.amin(dim=2), wg.amax(dim=2)
+    scale = ((hi - lo) / 15).clamp_min(1e-8)
+    qi = torch.clamp(torch.round((wg - lo.unsqueeze(2)) / scale.unsqueeze(2)), 0, 15).to(torch.int32).reshape(n, k)
+    zero = lo + 8 * scale
+    sz = torch.stack([scale.t(), zero.t()], dim=2).to(torch.bfloat16).contiguous()  # [k/g, n, 2]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qi, 2)
+    nbytes = packed.numel() * packed.element_size() + sz.numel() * sz.element_size()
+    copies_i = [(packed, sz)] + [(packed.clone(), sz.clone()) for _ in range(_copies(nbytes, llc) - 1)]
+    out["torch_int4"] = (
+        nbytes,
+        lambda x, cs=copies_i: [
+            lambda c=c, xx=x.to(torch.bfloat16): torch.ops.aten._weight_int4pack_mm_for_cpu(xx, c[0], GROUP_SIZE, c[1])
+            for c in cs
+        ],
+    )
+    return out
+
+
+def run_kernel_bench(
+    json_out: bool = False,
+    shapes: Sequence[tuple[int, int]] = LLAMA7B_SHAPES,
+    ms: Sequence[int] = (1, 16),
+    threads: int | None = None,
+    min_seconds: float = 0.5,
+    print_results: bool = True,
+) -> dict[str, Any]:
+    """Run the benchmark; print a table (or one JSON object with ``json_out``) and return the dict.
+
+    Returns ``{"read_bw_gbs", "threads", "llc_bytes", "backend", "rows": [...]}``; each row has
+    ``contender, n, k, m, ms, weight_bytes, gbs, pct_of_read_bw, speedup_vs_torch_int4``.
+    """
+    threads = threads or torch.get_num_threads()
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        llc = last_level_cache_bytes()
+        read_bw = measure_read_bandwidth(threads, max(8 * llc, 256 * 1024**2))
+        rows: list[dict[str, Any]] = []
+        for n, k in shapes:
+            contenders = _contenders(n, k, llc)
+            for m in ms:
+                x = torch.randn(m, k)
+                timings = {name: _time_rotating(make(x), min_seconds) for name, (_, make) in contenders.items()}
+                for name, (nbytes, _) in contenders.items():
+                    sec = timings[name]
+                    gbs = nbytes / sec / 1e9
+                    rows.append({
+                        "contender": name,
+                        "n": n,
+                        "k": k,
+                        "m": m,
+                        "ms": sec * 1e3,
+                        "weight_bytes": nbytes,
+                        "gbs": gbs,
+                        "pct_of_read_bw": 100.0 * gbs / read_bw,
+                        "speedup_vs_torch_int4": timings["torch_int4"] / sec,
+                    })
+            del contenders
+        result = {
+            "read_bw_gbs": read_bw,
+            "threads": threads,
+            "llc_bytes": llc,
+            "backend": K.backend(),
+            "rows": rows,
+        }
+    finally:
+        torch.set_num_threads(prev_threads)
+    if print_results:
+        print(json.dumps(result) if json_out else format_table(result))
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [
+        f"read bandwidth {result['read_bw_gbs']:.1f} GB/s ({result['threads']} threads, STREAM-like sum); "
+        f"LLC {result['llc_bytes'] / 1024**2:.0f} MiB, weights rotated over > 4x LLC; backend {result['backend']}",
+        f"{'contender':<18} {'n':>6} {'k':>6} {'m':>3} {'ms':>8} {'MB read':>8} {'GB/s':>7} {'% read bw':>9} "
+        f"{'vs int4':>8}",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['contender']:<18} {r['n']:>6} {r['k']:>6} {r['m']:>3} {r['ms']:>8.3f} {r['weight_bytes'] / 1e6:>8.2f} "
+            f"{r['gbs']:>7.1f} {r['pct_of_read_bw']:>8.1f}% {r['speedup_vs_torch_int4']:>7.2f}x"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m lavin_edge.bench.kernels [--json]
+    import sys
+
+    run_kernel_bench(json_out="--json" in sys.argv)
