@@ -1,0 +1,301 @@
+"""Data sources -> ``Record`` lists: ScienceQA (QCM-ALE), LLaVA-Instruct conversations, Alpaca, and the
+easy-vqa dataset that ships in the ``easy-vqa`` package (open answers or ScienceQA-style multiple choice).
+
+A record that cannot be used (missing field, missing image file) becomes a ``BadRecord`` with its id and the
+reason; ``Problems`` collects them so the run can skip them (and count them) or stop, per a flag."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@dataclass
+class Record:
+    """One training/eval sample before tokenisation. ``answer`` excludes EOS; ``image`` is a path or None.
+
+    ``meta`` carries what eval needs: ``label`` (the correct option letter for multiple choice), ``choices``,
+    and the ScienceQA category fields (``subject``, ``grade``, ``has_text``, ``has_image``)."""
+
+    id: str
+    prompt: str
+    answer: str
+    image: str | None = None
+    source: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BadRecord:
+    id: str
+    source: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"[{self.source}] {self.id}: {self.reason}"
+
+
+class DataError(ValueError):
+    """Raised when a bad record is found and the run was asked to fail on bad records."""
+
+
+@dataclass
+class Problems:
+    """Bad records seen so far. With ``strict`` the first one raises ``DataError``."""
+
+    strict: bool = False
+    bad: list[BadRecord] = field(default_factory=list)
+
+    def report(self, rid: str, source: str, reason: str) -> None:
+        rec = BadRecord(str(rid), source, reason)
+        if self.strict:
+            raise DataError(f"bad record {rec} (run without --strict-data to skip bad records)")
+        self.bad.append(rec)
+
+    def summary(self) -> str:
+        return f"{len(self.bad)} bad record(s) skipped" + "".join(f"\n  {b}" for b in self.bad[:20]) + (
+            f"\n  ... and {len(self.bad) - 20} more" if len(self.bad) > 20 else "")
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+def chat_prompt(instruction: str, context: str = "") -> str:
+    """LaVIN's chat format: ``Instruction: {q}\\nResponse:`` (an Alpaca ``input`` goes on its own line)."""
+    body = instruction.strip() + (f"\n{context.strip()}" if context and context.strip() else "")
+    return f"Instruction: {body}\nResponse:"
+
+
+def qcm_prompt(question: str, context: str, choices: list[str]) -> str:
+    """The QCM part of ScienceQA's QCM-ALE format."""
+    opts = " ".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(choices))
+    ctx = context.strip() or "N/A"
+    return f"Question: {question.strip()}\nContext: {ctx}\nOptions: {opts}\nResponse:"
+
+
+def ale_answer(letter: str, lecture: str = "", solution: str = "") -> str:
+    """The ALE target. The leading space makes ``Response: The`` tokenise as in running text (BPE)."""
+    because = " ".join(s.strip() for s in (lecture, solution) if s and s.strip())
+    return f" The answer is {letter}." + (f" BECAUSE: {because}" if because else "")
+
+
+def _require(d: dict, keys: Iterable[str]) -> str | None:
+    missing = [k for k in keys if k not in d or d[k] is None]
+    return f"missing field(s) {missing}" if missing else None
+
+
+# ---------------------------------------------------------------------------------------------- ScienceQA
+
+def load_scienceqa(root: str | Path, split: str, problems: Problems, with_explanation: bool = True,
+                   name: str = "scienceqa") -> list[Record]:
+    """``root/problems.json``, ``root/pid_splits.json``, images at ``root/images/{split}/{qid}/image.png``."""
+    root = Path(root)
+    probs = json.loads((root / "problems.json").read_text())
+    splits = json.loads((root / "pid_splits.json").read_text())
+    if split not in splits:
+        raise DataError(f"{root}/pid_splits.json has no split {split!r} (has {sorted(splits)})")
+    out = []
+    for qid in splits[split]:
+        qid = str(qid)
+        p = probs.get(qid)
+        if p is None:
+            problems.report(qid, name, "id listed in pid_splits.json but absent from problems.json")
+            continue
+        err = _require(p, ("question", "choices", "answer"))
+        if err:
+            problems.report(qid, name, err)
+            continue
+        choices = list(p["choices"])
+        ans = p["answer"]
+        if not isinstance(ans, int) or not 0 <= ans < len(choices) or len(choices) > len(LETTERS):
+            problems.report(qid, name, f"answer index {ans!r} out of range for {len(choices)} choices")
+            continue
+        image = None
+        if p.get("image"):
+            image = str(root / "images" / split / qid / str(p["image"]))
+            if not Path(image).is_file():
+                problems.report(qid, name, f"image file not found: {image}")
+                continue
+        hint = str(p.get("hint") or "")
+        letter = LETTERS[ans]
+        answer = ale_answer(letter, p.get("lecture", "") if with_explanation else "",
+                            p.get("solution", "") if with_explanation else "")
+        meta = {"label": letter, "choices": choices, "subject": p.get("subject", ""),
+                "grade": p.get("grade", ""), "has_text": bool(hint.strip()), "has_image": image is not None}
+        out.append(Record(qid, qcm_prompt(p["question"], hint, choices), answer, image, name, meta))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- LLaVA / Alpaca
+
+def load_llava(path: str | Path, image_folder: str | Path | None, problems: Problems, name: str = "llava"
+               ) -> list[Record]:
+    """LLaVA-Instruct JSON: a list of ``{id, image?, conversations: [{from: human|gpt, value}, ...]}``.
+
+    Each (human, gpt) turn becomes one sample, as LaVIN trains its chatbot; the ``<image>`` marker is removed
+    (the visual tokens have their own place in the sequence)."""
+    data = json.loads(Path(path).read_text())
+    out = []
+    for n, item in enumerate(data):
+        rid = str(item.get("id", n))
+        convs = item.get("conversations")
+        if not isinstance(convs, list) or not convs:
+            problems.report(rid, name, "missing field 'conversations'")
+            continue
+        image = None
+        if item.get("image"):
+            if image_folder is None:
+                problems.report(rid, name, "record has an image but no image folder was given")
+                continue
+            image = str(Path(image_folder) / str(item["image"]))
+            if not Path(image).is_file():
+                problems.report(rid, name, f"image file not found: {image}")
+                continue
+        turns = 0
+        for k in range(0, len(convs) - 1, 2):
+            q, a = convs[k], convs[k + 1]
+            if not (isinstance(q, dict) and isinstance(a, dict)) or _require(q, ("value",)) or _require(
+                    a, ("value",)):
+                problems.report(f"{rid}#{k // 2}", name, "turn without a 'value'")
+                continue
+            if q.get("from") not in ("human", "user") or a.get("from") not in ("gpt", "assistant"):
+                problems.report(f"{rid}#{k // 2}", name, f"unexpected speakers {q.get('from')!r}/{a.get('from')!r}")
+                continue
+            text = str(q["value"]).replace("<image>", "").strip()
+            out.append(Record(f"{rid}#{k // 2}", chat_prompt(text), " " + str(a["value"]).strip(), image, name))
+            turns += 1
+        if turns == 0:
+            problems.report(rid, name, "no (human, gpt) turn")
+    return out
+
+
+def load_alpaca(path: str | Path, problems: Problems, name: str = "alpaca") -> list[Record]:
+    """Alpaca JSON: a list of ``{instruction, input, output}``; text only."""
+    data = json.loads(Path(path).read_text())
+    out = []
+    for n, item in enumerate(data):
+        rid = str(item.get("id", n))
+        err = _require(item, ("instruction", "output")) if isinstance(item, dict) else "not an object"
+        if err:
+            problems.report(rid, name, err)
+            continue
+        prompt = chat_prompt(str(item["instruction"]), str(item.get("input") or ""))
+        out.append(Record(rid, prompt, " " + str(item["output"]).strip(), None, name))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- easy-vqa
+
+EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
+EASY_VQA_COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+EASY_VQA_YESNO = ("yes", "no")
+
+
+def easy_vqa_kind(answer: str) -> str:
+    if answer in EASY_VQA_YESNO:
+        return "yes/no"
+    return "shape" if answer in EASY_VQA_SHAPES else "color"
+
+
+def easy_vqa_candidates(answer: str) -> tuple[str, ...]:
+    """The answers that make sense for the question's kind (its answer tells which)."""
+    return {"yes/no": EASY_VQA_YESNO, "shape": EASY_VQA_SHAPES, "color": EASY_VQA_COLORS}[easy_vqa_kind(answer)]
+
+
+def _stable_rng(key: str, seed: int) -> random.Random:
+    # hash() is salted per process; option orders must be identical on every rank and every run.
+    return random.Random(int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little"))
+
+
+def load_easy_vqa(split: str, problems: Problems, mode: str = "open", limit: int | None = None, seed: int = 0,
+                  name: str = "easy-vqa") -> list[Record]:
+    """The easy-vqa package's questions (``split`` = train | test) over its 64x64 images.
+
+    ``mode="open"``: ``Instruction: {q}\\nResponse:`` -> `` {answer}``. ``mode="mc"``: ScienceQA-style
+    multiple choice over the candidates of the question's kind, options shuffled per question (stable
+    across processes), target `` The answer is X.``. ``limit`` keeps a seeded random subset."""
+    import easy_vqa
+
+    if split not in ("train", "test"):
+        raise DataError(f"easy-vqa split must be 'train' or 'test', not {split!r}")
+    if mode not in ("open", "mc"):
+        raise DataError(f"easy-vqa mode must be 'open' or 'mc', not {mode!r}")
+    qs, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
+    paths = getattr(easy_vqa, f"get_{split}_image_paths")()
+    order = list(range(len(qs)))
+    if limit is not None and limit < len(order):
+        random.Random(seed).shuffle(order)
+        order = sorted(order[:limit])
+    out = []
+    for n in order:
+        q, a, iid = qs[n], answers[n], image_ids[n]
+        rid = f"{split}-{n}"
+        path = paths.get(iid)
+        if path is None or not Path(path).is_file():
+            problems.report(rid, name, f"image {iid} not found")
+            continue
+        meta: dict[str, Any] = {"kind": easy_vqa_kind(a), "answer": a, "image_id": iid}
+        if mode == "open":
+            out.append(Record(rid, chat_prompt(q), " " + a, path, name, meta))
+            continue
+        choices = list(easy_vqa_candidates(a))
+        _stable_rng(rid, seed).shuffle(choices)
+        letter = LETTERS[choices.index(a)]
+        meta.update(label=letter, choices=choices, has_image=True, has_text=False)
+        out.append(Record(rid, qcm_prompt(q, "", choices), ale_answer(letter), path, name, meta))
+    return out
+
+
+def export_easy_vqa_scienceqa(root: str | Path, splits: dict[str, int], seed: int = 0) -> Path:
+    """Write a ScienceQA-layout copy of easy-vqa (``problems.json``, ``pid_splits.json``,
+    ``images/{split}/{qid}/image.png``) with ``splits`` = {"train": n, "test": m} questions each: real data
+    in the ScienceQA format, for tests and for trying ``lavin-edge eval`` without ScienceQA itself."""
+    import shutil
+
+    root = Path(root)
+    probs: dict[str, Any] = {}
+    pid: dict[str, list[str]] = {}
+    for split, n in splits.items():
+        src = "train" if split == "train" else "test"
+        recs = load_easy_vqa(src, Problems(strict=True), mode="mc", limit=n, seed=seed)
+        pid[split] = []
+        for r in recs:
+            qid = f"{split}{r.id.split('-')[1]}"
+            d = root / "images" / split / qid
+            d.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(r.image, d / "image.png")  # type: ignore[arg-type]
+            q = r.prompt.split("\n", 1)[0].removeprefix("Question: ")
+            probs[qid] = {"question": q, "choices": r.meta["choices"], "answer": r.meta["choices"].index(
+                r.meta["answer"]), "hint": "", "image": "image.png", "subject": "natural science",
+                "grade": "grade1", "lecture": "", "solution": "", "split": split}
+            pid[split].append(qid)
+    (root / "problems.json").write_text(json.dumps(probs))
+    (root / "pid_splits.json").write_text(json.dumps(pid))
+    return root
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+
+def load_source(spec: dict[str, Any], problems: Problems, split: str | None = None) -> list[Record]:
+    """One ``[[data]]`` table of a recipe: ``type`` = scienceqa | llava | alpaca | easy-vqa, plus its fields.
+
+    ``split`` overrides the table's split (eval uses the test split of the same source)."""
+    kind = spec.get("type")
+    name = str(spec.get("name", kind))
+    if kind == "scienceqa":
+        return load_scienceqa(spec["root"], split or spec.get("split", "train"), problems,
+                              spec.get("explanation", True), name)
+    if kind == "llava":
+        return load_llava(spec["path"], spec.get("image_folder"), problems, name)
+    if kind == "alpaca":
+        return load_alpaca(spec["path"], problems, name)
+    if kind == "easy-vqa":
+        return load_easy_vqa(split or spec.get("split", "train"), problems, spec.get("mode", "open"),
+                             spec.get("limit"), spec.get("seed", 0), name)
+    raise DataError(f"unknown data source type {kind!r} (expected scienceqa, llava, alpaca or easy-vqa)")

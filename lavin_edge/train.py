@@ -1,0 +1,496 @@
+"""The training loop: LaVIN's adapters on a frozen base (DESIGN.md section 1), one process or many under
+``torchrun`` (DDP; NCCL on GPU, gloo on CPU).
+
+Design points:
+- Frozen weights are cast to ``base_dtype`` (bf16 on GPU by default, fp32 on CPU); trainable tensors stay
+  fp32 and the forward runs under autocast, so AdamW updates fp32 master weights.
+- The loss of an optimizer step is the mean over *all* answer tokens of the step (every micro-batch on
+  every rank): each micro-batch contributes sum(CE) x world / (global token count). DDP averages over
+  ranks, so the update is exactly that of one process running the whole global batch (the 2-rank test).
+- Data order is a function of (seed, epoch, step) only, so ``--resume`` can restart mid-epoch and
+  continue bit-exactly; RNG states are saved per rank.
+- Non-finite losses/gradients: the update is skipped (grads dropped), the step still counts, and the
+  number of skipped steps is logged and printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import signal
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DistributedSampler
+
+from lavin_edge.config import AdapterConfig
+from lavin_edge.data import LavinDataset, Problems, collate_items, load_source
+from lavin_edge.model.adapter import RoutedAdapter, VisualProjection
+from lavin_edge.model.lavin import IGNORE_INDEX, Batch, LaVIN
+from lavin_edge.training import checkpoint as ckpt
+from lavin_edge.training.base import DTYPES, BaseSpec, base_configs, build_base
+from lavin_edge.training.distributed import DistInfo, all_reduce_sum, setup, teardown
+from lavin_edge.training.schedule import WarmupCosine, build_optimizer, scaled_lr
+
+
+@dataclass
+class TrainConfig:
+    """A recipe (``train/*.toml``); CLI flags override fields. ``batch_size`` is per rank and micro-step."""
+
+    # base
+    llm: str = "preset:tiny"
+    vision: str = "preset:tiny"
+    tokenizer: str | None = None
+    base_seed: int = 0
+    base_dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # adapters
+    adapter_hidden: int = 8
+    temperature: float = 10.0
+    dropout: float = 0.1
+    # data: a list of source tables (see lavin_edge.data.sources.load_source)
+    data: list[dict[str, Any]] = field(default_factory=list)
+    max_seq_len: int = 512
+    strict_data: bool = False
+    # optimisation
+    batch_size: int = 4
+    accum_steps: int = 1
+    epochs: float = 20.0
+    max_steps: int | None = None  # stop after this many optimizer steps (the schedule still spans `epochs`)
+    warmup_epochs: float = 2.0
+    base_lr: float = 9e-3  # lr = base_lr * global_batch / 256 unless `lr` is set
+    lr: float | None = None
+    min_lr: float = 0.0
+    weight_decay: float = 0.02
+    betas: tuple[float, float] = (0.9, 0.95)
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    # run
+    out_dir: str = "runs/train"
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end (and on Ctrl-C)
+    log_every: int = 1
+    device: str | None = None  # cpu | cuda | None (cuda if available)
+    threads: int | None = None  # torch intra-op threads (CPU)
+    num_workers: int = 0
+    progress: bool = True
+    eval: dict[str, Any] | None = None  # held-out evaluation at the end (lavin_edge.evaluate.run_eval_spec)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown recipe key(s) {unknown}; known: {sorted(names)}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a TOML recipe; ``overrides`` (CLI flags that were given) win over its values."""
+    with open(path, "rb") as f:
+        d = tomllib.load(f)
+    d.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return TrainConfig.from_dict(d)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown base_dtype {name!r}; choose from auto, {', '.join(sorted(DTYPES))}")
+    return DTYPES[name]
+
+
+def cast_frozen(model: LaVIN, dtype: torch.dtype) -> None:
+    """Frozen float tensors -> ``dtype``; trainable ones stay fp32 (master weights)."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(torch.float32 if model.is_trainable_name(name) else dtype)
+    for _, b in model.named_buffers():
+        if b.is_floating_point():
+            b.data = b.data.to(dtype)
+
+
+def set_train_mode(model: LaVIN) -> None:
+    """Only adapter dropout is stochastic; frozen modules stay in eval mode (EfficientNet's BatchNorm must
+    not update its running stats). ``llm.training`` gates gradient checkpointing."""
+    model.eval()
+    for name, m in model.named_modules():
+        if name.endswith(".adapter") or ".adapter." in name:
+            m.train()
+    model.llm.training = True
+
+
+def frozen_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every frozen tensor (the bit-identity check)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not LaVIN.is_trainable_name(k)}
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(sum of next-token CE over answer tokens, their count), in fp32."""
+    target = labels[:, 1:].flatten()
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target, ignore_index=IGNORE_INDEX,
+                         reduction="sum")
+    return ce, int((target != IGNORE_INDEX).sum())
+
+
+def memory_estimate(counts: dict[str, int], cfg: TrainConfig, dtype: torch.dtype, llm_dim: int, n_layers: int,
+                    vocab: int) -> dict[str, float]:
+    """Rough peak memory in GiB: frozen weights + fp32 trainables x 4 (weights, grads, Adam m and v) +
+    activations kept for backward (~16 tensors of [B, T, D] per layer, or 2 with checkpointing) + logits."""
+    gib = 1024 ** 3
+    elem = torch.finfo(dtype).bits // 8
+    frozen = (counts["total_params"] - counts["trainable_params"]) * elem / gib
+    trainable = counts["trainable_params"] * 4 * 4 / gib
+    per_layer = 2 if cfg.gradient_checkpointing else 16
+    tokens = cfg.batch_size * cfg.max_seq_len
+    acts = tokens * llm_dim * n_layers * per_layer * max(elem, 2) / gib
+    logits = tokens * vocab * 4 * 2 / gib
+    return {"frozen_weights_gib": frozen, "trainable_state_gib": trainable, "activations_gib": acts,
+            "logits_gib": logits, "total_gib": frozen + trainable + acts + logits}
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def build_dataset(cfg: TrainConfig, tok: Any, n_visual: int, image_size: int, problems: Problems
+                  ) -> LavinDataset:
+    if not cfg.data:
+        raise ValueError("the recipe has no [[data]] sources")
+    records = []
+    for spec in cfg.data:
+        records += load_source(spec, problems)
+    ds = LavinDataset(records, tok, n_visual, image_size, cfg.max_seq_len, problems)
+    if len(ds) == 0:
+        raise ValueError("no usable training samples (see the bad records above)")
+    return ds
+
+
+class StepPlan:
+    """Which dataset indices each (rank, optimizer step, micro-step) reads: DistributedSampler order per
+    epoch (seeded), whole steps only. One rank with batch 2b reads exactly the union of what two ranks
+    with batch b read (DistributedSampler interleaves ranks)."""
+
+    def __init__(self, n: int, cfg: TrainConfig, info: DistInfo) -> None:
+        self.n, self.cfg, self.info = n, cfg, info
+        self.per_step = cfg.batch_size * cfg.accum_steps
+        per_rank = n // info.world_size  # drop_last: every rank the same length
+        self.steps_per_epoch = per_rank // self.per_step
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{n} samples are fewer than one step ({self.per_step} x {info.world_size} ranks)")
+        self.total_steps = max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        self._epoch = -1
+        self._order: list[int] = []
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            sampler = DistributedSampler(range(self.n), num_replicas=self.info.world_size, rank=self.info.rank,
+                                         shuffle=True, seed=self.cfg.seed, drop_last=True)
+            sampler.set_epoch(epoch)
+            self._order, self._epoch = list(sampler), epoch
+        start = pos * self.per_step
+        b = self.cfg.batch_size
+        return [self._order[start + m * b:start + (m + 1) * b] for m in range(self.cfg.accum_steps)]
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    skipped_steps: int
+    losses: list[float]
+    wall_s: float
+    samples_per_s: float
+    interrupted: bool = False
+    bad_records: int = 0
+    eval: dict[str, Any] | None = None
+    model: LaVIN | None = field(default=None, repr=False)
+
+
+def _micro_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+    """Forward one micro-batch; a seam for tests that inject non-finite losses."""
+    return token_loss_sum(model(batch), batch.labels)
+
+
+def train(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, echo: Any = print) -> TrainResult | None:
+    """Run a recipe. Returns None for ``dry_run`` (prints counts and a memory estimate, trains nothing)."""
+    info = setup(cfg.device)
+    log = echo if info.is_main else (lambda *a, **k: None)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, info, resume, dry_run, log)
+    finally:
+        teardown(info)
+
+
+def _train(cfg: TrainConfig, info: DistInfo, resume: bool, dry_run: bool, log: Any) -> TrainResult | None:
+    out = Path(cfg.out_dir)
+    dtype = resolve_dtype(cfg.base_dtype, info.device)
+    spec = BaseSpec(cfg.llm, cfg.vision, cfg.tokenizer, cfg.base_seed)
+    adapter = AdapterConfig(hidden=cfg.adapter_hidden, temperature=cfg.temperature, dropout=cfg.dropout)
+    problems = Problems(strict=cfg.strict_data)
+
+    if dry_run:
+        from lavin_edge.config import LavinConfig
+        from lavin_edge.io.tokenizer import load_tokenizer
+        from lavin_edge.model.lavin import build_lavin
+        from lavin_edge.training.base import resolve_llm
+
+        llm_cfg, vis_cfg = base_configs(spec)
+        meta_model = build_lavin(LavinConfig(llm_cfg, vis_cfg, adapter), "meta")
+        tok_spec = cfg.tokenizer or ("bytes" if cfg.llm.startswith("preset:") else resolve_llm(cfg.llm))
+        tok = load_tokenizer(tok_spec)
+        ds = build_dataset(cfg, tok, meta_model.n_visual, vis_cfg.image_size, problems)
+        counts = meta_model.count_parameters()
+        plan = StepPlan(len(ds), cfg, info)
+        global_batch = cfg.batch_size * cfg.accum_steps * info.world_size
+        mem = memory_estimate(counts, cfg, dtype, llm_cfg.dim, llm_cfg.n_layers, llm_cfg.vocab_size)
+        log(json.dumps({"parameters": counts, "data": ds.counts(), "bad_records": len(problems.bad),
+                        "global_batch": global_batch, "lr": cfg.lr or scaled_lr(cfg.base_lr, global_batch),
+                        "steps_per_epoch": plan.steps_per_epoch, "total_steps": plan.total_steps,
+                        "base_dtype": str(dtype).removeprefix("torch."), "memory_estimate": mem}, indent=2))
+        if problems.bad:
+            log(problems.summary())
+        return None
+
+    model, tok, tok_spec = build_base(spec, adapter, cfg.max_seq_len)
+    seed_all(cfg.seed + 1)
+    # Fresh adapters from the training seed (the base seed only fixes preset base weights).
+    for m in model.modules():
+        if isinstance(m, (RoutedAdapter, VisualProjection)):
+            m.reset_parameters()
+    model.modality_embedding.reset_parameters()
+    cast_frozen(model, dtype)
+    model.to(info.device)
+    model.llm.gradient_checkpointing = cfg.gradient_checkpointing
+    ds = build_dataset(cfg, tok, model.n_visual, model.cfg.vision.image_size, problems)
+    plan = StepPlan(len(ds), cfg, info)
+    global_batch = cfg.batch_size * cfg.accum_steps * info.world_size
+    peak_lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.base_lr, global_batch)
+    optimizer = build_optimizer(model, peak_lr, cfg.weight_decay, tuple(cfg.betas))  # type: ignore[arg-type]
+    warmup = round(cfg.warmup_epochs * plan.steps_per_epoch)
+    sched = WarmupCosine(optimizer, peak_lr, warmup, plan.total_steps, cfg.min_lr)
+    end_step = plan.total_steps if cfg.max_steps is None else min(plan.total_steps, cfg.max_steps)
+
+    step, skipped, losses = 0, 0, []
+    seed_all(cfg.seed * 1000 + info.rank)  # dropout masks: reproducible, different per rank
+    if resume:
+        state = ckpt.load_trainer_state(out)
+        if state["world_size"] != info.world_size or state["global_batch"] != global_batch:
+            raise ValueError(f"{out}: resume needs the same world size and batch "
+                             f"(saved {state['world_size']} x {state['global_batch']})")
+        model.load_state_dict({k: v.to(info.device) for k, v in ckpt.load_adapters(out).items()}, strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, skipped, losses = state["step"], state["skipped_steps"], list(state["losses"])
+        set_rng_state(state["rng"][info.rank])
+        log(f"resumed from {out} at step {step}")
+
+    ddp: nn.Module = model
+    if info.enabled:
+        # find_unused_parameters: text-only batches leave the vision adapters and the projection unused.
+        ddp = nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+            find_unused_parameters=True)
+    set_train_mode(model)
+    autocast = torch.autocast(info.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    meta = {"format": "lavin-edge-adapters", "lavin_config": model.cfg.to_dict(),
+            "base": {**spec.to_dict(), "llm": _abs(spec.llm), "vision": _abs(spec.vision)},
+            "tokenizer": _abs(tok_spec) if tok_spec else None, "recipe": cfg.to_dict(),
+            "params": model.count_parameters()}
+
+    def save(at_step: int, rng: dict[str, Any]) -> None:
+        rngs = _gather(rng, info)
+        if not info.is_main:
+            return
+        ckpt.save_adapters(model.trainable_state_dict(), out, {"step": str(at_step)})
+        ckpt.save_json({**meta, "step": at_step}, out / ckpt.CONFIG)
+        ckpt.save_trainer_state({"step": at_step, "optimizer": optimizer.state_dict(),
+                                 "scheduler": sched.state_dict(), "rng": rngs, "skipped_steps": skipped,
+                                 "losses": losses, "world_size": info.world_size,
+                                 "global_batch": global_batch}, out)
+
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        counts = ds.counts()
+        log(f"trainable params {meta['params']['trainable_params']:,} | samples {counts['total']} "
+            f"({counts.get('with_image', 0)} with image, {counts.get('text_only', 0)} text-only) | "
+            f"global batch {global_batch} | lr {peak_lr:.3g} | steps {step}->{end_step} of {plan.total_steps}")
+    log_file = open(out / "train_log.jsonl", "a") if info.is_main else None  # noqa: SIM115
+    bar = _progress(cfg.progress and info.is_main, step, end_step)
+    old_handler = signal.signal(signal.SIGTERM, _raise_interrupt) if _in_main_thread() else None
+    t0 = time.perf_counter()
+    samples = 0
+    interrupted = False
+    step_rng = rng_state()
+    try:
+        while step < end_step:
+            step_rng = rng_state()  # what resume restores if this step is cut off
+            loss_val, ok = _train_step(ddp, model, ds, plan.micro_batches(step), info, autocast, tok.pad_id)
+            if ok:
+                optimizer.step()
+            else:
+                skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            lr = sched.lr
+            sched.step()
+            step += 1
+            samples += global_batch
+            losses.append(loss_val)
+            elapsed = time.perf_counter() - t0
+            sps = samples / max(elapsed, 1e-9)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", sps=f"{sps:.1f}", skipped=skipped)
+                bar.update(1)
+            if log_file is not None and (step % cfg.log_every == 0 or step == end_step):
+                log_file.write(json.dumps({"step": step, "loss": loss_val, "lr": lr, "samples_per_s": sps,
+                                           "elapsed_s": elapsed, "skipped_steps": skipped}) + "\n")
+                log_file.flush()
+            if cfg.save_every and step % cfg.save_every == 0 and step < end_step:
+                save(step, rng_state())
+        step_rng = rng_state()
+    except KeyboardInterrupt:
+        interrupted = True
+        optimizer.zero_grad(set_to_none=True)
+        log(f"\ninterrupted: saving step {step} to {out} (continue with --resume)")
+    finally:
+        if bar is not None:
+            bar.close()
+        if log_file is not None:
+            log_file.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+    wall = time.perf_counter() - t0
+    # Under torchrun, Ctrl-C reaches every worker (same process group), so all ranks get here together.
+    save(step, step_rng)
+    result = TrainResult(out, step, skipped, losses, wall, samples / max(wall, 1e-9), interrupted,
+                         len(problems.bad), model=model)
+    if info.is_main:
+        from lavin_edge.training.plot import plot_loss
+
+        plot_loss(list(range(1, len(losses) + 1)), losses, out / "loss.png")
+        log(f"done: {step} steps, {skipped} skipped (non-finite), {wall:.1f} s, {result.samples_per_s:.2f} "
+            f"samples/s, {len(problems.bad)} bad record(s) skipped -> {out}")
+        if problems.bad:
+            log(problems.summary())
+        if cfg.eval and not interrupted:
+            from lavin_edge.evaluate import run_eval_spec
+
+            model.eval()
+            result.eval = run_eval_spec(model, tok, cfg.eval, dtype=dtype, log=log)
+            ckpt.save_json(result.eval, out / "eval.json")
+    if interrupted and not info.is_main:
+        sys.exit(130)
+    return result
+
+
+def _train_step(ddp: nn.Module, model: LaVIN, ds: LavinDataset, micro: list[list[int]], info: DistInfo,
+                autocast: Any, pad_id: int) -> tuple[float, bool]:
+    """Forward/backward every micro-batch of one optimizer step. Returns (mean token loss, update ok)."""
+    batches = [collate_items([ds[i] for i in idx], pad_id).to(info.device) for idx in micro]
+    local_count = sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    global_count = int(all_reduce_sum(torch.tensor([local_count], dtype=torch.float64), info).item())
+    scale = info.world_size / max(global_count, 1)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for m, batch in enumerate(batches):
+        last = m == len(batches) - 1
+        sync = contextlib.nullcontext() if (last or not info.enabled) else ddp.no_sync()  # type: ignore[operator]
+        with sync:
+            with autocast:
+                ce, _ = _micro_loss(ddp, batch)
+            # A non-finite loss still goes through backward (DDP needs every rank to reduce); its NaN
+            # gradients then fail the check below and the whole update is dropped.
+            (ce * scale).backward()
+        loss_sum += ce.detach().double().cpu()
+    total = float(all_reduce_sum(loss_sum.reshape(1), info).item()) / max(global_count, 1)
+    ok = math.isfinite(total) and all(
+        bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+    return total, ok
+
+
+def _gather(obj: Any, info: DistInfo) -> list[Any]:
+    if not info.enabled:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _abs(spec: str) -> str:
+    """Recorded base locations: absolute paths for files, names and presets as they are."""
+    from lavin_edge.training.base import resolve_llm
+
+    spec = resolve_llm(spec)
+    p = Path(spec)
+    return str(p.resolve()) if p.exists() else spec
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _progress(enabled: bool, start: int, total: int) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def iter_batches(ds: LavinDataset, batch_size: int, pad_id: int) -> Iterator[Batch]:
+    """Sequential batches (evaluation helpers)."""
+    for i in range(0, len(ds), batch_size):
+        yield collate_items([ds[j] for j in range(i, min(len(ds), i + batch_size))], pad_id)

@@ -1,0 +1,1 @@
+"""Pieces of the training loop (``lavin_edge.train``): schedule, checkpoints, distributed setup, plots."""
