@@ -8,9 +8,10 @@ Open answers (easy-vqa ``mode = "open"``): the generated text must equal the ref
 surrounding whitespace/punctuation ignored).
 
 ``method = "score"`` is the fast path: instead of decoding, each candidate answer (`` The answer is X.`` per
-option, or every easy-vqa answer) is scored by its summed log-likelihood in one batched forward pass and the
-best one is taken. It is constrained decoding: it can never be unparsable, so it reads a little higher
-than generation when the model still emits malformed text; reports say which method was used.
+option, or the easy-vqa answers of the question's kind) is scored by its mean per-token log-likelihood in
+one batched forward pass and the best one is taken. It is constrained decoding: it can never be
+unparsable, so it reads higher than generation while the model still emits malformed text; reports say
+which method was used.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lavin_edge.data.image import ImageError, load_image
-from lavin_edge.data.sources import LETTERS, Problems, Record, ale_answer, load_source
+from lavin_edge.data.sources import LETTERS, Problems, Record, ale_answer, easy_vqa_candidates, load_source
 from lavin_edge.model.lavin import IGNORE_INDEX, LaVIN, collate, encode_example
 
 ANSWER_RE = re.compile(r"The answer is ([A-Z])")
@@ -91,7 +92,10 @@ def predict(model: LaVIN, tok: Any, rec: Record, method: str, max_new_tokens: in
             scores = score_candidates(model, tok, rec, [ale_answer(x) for x in letters], image)
             pred, output = letters[max(range(len(letters)), key=scores.__getitem__)], ""
         else:
-            cands = open_candidates or [rec.answer.strip()]
+            # easy-vqa: the answers of the question's kind (the question says it asks for a colour, a shape,
+            # or yes/no), i.e. the options of its multiple-choice form; else the caller's list.
+            cands = list(easy_vqa_candidates(label)) if "kind" in rec.meta else (
+                open_candidates or [rec.answer.strip()])
             scores = score_candidates(model, tok, rec, [" " + c for c in cands], image)
             pred, output = cands[max(range(len(cands)), key=scores.__getitem__)], ""
         return {"id": rec.id, "pred": pred, "label": label, "correct": _norm(pred) == _norm(label),
@@ -146,6 +150,13 @@ def evaluate_records(model: LaVIN, tok: Any, records: list[Record], method: str 
         top = max(set(labels), key=labels.count)
         result["majority_answer"] = top
         result["majority_baseline"] = labels.count(top) / n
+        # The stronger baseline: the majority answer within each question kind (easy-vqa).
+        kinds = [rec.meta.get("kind", "") for rec in used]
+        hits = 0
+        for k in set(kinds):
+            ls = [lab for lab, kk in zip(labels, kinds, strict=True) if kk == k]
+            hits += max(ls.count(x) for x in set(ls))
+        result["per_kind_majority_baseline"] = hits / n
     result["predictions"] = rows
     return result
 

@@ -1,12 +1,68 @@
-"""`lavin-edge eval`: not built yet."""
+"""`lavin-edge eval`: accuracy of trained adapters on a ScienceQA-format split (or easy-vqa), with the
+per-category table (NAT/SOC/LAN, TXT/IMG/NO, G1-6/G7-12, average)."""
 
+from __future__ import annotations
+
+import json
 import sys
+from pathlib import Path
 
 import click
 
 
-@click.command(name="eval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def command() -> None:
-    """Not implemented yet."""
-    click.echo("lavin-edge eval: not implemented yet", err=True)
-    sys.exit(2)
+@click.command(name="eval")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", "data", required=True,
+              help="A ScienceQA root (problems.json, pid_splits.json, images/), or 'easy-vqa' / 'easy-vqa-mc'.")
+@click.option("--split", default="test", show_default=True)
+@click.option("--limit", type=int, help="Evaluate the first N questions (easy-vqa: a seeded random N).")
+@click.option("--method", type=click.Choice(["generate", "score"]), default="generate", show_default=True,
+              help="generate: greedy answer parsed with 'The answer is X'; score: best-likelihood option (faster).")
+@click.option("--max-new-tokens", type=int, default=24, show_default=True)
+@click.option("--base-dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--threads", type=int, help="torch CPU threads.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the full result (with predictions).")
+@click.option("--progress/--no-progress", default=True)
+def command(model_dir: str, data: str, split: str, limit: int | None, method: str, max_new_tokens: int,
+            base_dtype: str, threads: int | None, json_out: str | None, progress: bool) -> None:
+    """Accuracy of the trained adapters in MODEL_DIR (the output of `lavin-edge train`)."""
+    import torch
+
+    from lavin_edge.data.sources import DataError, Problems, load_source
+    from lavin_edge.evaluate import evaluate_records, format_table
+    from lavin_edge.training.base import DTYPES, load_trained_artifact
+
+    if threads:
+        torch.set_num_threads(threads)
+    if data in ("easy-vqa", "easy-vqa-mc"):
+        spec = {"type": "easy-vqa", "mode": "mc" if data.endswith("-mc") else "open", "limit": limit}
+    else:
+        spec = {"type": "scienceqa", "root": data}
+    problems = Problems()
+    try:
+        records = load_source(spec, problems, split=split)
+    except (DataError, FileNotFoundError) as e:
+        click.echo(f"lavin-edge eval: {e}", err=True)
+        sys.exit(1)
+    if limit is not None:
+        records = records[:limit]
+    model, tok, _ = load_trained_artifact(model_dir)
+    dtype = DTYPES[base_dtype]
+    if dtype != torch.float32:
+        from lavin_edge.train import cast_frozen
+
+        cast_frozen(model, dtype)
+    cands = None
+    if spec["type"] == "easy-vqa" and spec["mode"] == "open":
+        import easy_vqa
+
+        cands = list(easy_vqa.get_answers())
+    result = evaluate_records(model, tok, records, method, max_new_tokens, cands, dtype, problems, progress)
+    click.echo(format_table(result))
+    if result["unparsable"]:
+        click.echo(f"unparsable ({len(result['unparsable'])}): {', '.join(result['unparsable'][:20])}")
+    if problems.bad:
+        click.echo(problems.summary())
+    if json_out:
+        Path(json_out).write_text(json.dumps({**result, "model": str(model_dir), "data": data, "split": split},
+                                             indent=2))

@@ -1,12 +1,61 @@
-"""`lavin-edge train`: not built yet."""
+"""`lavin-edge train`: train LaVIN's adapters on a frozen base from a TOML recipe (``train/*.toml``).
+
+One process: ``lavin-edge train train/demo.toml``. Many GPUs/nodes: the same command under
+``torchrun --nproc-per-node N -m lavin_edge.cli train ...`` (DDP; rank 0 logs and saves)."""
+
+from __future__ import annotations
 
 import sys
 
 import click
 
 
-@click.command(name="train", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def command() -> None:
-    """Not implemented yet."""
-    click.echo("lavin-edge train: not implemented yet", err=True)
-    sys.exit(2)
+@click.command(name="train")
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_dir", help="Output directory (adapters.safetensors, config.json, trainer_state.pt).")
+@click.option("--llm", help="Frozen LLM: checkpoint path, .gguf, smollm2-135m, or preset:NAME.")
+@click.option("--vision", help="Vision tower: efficientnet-lite0, a CLIP checkpoint, or preset:NAME.")
+@click.option("--tokenizer", help="Tokenizer file (default: the LLM's own; 'bytes' for presets).")
+@click.option("--batch-size", type=int, help="Per-rank micro-batch size.")
+@click.option("--accum-steps", type=int, help="Gradient accumulation steps per optimizer step.")
+@click.option("--epochs", type=float)
+@click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
+@click.option("--base-lr", type=float, help="lr = base_lr x global batch / 256.")
+@click.option("--lr", type=float, help="Absolute peak lr (overrides --base-lr).")
+@click.option("--warmup-epochs", type=float)
+@click.option("--max-seq-len", type=int)
+@click.option("--seed", type=int)
+@click.option("--base-dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
+@click.option("--device", type=click.Choice(["cpu", "cuda"]))
+@click.option("--threads", type=int, help="torch CPU threads.")
+@click.option("--save-every", type=int, help="Checkpoint every N optimizer steps.")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
+@click.option("--strict-data/--skip-bad-data", default=None, help="Fail on the first bad record, or skip and count.")
+@click.option("--resume", is_flag=True, help="Continue bit-exactly from the checkpoint in the output directory.")
+@click.option("--dry-run", is_flag=True, help="Print trainable params, data counts and a memory estimate; no training.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (logs still go to train_log.jsonl).")
+def command(recipe: str, out_dir: str | None, llm: str | None, vision: str | None, tokenizer: str | None,
+            batch_size: int | None, accum_steps: int | None, epochs: float | None, max_steps: int | None,
+            base_lr: float | None, lr: float | None, warmup_epochs: float | None, max_seq_len: int | None,
+            seed: int | None, base_dtype: str | None, device: str | None, threads: int | None,
+            save_every: int | None, gradient_checkpointing: bool | None, strict_data: bool | None, resume: bool,
+            dry_run: bool, no_progress: bool) -> None:
+    """Train adapters from RECIPE (a TOML file); flags override the recipe."""
+    from lavin_edge.data.sources import DataError
+    from lavin_edge.train import load_recipe, train
+
+    overrides = {"out_dir": out_dir, "llm": llm, "vision": vision, "tokenizer": tokenizer, "batch_size": batch_size,
+                 "accum_steps": accum_steps, "epochs": epochs, "max_steps": max_steps, "base_lr": base_lr, "lr": lr,
+                 "warmup_epochs": warmup_epochs, "max_seq_len": max_seq_len, "seed": seed, "base_dtype": base_dtype,
+                 "device": device, "threads": threads, "save_every": save_every,
+                 "gradient_checkpointing": gradient_checkpointing, "strict_data": strict_data}
+    if no_progress:
+        overrides["progress"] = False
+    try:
+        cfg = load_recipe(recipe, overrides)
+        result = train(cfg, resume=resume, dry_run=dry_run, echo=lambda *a: click.echo(*a, err=True))
+    except (DataError, ValueError, FileNotFoundError) as e:
+        click.echo(f"lavin-edge train: {e}", err=True)
+        sys.exit(1)
+    if result is not None and result.interrupted:
+        sys.exit(130)
