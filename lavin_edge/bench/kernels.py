@@ -148,7 +148,8 @@ def run_kernel_bench(
     torch.set_num_threads(threads)
     try:
         llc = last_level_cache_bytes()
-        read_bw = measure_read_bandwidth(threads, max(8 * llc, 256 * 1024**2))
+        probe_bytes = max(8 * llc, 256 * 1024**2)
+        read_bw = measure_read_bandwidth(threads, probe_bytes)
         rows: list[dict[str, Any]] = []
         for n, k in shapes:
             contenders = _contenders(n, k, llc)
@@ -168,11 +169,17 @@ def run_kernel_bench(
                             "ms_median": median * 1e3,
                             "weight_bytes": nbytes,
                             "gbs": gbs,
-                            "pct_of_read_bw": 100.0 * gbs / read_bw,
+                            "pct_of_read_bw": 0.0,  # filled in once the bandwidth probe is final
                             "speedup_vs_torch_int4": timings["torch_int4"][0] / sec,
                         }
                     )
             del contenders
+        # Probe again after the kernels and keep the best: on a shared machine the figure at
+        # any one moment may be depressed by other processes; the larger denominator is the
+        # conservative choice for every contender's percentage.
+        read_bw = max(read_bw, measure_read_bandwidth(threads, probe_bytes))
+        for row in rows:
+            row["pct_of_read_bw"] = 100.0 * row["gbs"] / read_bw
         result = {
             "read_bw_gbs": read_bw,
             "threads": threads,
