@@ -129,3 +129,103 @@ def test_auto_backend_warns_without_extension(tiny_dir: Path) -> None:
         eng = Engine.load(tiny_dir, backend="auto")
     assert eng.backend == "torch"
     assert any("fallback" in str(x.message) for x in w)
+
+
+# ------------------------------------------------------------------------------------ quantized + kernels
+
+@pytest.fixture(scope="module")
+def tiny_quant_dir(tiny_model: LaVIN, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A quantized dir in the project's format; RTN on the GPTQ grid instead of GPTQ itself, since the engine
+    only reads the packed layout and GPTQ's own quality is the quantizer's tests' concern."""
+    from lavin_edge.merge import read_config
+    from lavin_edge.quantize.gptq import rtn_quantize
+    from lavin_edge.quantize.pack import pack_linear
+    from lavin_edge.quantize.pipeline import LINEAR_NAMES, GPTQConfig, save_quantized
+
+    merged, _ = merge_lavin(tiny_model)
+    qcfg = GPTQConfig(group_size=32)
+    packed = {}
+    for i, layer in enumerate(merged.llm.layers):
+        for name in LINEAR_NAMES:
+            w = layer.get_submodule(name).weight.detach().float()
+            for suffix, t in pack_linear(rtn_quantize(w, 4, 32, True), 4, qcfg.format).items():
+                packed[f"layers.{i}.{name}.{suffix}"] = t
+    return save_quantized(merged, packed, read_config(tiny_dir), qcfg, tmp_path_factory.mktemp("quant"))
+
+
+def _kernels_or_skip() -> None:
+    from lavin_edge import kernels
+
+    if kernels._C is None:
+        pytest.skip("lavin_edge._C not built")
+
+
+def test_kernels_backend_on_fp_model_matches_torch(tiny_dir: Path) -> None:
+    """Dense linears + the fused RMSNorm/adapter kernel + the per-token ViT kernel agree with plain PyTorch."""
+    _kernels_or_skip()
+    ref = Engine.load(tiny_dir, backend="torch")
+    eng = Engine.load(tiny_dir, backend="kernels")
+    image = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(3))
+    ids, pos = _prompt(True)
+    out = []
+    for e in (ref, eng):
+        e.reset(IMAGE)
+        out.append(e.forward(e.embed_prompt(ids, pos, e.encode_image(image)), last_only=False))
+    assert (out[0] - out[1]).abs().max().item() < 1e-3
+
+
+def test_quantized_engine_matches_dequantized_reference(tiny_quant_dir: Path) -> None:
+    """W4 kernels (int8 activations) vs the dequantized fp32 model of the same directory."""
+    _kernels_or_skip()
+    from lavin_edge.model.lavin import collate
+    from lavin_edge.quantize.pipeline import load_quantized_as_fp
+
+    ref_model, _ = load_quantized_as_fp(tiny_quant_dir)
+    eng = Engine.load(tiny_quant_dir, backend="kernels")
+    assert eng.backend == "kernels"
+    text = "Instruction: Is the shape blue?\nResponse:"
+    image = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(4))
+    batch = collate([encode_example(ByteTokenizer(), text, None, True, 6)], [image], 258)
+    with torch.no_grad():
+        ref = ref_model(batch)[0]
+    ids, pos = _prompt(True, text)
+    eng.reset(IMAGE)
+    got = eng.forward(eng.embed_prompt(ids, pos, eng.encode_image(image)), last_only=False)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel < 2e-2, rel
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.9
+
+
+def test_quantized_top1_agreement_with_fp(tiny_dir: Path, tiny_quant_dir: Path) -> None:
+    """Next-token top-1 agreement of the quantized engine with the fp merged engine on held-out prompts."""
+    from lavin_edge.chat.engine import top1_agreement
+
+    fp = Engine.load(tiny_dir, backend="torch")
+    q = Engine.load(tiny_quant_dir, backend="auto")
+    prompts = [(_prompt(i % 2 == 0, f"Instruction: held-out question {i}, what colour?\nResponse:"),
+                torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(100 + i))) for i in range(6)]
+    held_out = [(ids, pos, img if pos >= 0 else None) for (ids, pos), img in prompts]
+    assert top1_agreement(fp, fp, held_out) == 1.0
+    agree = top1_agreement(fp, q, held_out)
+    # A random tiny model has near-flat logits (ties everywhere), so 4 bits flip many argmaxes; the >= 95%
+    # target is for the trained demo model (test_demo_model_top1_agreement). This guards against a broken
+    # path (wrong modality or layout gives chance level, ~1/259).
+    assert agree > 0.5, agree
+
+
+def test_demo_model_top1_agreement() -> None:
+    """On the demo model (when built): quantized vs fp next-token top-1 agreement >= 95% on held-out prompts."""
+    from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir, held_out_prompts
+
+    try:
+        qdir = demo_model_dir()
+        fdir = demo_model_dir(quantized=False)
+    except DemoModelMissing as e:
+        pytest.skip(str(e))
+    from lavin_edge.chat.engine import top1_agreement
+
+    fp = Engine.load(fdir, backend="torch")
+    q = Engine.load(qdir, backend="auto")
+    agree = top1_agreement(fp, q, held_out_prompts(fp))
+    print(f"demo top-1 agreement quantized vs fp: {agree:.4f}")
+    assert agree >= 0.95, agree

@@ -374,6 +374,7 @@ class Engine:
         ang = torch.outer(pos, inv)
         self.rope = torch.polar(torch.ones_like(ang), ang).to(torch.complex64)  # [ctx, hd/2]
         self.length = 0
+        self.history: list[int] = []  # token ids in the cache (visual slots hold their placeholder ids)
         self.modality = TEXT
         # Per-row modality for the fused adapter kernel: a row range of one of these, never reallocated.
         self._row_mod = [torch.full((self.max_context,), m, dtype=torch.int32) for m in (TEXT, IMAGE)]
@@ -470,7 +471,15 @@ class Engine:
 
     def reset(self, modality: int = TEXT) -> None:
         self.length = 0
+        self.history = []
         self.modality = modality
+
+    def rewind(self, n: int) -> None:
+        """Forget cache positions from ``n`` on (causal attention: the first n stay valid as they are)."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot rewind to {n}: {self.length} positions cached")
+        self.length = n
+        del self.history[n:]
 
     @torch.inference_mode()
     def forward(self, h: torch.Tensor, last_only: bool = True) -> torch.Tensor:
@@ -534,6 +543,7 @@ class Engine:
         stream = StopStringStream(tok.decode, gen.stop_strings)
         t0 = time.perf_counter()
         logits = self.forward(self.embed_prompt(new_ids, image_pos, visual))
+        self.history.extend(new_ids)
         nxt = sampler(logits)
         t1 = time.perf_counter()
         stats.prompt_tokens, stats.prefill_s, stats.ttft_s = len(new_ids), t1 - t0, t1 - t0 + stats.vision_s
@@ -547,6 +557,7 @@ class Engine:
                     if self.length < self.max_context:
                         step_in[0] = nxt
                         self.forward(self.embed[step_in])  # keep the end of turn in the history
+                        self.history.append(nxt)
                     break
                 out.append(nxt)
                 piece = stream.push(nxt)
@@ -559,6 +570,7 @@ class Engine:
                     break
                 step_in[0] = nxt
                 nxt = sampler(self.forward(self.embed[step_in]))
+                self.history.append(step_in.item())
         rest = stream.finish()
         if rest and on_text is not None:
             on_text(rest)
@@ -592,3 +604,18 @@ def _kernel_adapter_forward(mod: Any, kernels: Any) -> Callable[..., torch.Tenso
             mod.router.bias, r.weight, r.bias, d.weight, d.bias, float(mod.temperature), float(mod.scale))
         return y.view(shape).to(x.dtype)
     return forward
+
+
+def top1_agreement(ref: Engine, other: Engine, prompts: list[tuple[list[int], int, torch.Tensor | None]]) -> float:
+    """Fraction of positions (every prompt token's next-token prediction) where both engines' argmax agree.
+    ``prompts``: (ids, image_pos, image or None)."""
+    same = total = 0
+    for ids, pos, image in prompts:
+        preds = []
+        for e in (ref, other):
+            e.reset(IMAGE if pos >= 0 else TEXT)
+            visual = e.encode_image(image) if image is not None else None
+            preds.append(e.forward(e.embed_prompt(ids, pos, visual), last_only=False).argmax(-1))
+        same += int((preds[0] == preds[1]).sum())
+        total += preds[0].numel()
+    return same / max(total, 1)

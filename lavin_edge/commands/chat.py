@@ -1,12 +1,73 @@
-"""`lavin-edge chat`: not built yet."""
+"""`lavin-edge chat`: interactive or one-shot chat about an image, streaming, on a merged/quantized model."""
+
+from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
+from lavin_edge.chat.demo import DEMO_DESCRIPTION
 
-@click.command(name="chat", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def command() -> None:
-    """Not implemented yet."""
-    click.echo("lavin-edge chat: not implemented yet", err=True)
+EPILOG = (DEMO_DESCRIPTION + "\n\nIn the REPL: /image PATH swaps the image, /reset clears the history, /exit "
+          "quits. Answers go to stdout, everything else to stderr. Bad input (missing or broken image, a "
+          "model dir from another version, a prompt longer than the context) ends with a one-line error and "
+          "exit code 2.")
+
+
+def _fail(msg: str) -> None:
+    click.echo(f"error: {msg}", err=True)
     sys.exit(2)
+
+
+@click.command(name="chat", epilog=EPILOG)
+@click.option("--model", "model_dir", default=None, metavar="DIR",
+              help="Merged or quantized model dir (default: the built demo model, quantized).")
+@click.option("--image", "image", default=None, metavar="PATH", help="Image to talk about (none: text only).")
+@click.option("--prompt", "prompt", default=None, help="Answer this once and exit (stdout: only the answer).")
+@click.option("--json", "json_out", is_flag=True, help="One JSON object per answer, for machines.")
+@click.option("--stats", "show_stats", is_flag=True,
+              help="Print prefill/decode tok/s, time to first token and peak memory (stderr; in the JSON).")
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(0), help="0 = off.")
+@click.option("--repetition-penalty", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--seed", default=None, type=int, help="Sampling seed (reproducible answers).")
+@click.option("--stop", "stop", multiple=True, help="Stop string (repeatable); not included in the answer.")
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "kernels", "torch"]),
+              help="kernels: the compiled extension; torch: plain PyTorch; auto: kernels when built.")
+@click.option("--max-context", default=None, type=click.IntRange(16), help="Cap the context (tokens).")
+def command(model_dir: str | None, image: str | None, prompt: str | None, json_out: bool, show_stats: bool,
+            max_new_tokens: int, temperature: float, top_p: float, top_k: int, repetition_penalty: float,
+            seed: int | None, stop: tuple[str, ...], backend: str, max_context: int | None) -> None:
+    """Chat with a LaVIN model about an image: an interactive, streaming REPL, or one answer with --prompt.
+
+    Example: lavin-edge chat --image examples/easyvqa-red-triangle.png --prompt "What shape is in the image?"
+    """
+    from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir
+    from lavin_edge.chat.engine import ContextError, Engine, ModelDirError
+    from lavin_edge.chat.repl import answer_once, run_repl
+    from lavin_edge.chat.sampling import GenerationConfig
+    from lavin_edge.chat.session import ChatSession
+    from lavin_edge.data.image import ImageError
+
+    # Library warnings (the PyTorch fallback) become one line on stderr, never on stdout.
+    warnings.showwarning = lambda msg, *a, **k: click.echo(f"warning: {msg}", err=True)
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                           repetition_penalty=repetition_penalty, seed=seed, stop_strings=stop)
+    try:
+        path = model_dir if model_dir is not None else demo_model_dir()
+        engine = Engine.load(path, backend=backend, max_context=max_context)
+        session = ChatSession(engine, gen)
+        if image is not None:
+            session.set_image(image)
+        if prompt is not None:
+            if not prompt.strip():
+                _fail("--prompt is empty")
+            answer_once(session, prompt, sys.stdout, sys.stderr, json_out, show_stats)
+            return
+        code = run_repl(session, json_out=json_out, show_stats=show_stats)
+    except (ModelDirError, DemoModelMissing, ImageError, ContextError) as e:
+        _fail(str(e))
+    sys.exit(code)

