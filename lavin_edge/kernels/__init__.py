@@ -71,6 +71,7 @@ except ImportError as exc:  # pragma: no cover - depends on the build
     _IMPORT_ERROR = str(exc)
 
 _WARNED = False
+_AVAILABLE: dict[int, tuple[str, ...]] = {}
 CPU_BACKENDS = ("avx512", "avx2", "scalar", "torch")
 MAX_RANK = 64
 
@@ -101,9 +102,12 @@ def available_backends() -> list[str]:
     """CPU backends usable here, fastest first (always ends with "torch")."""
     if _C is None:
         return ["torch"]
-    best = _C.cpu_features()["best_isa"]
-    order = ["avx512", "avx2", "scalar"]
-    return order[order.index(best) :] + ["torch"]
+    cached = _AVAILABLE.get(id(_C))  # on the hot path of every matmul: computed once
+    if cached is None:
+        best = _C.cpu_features()["best_isa"]
+        order = ["avx512", "avx2", "scalar"]
+        cached = _AVAILABLE[id(_C)] = tuple(order[order.index(best) :]) + ("torch",)
+    return list(cached)
 
 
 def backend() -> str:
