@@ -149,6 +149,22 @@ void py_w4_gemm_gptq_reference(uintptr_t x, int64_t m, uintptr_t qweight, int64_
                          resolve_threads(threads));
 }
 
+void py_w4_repack(uintptr_t qweight, int64_t qweight_numel, int64_t n, int64_t k, uintptr_t perm, int64_t perm_numel,
+                  int64_t np, int64_t kp, uintptr_t out, int64_t out_bytes, int threads) {
+  require(n > 0 && k > 0 && k % 8 == 0, "w4_repack: n > 0 and k a positive multiple of 8 required");
+  require(qweight_numel == k / 8 * n, "w4_repack: qweight must be [k/8, n]");
+  require(np % kTile == 0 && np >= n && np - n < kTile, "w4_repack: np must be n rounded up to a multiple of 16");
+  require(kp % kBlock == 0 && kp >= k && kp - k < kBlock, "w4_repack: kp must be k rounded up to a multiple of 32");
+  require(out_bytes == np / kTile * (kp / 8) * 64, "w4_repack: output size does not match np, kp");
+  require(perm == 0 || perm_numel == k, "w4_repack: perm must hold k entries");
+  const int32_t* pm = perm ? ptr<const int32_t>(perm) : nullptr;
+  if (pm) {
+    for (int64_t i = 0; i < k; ++i) require(pm[i] >= 0 && pm[i] < k, "w4_repack: perm entry out of range [0, k)");
+  }
+  py::gil_scoped_release nogil;
+  w4_repack_gptq(ptr<const int32_t>(qweight), n, k, pm, np, kp, ptr<uint8_t>(out), resolve_threads(threads));
+}
+
 // ---- adapters ----------------------------------------------------------------------------------
 
 void py_llm_adapter(const std::string& isa_name, uintptr_t x, uintptr_t y, int64_t rows, int64_t dim, int64_t rank,
@@ -213,6 +229,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("perm"), py::arg("perm_numel"), py::arg("n"), py::arg("np"), py::arg("k"), py::arg("kp"),
         py::arg("groups"), py::arg("x"), py::arg("m"), py::arg("ldx"), py::arg("y"), py::arg("ldy"),
         py::arg("threads") = 0);
+  m.def("w4_repack", &py_w4_repack, "Repack GPTQ qweight into the prepared tiled layout", py::arg("qweight"),
+        py::arg("qweight_numel"), py::arg("n"), py::arg("k"), py::arg("perm"), py::arg("perm_numel"), py::arg("np"),
+        py::arg("kp"), py::arg("out"), py::arg("out_bytes"), py::arg("threads") = 0);
   m.def("w4_gemm_gptq_reference", &py_w4_gemm_gptq_reference,
         "Scalar double-accumulating W4 GEMM straight on the GPTQ layout (oracle)", py::arg("x"), py::arg("m"),
         py::arg("qweight"), py::arg("qweight_numel"), py::arg("qzeros"), py::arg("qzeros_numel"), py::arg("scales"),

@@ -65,6 +65,11 @@ void w4_gemm_generic(const W4Prepared& w, const XQuant& xq, float* y, int64_t ld
 void w4_gemm_avx2(const W4Prepared& w, const XQuant& xq, float* y, int64_t ldy, int threads);
 void w4_gemm_avx512(const W4Prepared& w, const XQuant& xq, float* y, int64_t ldy, int threads);
 
+// One-time repack of a GPTQ qweight int32 [k/8][n] (rows gathered by perm when given) into
+// the prepared layout above: out must hold np/16 * kp/8 * 64 bytes.
+void w4_repack_gptq(const int32_t* qweight, int64_t n, int64_t k, const int32_t* perm, int64_t np, int64_t kp,
+                    uint8_t* out, int threads);
+
 // Scalar fp reference straight on the GPTQ checkpoint layout (no int8 activations):
 // qweight int32 [k/8][n], qzeros int32 [G][ceil(n/8)], scales fp16 [G][n], g_idx [k] or
 // nullptr (then group = k / group_size); zero = stored + zero_offset (1 for gptq v1).

@@ -91,6 +91,30 @@ void w4_gemm_generic(const W4Prepared& w, const XQuant& xq, float* y, int64_t ld
   }
 }
 
+void w4_repack_gptq(const int32_t* qweight, int64_t n, int64_t k, const int32_t* perm, int64_t np, int64_t kp,
+                    uint8_t* out, int threads) {
+  // out[t][c][i][b] = q[row(8c+b), 16t+i] | q[row(8c+b+4), 16t+i] << 4, where row(j) = perm[j]
+  // (act-order) or j, and q = 0 outside the true k x n (padding).
+  const uint32_t* qw = reinterpret_cast<const uint32_t*>(qweight);
+  const int64_t tiles = np / kTile, chunks = kp / 8;
+  auto nibble = [&](int64_t j, int64_t col) -> uint8_t {
+    if (j >= k || col >= n) return 0;
+    const int64_t row = perm ? perm[j] : j;
+    return static_cast<uint8_t>((qw[(row / 8) * n + col] >> ((row % 8) * 4)) & 0xFu);
+  };
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < tiles; ++t) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      uint8_t* rec = out + (t * chunks + c) * 64;
+      for (int i = 0; i < kTile; ++i) {
+        const int64_t col = t * kTile + i;
+        for (int b = 0; b < 4; ++b)
+          rec[i * 4 + b] = static_cast<uint8_t>(nibble(8 * c + b, col) | (nibble(8 * c + b + 4, col) << 4));
+      }
+    }
+  }
+}
+
 void w4_gemm_gptq_reference(const float* x, int64_t m, const int32_t* qweight, const int32_t* qzeros,
                             const uint16_t* scales, const int32_t* g_idx, int64_t n, int64_t k,
                             int64_t groups, int64_t group_size, int zero_offset, float* y, int threads) {

@@ -401,3 +401,16 @@ def test_cuda_adapters() -> None:
     ref = R.vit_adapter_reference(xv.float(), temperature=5.0, **v)
     got = K.vit_routed_adapter(xv.to(dev), temperature=5.0, **{k: t.to(dev) for k, t in v.items()})
     torch.testing.assert_close(got.cpu().float(), ref, rtol=1e-2, atol=1e-2)
+
+
+@needs_native
+@pytest.mark.parametrize("n,k,act_order", [(37, 96, True), (16, 40, False), (100, 640, True)])
+def test_w4_cpp_repack_matches_torch_repack(n: int, k: int, act_order: bool) -> None:
+    _, d, gs = make_gptq(n, k, 32 if k % 32 == 0 else -1, act_order, "gptq", seed=k)
+    p = K.prepare_w4(d["qweight"], d["qzeros"], d["scales"], d["g_idx"], gs)
+    pt = K.prepare_w4(d["qweight"], d["qzeros"], d["scales"], d["g_idx"], gs, backend="torch")
+    assert torch.equal(p.qw, pt.qw) and torch.equal(p.scales, pt.scales) and torch.equal(p.zeros, pt.zeros)
+    q = F.unpack_nibbles_rows(d["qweight"])
+    if p.perm is not None:
+        q = q[p.perm.long()]
+    assert torch.equal(p.qw, K.repack_tiled_reference(q, p.kp, p.np_))

@@ -365,14 +365,16 @@ def prepare_w4(
         dense = dequantize_gptq(qweight, qzeros, scales16, g_idx, gs, checkpoint_format)
         return PreparedW4(n, k, gs, groups, "dense", dev, dense=dense, backend_name=backend)
 
-    q = unpack_nibbles_rows(qweight)  # [K, N] uint8, original row order
-    if perm is not None:
+    perm32 = perm.to(torch.int32).contiguous() if perm is not None else None
+    needs_q = dev.type == "cuda" or _C is None or backend == "torch"
+    q = unpack_nibbles_rows(qweight) if needs_q else None  # [K, N] uint8, original row order
+    if q is not None and perm is not None:
         q = q[perm]
     zeros = unpack_nibbles_cols(qzeros, n).to(torch.int16) + zero_offset(checkpoint_format)
     zeros = zeros.to(torch.uint8)  # true zero points, 0..16 (v1's 0xF + 1 = 16 is kept)
-    perm32 = perm.to(torch.int32).contiguous() if perm is not None else None
 
     if dev.type == "cuda":
+        assert q is not None
         if not _cuda_kernels_ok() or gs % 8:
             dense = dequantize_gptq(qweight, qzeros, scales16, g_idx, gs, checkpoint_format)
             return PreparedW4(n, k, gs, groups, "dense", dev, dense=dense)
@@ -389,11 +391,15 @@ def prepare_w4(
 
     kp = -(-k // 32) * 32
     np_ = -(-n // 16) * 16
-    qpad = torch.zeros(kp, np_, dtype=torch.uint8)
-    qpad[:k, :n] = q
-    # Record (tile t, chunk c): lane i = column 16t+i, byte b = q[8c+b] | q[8c+b+4] << 4.
-    qv = qpad.view(kp // 8, 2, 4, np_ // 16, 16).permute(3, 0, 4, 2, 1)  # [t, c, i, b, h]
-    qw = (qv[..., 0] | (qv[..., 1] << 4)).contiguous()
+    if _C is not None and (backend or "") != "torch":
+        qw = torch.empty(np_ // 16, kp // 8, 16, 4, dtype=torch.uint8)
+        _C.w4_repack(
+            qweight.data_ptr(), qweight.numel(), n, k, perm32.data_ptr() if perm32 is not None else 0,
+            perm32.numel() if perm32 is not None else 0, np_, kp, qw.data_ptr(), qw.numel(), torch.get_num_threads(),
+        )  # fmt: skip
+    else:
+        assert q is not None
+        qw = repack_tiled_reference(q, kp, np_)
     spad = torch.zeros(groups, np_, dtype=torch.float16)
     spad[:, :n] = scales16
     zpad = torch.zeros(groups, np_, dtype=torch.uint8)
@@ -405,6 +411,19 @@ def prepare_w4(
         zeros=zpad.view(groups, np_ // 16, 16).permute(1, 0, 2).contiguous(),
         perm=perm32, np_=np_, kp=kp, backend_name=backend,
     )  # fmt: skip
+
+
+def repack_tiled_reference(q: torch.Tensor, kp: int, np_: int) -> torch.Tensor:
+    """PyTorch version of the tiled repack (the C++ ``w4_repack`` is tested against it).
+
+    q: uint8 [K, N] nibbles in group order -> uint8 [Np/16, Kp/8, 16, 4]: record (tile t,
+    chunk c), lane i = column 16t+i, byte b = q[8c+b] | q[8c+b+4] << 4.
+    """
+    k, n = q.shape
+    qpad = torch.zeros(kp, np_, dtype=torch.uint8)
+    qpad[:k, :n] = q
+    qv = qpad.view(kp // 8, 2, 4, np_ // 16, 16).permute(3, 0, 4, 2, 1)  # [t, c, i, b, h]
+    return (qv[..., 0] | (qv[..., 1] << 4)).contiguous()
 
 
 def gptq_matmul_scalar(
