@@ -10,7 +10,8 @@ Merged model directory (``format: "lavin-edge-merged"``, ``format_version: 1``; 
 - ``config.json``: ``format``, ``format_version``, ``lavin_config`` (LavinConfig.to_dict()),
   ``position_offset`` (1: the absolute position of the first real token; cache slot i is position i + 1),
   ``tokenizer`` (``{"file": "tokenizer.json"}`` for a copied file, ``{"gguf": "/abs/path.gguf"}`` for a GGUF
-  base's embedded vocab, or ``null``), ``routing_table`` ([layers][modality][expert], for the record),
+  base's embedded vocab, ``{"builtin": "bytes"}`` for the byte tokenizer of tiny models, or ``null``),
+  ``routing_table`` ([layers][modality][expert], for the record),
   ``source`` (where base and adapters came from). A quantized directory adds ``quantization_config``.
 - ``model.safetensors``: the LLM in Meta naming at the top level (``tok_embeddings.weight``,
   ``layers.{i}.attention.wq.weight`` ..., ``norm.weight``, ``output.weight`` unless tied), each layer's
@@ -106,6 +107,8 @@ def module_state_dict(file_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 def _tokenizer_entry(tokenizer: str | Path | None, out: Path) -> dict[str, str] | None:
     if tokenizer is None:
         return None
+    if str(tokenizer) == "bytes":  # the built-in byte tokenizer of the tiny test models
+        return {"builtin": "bytes"}
     p = Path(tokenizer)
     if p.suffix == ".gguf":
         return {"gguf": str(p.resolve())}
@@ -122,6 +125,8 @@ def tokenizer_path(model_dir: str | Path, config: dict[str, Any]) -> Path | None
     entry = config.get("tokenizer")
     if not entry:
         return None
+    if "builtin" in entry:
+        return Path(entry["builtin"])
     return Path(entry["gguf"]) if "gguf" in entry else Path(model_dir) / entry["file"]
 
 

@@ -1,0 +1,170 @@
+"""The GPTQ pipeline on a tiny merged LaVIN: layer-by-layer quantization, the quantized directory, its
+reload, quality measurement, the CLI, and the refusals of bad input (before any work)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lavin_edge.cli import main
+from lavin_edge.io.tokenizer import ByteTokenizer
+from lavin_edge.merge import merge_lavin, save_merged
+from lavin_edge.quantize.pipeline import (
+    LINEAR_NAMES,
+    CalibrationError,
+    CalibSample,
+    GPTQConfig,
+    load_quantized_as_fp,
+    quantize_model,
+    save_quantized,
+)
+from lavin_edge.quantize.quality import answer_accuracy, perplexity, record_samples, text_samples
+from tests.test_gptq import reference_unpack
+from tests.test_merge import _trained_like
+
+
+def _easy_vqa(split: str, n: int):
+    from lavin_edge.data.sources import Problems, load_easy_vqa
+
+    return load_easy_vqa(split, Problems(), "open", limit=n, seed=0)
+
+
+def _calibration(model, n_text: int = 6, n_img: int = 6) -> list[CalibSample]:
+    tok = ByteTokenizer()
+    texts = ["The quick brown fox jumps over the lazy dog while the cat sleeps.",
+             "Quantization maps each weight to one of sixteen levels per group.",
+             "A routed adapter adds a small low-rank update to the attention input."] * 2
+    out = text_samples(tok, texts[:n_text], 96)
+    out += record_samples(_easy_vqa("train", n_img), tok, model.n_visual, model.cfg.vision.image_size, 96)
+    return out
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    merged, table = merge_lavin(_trained_like(7))
+    fp = copy.deepcopy(merged)
+    root = tmp_path_factory.mktemp("q")
+    save_merged(merged, root / "merged", "bytes", {"test": True}, table)
+    qcfg = GPTQConfig(group_size=32, sym=True, desc_act=True)
+    samples = _calibration(merged)
+    packed, report = quantize_model(merged, samples, qcfg, progress=False)
+    mcfg = json.loads((root / "merged" / "config.json").read_text())
+    out = save_quantized(merged, packed, mcfg, qcfg, root / "quant", "bytes", report)
+    return fp, merged, packed, report, out, samples
+
+
+def test_gptq_beats_rtn_on_every_linear(quantized) -> None:
+    _, _, _, report, _, _ = quantized
+    assert len(report.linears) == 2 * len(LINEAR_NAMES)
+    for r in report.linears:
+        assert r.gptq_error < r.rtn_error, r
+
+
+def test_quantized_dir_layout_and_reload(quantized) -> None:
+    fp, qmodel, packed, _, out, samples = quantized
+    cfg = json.loads((out / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["bits"] == 4 and qc["group_size"] == 32 and qc["desc_act"] and qc["sym"]
+    assert qc["checkpoint_format"] == "gptq"
+    assert json.loads((out / "quantize_config.json").read_text()) == qc
+    from safetensors.numpy import load_file as load_np
+
+    raw = load_np(str(out / "model.safetensors"))
+    assert "layers.0.attention.wq.weight" not in raw and "layers.0.adapter.up.weight" in raw
+    assert raw["layers.1.feed_forward.w2.qweight"].dtype == np.int32
+    assert raw["layers.1.feed_forward.w2.qweight"].shape == (128 // 8, 64)
+    assert raw["layers.1.feed_forward.w2.scales"].dtype == np.float16
+    loaded, _ = load_quantized_as_fp(out)
+    # The independent numpy reader gives the same weights as our loader.
+    for i in range(2):
+        for name in LINEAR_NAMES:
+            p = f"layers.{i}.{name}"
+            ref = reference_unpack(raw[f"{p}.qweight"], raw[f"{p}.qzeros"], raw[f"{p}.scales"],
+                                   raw[f"{p}.g_idx"].astype(np.int64), v1=True)
+            mod = loaded.llm.layers[i]
+            for part in name.split("."):
+                mod = getattr(mod, part)
+            assert np.array_equal(mod.weight.detach().numpy(), ref), p
+    # The reloaded model computes what the in-memory quantized model computed.
+    s = samples[-1]
+    ids, pos = torch.tensor([s.input_ids]), torch.tensor([s.image_pos])
+    with torch.no_grad():
+        a = qmodel.llm.forward_embeds(qmodel.embed(ids, pos, s.image[None]), (pos >= 0).long())
+        b = loaded.llm.forward_embeds(loaded.embed(ids, pos, s.image[None]), (pos >= 0).long())
+        c = fp.llm.forward_embeds(fp.embed(ids, pos, s.image[None]), (pos >= 0).long())
+    assert (a - b).abs().max() < 1e-5
+    assert (a - c).abs().max() > 1e-3  # quantization really changed the weights
+
+
+def test_quality_code_paths(quantized) -> None:
+    fp, qmodel, _, _, _, _ = quantized
+    tok = ByteTokenizer()
+    texts = ["Held-out text: the model has never calibrated on this sentence about tea and biscuits."]
+    p_fp, p_q = perplexity(fp, tok, texts), perplexity(qmodel, tok, texts)
+    assert np.isfinite(p_fp) and np.isfinite(p_q) and p_fp != p_q
+    # Accuracy against the fp model's own answers: fp scores 1 by construction, 4-bit scores its agreement.
+    recs = _easy_vqa("test", 6)
+    acc, answers = answer_accuracy(fp, tok, recs, 64, max_new_tokens=4)
+    for r, a in zip(recs, answers, strict=True):
+        r.answer = a
+    assert answer_accuracy(fp, tok, recs, 64, max_new_tokens=4)[0] == 1.0
+    acc_q, answers_q = answer_accuracy(qmodel, tok, recs, 64, max_new_tokens=4)
+    agree = sum(a.strip().lower().rstrip(".") == b.strip().lower().rstrip(".")
+                for a, b in zip(answers, answers_q, strict=True))
+    assert acc_q == agree / len(recs)
+
+
+def test_bad_inputs_fail_before_work(tmp_path) -> None:
+    merged, _ = merge_lavin(_trained_like(2))
+    samples = _calibration(merged, 2, 2)
+    with pytest.raises(ValueError, match="not divisible by group size 128"):
+        quantize_model(merged, samples, GPTQConfig(group_size=128), progress=False)
+    with pytest.raises(ValueError, match="unsupported group size 48"):
+        quantize_model(merged, samples, GPTQConfig(group_size=48), progress=False)
+    with pytest.raises(ValueError, match="gptq_v2"):
+        quantize_model(merged, samples, GPTQConfig(group_size=32, sym=False, checkpoint_format="gptq"),
+                       progress=False)
+    text_only = [s for s in samples if s.image is None]
+    with pytest.raises(CalibrationError, match="no image samples"):
+        quantize_model(merged, text_only, GPTQConfig(group_size=32), progress=False)
+    wrong = [CalibSample(samples[-1].input_ids, samples[-1].image_pos, torch.zeros(3, 224, 224))]
+    with pytest.raises(CalibrationError, match="image shape"):
+        quantize_model(merged, wrong + text_only, GPTQConfig(group_size=32), progress=False)
+    # Nothing was touched by the refused runs.
+    fresh, _ = merge_lavin(_trained_like(2))
+    assert torch.equal(merged.llm.layers[0].attention.wq.weight, fresh.llm.layers[0].attention.wq.weight)
+
+
+def test_cli_merge_refusal_and_quantize(tmp_path, quantized) -> None:
+    runner = CliRunner()
+    merged, table = merge_lavin(_trained_like(4))
+    save_merged(merged, tmp_path / "m", "bytes", {}, table)
+    # Not a merged model: a trained-adapter directory.
+    bad = tmp_path / "adapters"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")
+    (bad / "adapters.safetensors").write_bytes(b"")
+    res = runner.invoke(main, ["quantize", str(bad), str(tmp_path / "x")])
+    assert res.exit_code != 0 and "not a merged model" in res.output
+    # Already quantized.
+    res = runner.invoke(main, ["quantize", str(quantized[4]), str(tmp_path / "x")])
+    assert res.exit_code != 0 and "already quantized" in res.output
+    # 64-wide tiny model, default group 128: refused before calibration.
+    res = runner.invoke(main, ["quantize", str(tmp_path / "m"), str(tmp_path / "x")])
+    assert res.exit_code != 0 and "not divisible by group size 128" in res.output
+    assert not (tmp_path / "x").exists()
+    res = runner.invoke(main, ["quantize", str(tmp_path / "m"), str(tmp_path / "q"), "--group-size", "32",
+                               "--asym", "--calib-samples", "6", "--calib-len", "64", "--eval-texts", "3"])
+    assert res.exit_code == 0, res.output
+    assert "ppl_rise" in res.output
+    qc = json.loads((tmp_path / "q" / "quantize_config.json").read_text())
+    assert qc["sym"] is False and qc["checkpoint_format"] == "gptq_v2"
+    rep = json.loads((tmp_path / "q" / "quantize_report.json").read_text())
+    assert rep["quality"]["ppl_fp"] > 0 and len(rep["linears"]) == 14
+    loaded, _ = load_quantized_as_fp(tmp_path / "q")
+    assert loaded.llm.layers[0].attention.wq.weight.shape == (64, 64)
