@@ -49,18 +49,25 @@ def last_level_cache_bytes() -> int:
     return best or 32 * 1024**2
 
 
-def measure_read_bandwidth(threads: int, nbytes: int, repeats: int = 5) -> float:
-    """Best-of-`repeats` read bandwidth in GB/s (1e9 B/s) summing `nbytes` with `threads` threads."""
+def measure_read_bandwidth(threads: int, nbytes: int, min_seconds: float = 0.5) -> float:
+    """Read bandwidth in GB/s (1e9 B/s) with `threads` threads, timed like the contenders.
+
+    The `nbytes` buffer (> 4x the LLC) is read as 16 chunks in rotation, so every chunk
+    comes from DRAM, with the same round statistic as the kernels (`_time_rotating`): a
+    bandwidth figure taken with a different method than the kernels' times would not be
+    comparable on a machine shared with other work.
+    """
+    chunks = 16
     buf = torch.ones(nbytes // 8, dtype=torch.int64)
-    best = float("inf")
-    for _ in range(repeats + 1):  # first pass warms the pages
-        t0 = time.perf_counter()
-        if K._C is not None:
-            K._C.read_bandwidth(buf.data_ptr(), buf.numel() * 8, threads)
-        else:  # pragma: no cover - without the extension torch's sum is the probe
-            buf.sum()
-        best = min(best, time.perf_counter() - t0)
-    return nbytes / best / 1e9
+    per = buf.numel() // chunks
+    if K._C is not None:
+        calls = [
+            functools.partial(K._C.read_bandwidth, buf[i * per].data_ptr(), per * 8, threads) for i in range(chunks)
+        ]
+    else:  # pragma: no cover - without the extension torch's sum is the probe
+        calls = [functools.partial(torch.sum, buf[i * per : (i + 1) * per]) for i in range(chunks)]
+    best, _ = _time_rotating(calls, min_seconds)
+    return per * 8 / best / 1e9
 
 
 def _copies(bytes_per_copy: int, llc: int) -> int:
