@@ -26,8 +26,10 @@ from lavin_edge.kernels import reference as R
 NATIVE = [b for b in K.available_backends() if b != "torch"]
 needs_native = pytest.mark.skipif(not NATIVE, reason="lavin_edge._C not built")
 cuda = pytest.mark.cuda
-needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and K._C is not None and K._C.cuda_compiled),
-                               reason="needs a CUDA GPU and the CUDA kernels")
+needs_gpu = pytest.mark.skipif(
+    not (torch.cuda.is_available() and K._C is not None and K._C.cuda_compiled),
+    reason="needs a CUDA GPU and the CUDA kernels",
+)
 
 
 def make_gptq(n: int, k: int, gs: int, act_order: bool, fmt: str, seed: int = 0, sym: bool = False):
@@ -103,8 +105,9 @@ def test_w4_cpp_scalar_oracle_vs_torch(n: int, k: int, gs: int, act_order: bool,
 def test_w4_native_backends(n: int, k: int, gs: int, act_order: bool, fmt: str) -> None:
     w, d, gsz = make_gptq(n, k, gs, act_order, fmt, seed=3 * n + k)
     wd = K.dequantize_gptq(d["qweight"], d["qzeros"], d["scales"], d["g_idx"], gsz, fmt)
-    prepared = {b: K.prepare_w4(d["qweight"], d["qzeros"], d["scales"], d["g_idx"], gsz, fmt, backend=b)
-                for b in NATIVE}
+    prepared = {
+        b: K.prepare_w4(d["qweight"], d["qzeros"], d["scales"], d["g_idx"], gsz, fmt, backend=b) for b in NATIVE
+    }
     p0 = prepared[NATIVE[0]]
     assert p0.mode == "tiled"
     assert (p0.perm is not None) == (act_order and k > gsz)
@@ -159,8 +162,9 @@ def test_w4_dense_fallback_layouts(case: str) -> None:
     x = torch.randn(4, k)
     ref = R.w4_matmul_reference(x, d["qweight"], d["qzeros"], d["scales"], g_idx, gs, "gptq")
     torch.testing.assert_close(p.matmul(x), ref, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(K.gptq_matmul_scalar(x, d["qweight"], d["qzeros"], d["scales"], g_idx, gs), ref,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        K.gptq_matmul_scalar(x, d["qweight"], d["qzeros"], d["scales"], g_idx, gs), ref, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_w4_bad_inputs() -> None:
@@ -207,15 +211,38 @@ def test_w4_binding_rechecks_sizes() -> None:
     p = K.prepare_w4(d["qweight"], d["qzeros"], d["scales"], d["g_idx"], gs)
     x = torch.randn(1, 128)
     y = torch.empty(1, 32)
-    args = dict(isa="scalar", qw=p.qw.data_ptr(), qw_bytes=p.qw.numel(), scales=p.scales.data_ptr(),
-                scales_numel=p.scales.numel(), zeros=p.zeros.data_ptr(), zeros_numel=p.zeros.numel(),
-                perm=p.perm.data_ptr(), perm_numel=p.perm.numel(), n=32, np=32, k=128, kp=128, groups=4,
-                x=x.data_ptr(), m=1, ldx=128, y=y.data_ptr(), ldy=32)
+    args = dict(
+        isa="scalar",
+        qw=p.qw.data_ptr(),
+        qw_bytes=p.qw.numel(),
+        scales=p.scales.data_ptr(),
+        scales_numel=p.scales.numel(),
+        zeros=p.zeros.data_ptr(),
+        zeros_numel=p.zeros.numel(),
+        perm=p.perm.data_ptr(),
+        perm_numel=p.perm.numel(),
+        n=32,
+        np=32,
+        k=128,
+        kp=128,
+        groups=4,
+        x=x.data_ptr(),
+        m=1,
+        ldx=128,
+        y=y.data_ptr(),
+        ldy=32,
+    )
     K._C.w4_gemm(**args)
     torch.testing.assert_close(y, p.matmul(x))
-    for key, val, msg in [("k", 256, "kp"), ("qw_bytes", 100, "packed weight"), ("groups", 3, "groups"),
-                          ("np", 48, "np"), ("perm_numel", 5, "perm"), ("isa", "sse9", "unknown isa"),
-                          ("scales_numel", 1, "scales")]:
+    for key, val, msg in [
+        ("k", 256, "kp"),
+        ("qw_bytes", 100, "packed weight"),
+        ("groups", 3, "groups"),
+        ("np", 48, "np"),
+        ("perm_numel", 5, "perm"),
+        ("isa", "sse9", "unknown isa"),
+        ("scales_numel", 1, "scales"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             K._C.w4_gemm(**{**args, key: val})
     bad_perm = p.perm.clone()
