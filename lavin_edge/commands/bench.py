@@ -1,12 +1,47 @@
-"""`lavin-edge bench`: not built yet."""
+"""`lavin-edge bench`: figures, not tests. `kernels` times the W4 GEMV/GEMM against torch on LLaMA-7B
+shapes with the weights out of cache; `chat` times prefill/decode end to end."""
 
-import sys
+from __future__ import annotations
 
 import click
 
 
-@click.command(name="bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.group(name="bench")
 def command() -> None:
-    """Not implemented yet."""
-    click.echo("lavin-edge bench: not implemented yet", err=True)
-    sys.exit(2)
+    """Benchmarks that print what they measured on this machine (a table, or JSON with --json)."""
+
+
+@command.command(name="kernels")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (read_bw_gbs, rows) instead of a table.")
+@click.option("--threads", type=int, default=None, help="Threads for every contender (default: all cores).")
+@click.option("--min-seconds", type=float, default=0.5, show_default=True,
+              help="Minimum time spent timing each contender and shape.")
+@click.option("-m", "ms", type=int, multiple=True, default=(1, 16), show_default=True,
+              help="Activation rows (1 = decode); repeat the option for several.")
+def kernels(as_json: bool, threads: int | None, min_seconds: float, ms: tuple[int, ...]) -> None:
+    """W4 GEMV/GEMM on 4096x4096, 11008x4096, 4096x11008 vs torch fp32, bf16 and int4, as % of the read
+    bandwidth measured in the same run."""
+    from lavin_edge.bench.kernels import run_kernel_bench
+
+    run_kernel_bench(json_out=as_json, ms=ms, threads=threads, min_seconds=min_seconds)
+
+
+@command.command(name="chat")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with `rows` instead of a table.")
+@click.option("--fp-model", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Merged fp model dir (default: the demo's).")
+@click.option("--q-model", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Quantized model dir (default: the demo's).")
+@click.option("--new-tokens", type=int, default=64, show_default=True, help="Tokens decoded per row.")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
+@click.option("--no-7b", "no_7b", is_flag=True, help="Skip the LLaMA-7B-shaped random 4-bit row (needs ~4 GB).")
+@click.option("--no-llamacpp", is_flag=True, help="Skip the llama.cpp side-by-side rows.")
+def chat(as_json: bool, fp_model: str | None, q_model: str | None, new_tokens: int, threads: int | None,
+         no_7b: bool, no_llamacpp: bool) -> None:
+    """Prefill/decode tok/s, time to first token and peak RSS: the demo model in plain PyTorch vs the
+    quantized one on the extension, a LLaMA-7B-shaped 4-bit model vs the bandwidth limit, and llama.cpp
+    on the same GGUF where llama-cpp-python is installed."""
+    from lavin_edge.bench.chat import run_chat_bench
+
+    run_chat_bench(json_out=as_json, fp_model=fp_model, q_model=q_model, new_tokens=new_tokens, threads=threads,
+                   with_7b=not no_7b, with_llamacpp=not no_llamacpp)

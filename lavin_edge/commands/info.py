@@ -32,11 +32,8 @@ def command(llm: str, vision: str, as_json: bool) -> None:
     click.echo(f"  {'extension':<20} {info['extension']}")
 
 
-def _extension_info() -> dict | str:
-    """What the compiled extension reports about this CPU, or why it is unavailable."""
-    try:
-        from lavin_edge import _C  # type: ignore[attr-defined]
-    except ImportError as e:
-        return f"not available ({e})"
-    features = getattr(_C, "cpu_features", None)
-    return features() if callable(features) else "available"
+def _extension_info() -> dict:
+    """The kernel backend chat will use and what the extension reports about this CPU."""
+    from lavin_edge import kernels
+
+    return {"backend": kernels.backend(), **kernels.cpu_features()}
