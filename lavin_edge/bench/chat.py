@@ -157,18 +157,22 @@ class _NoTokenizer:
         return ""
 
 
-def _llama7b_row(new_tokens: int, prompt_tokens: int, max_context: int) -> dict[str, Any]:
+def _llama7b_row(new_tokens: int, prompt_tokens: int, max_context: int, llm: dict[str, Any] | None = None,
+                 probe_bytes: int | None = None) -> dict[str, Any]:
+    """Decode on random 4-bit weights of LLaMA-7B's shape (``llm``: another LlamaConfig as a dict, for tests)
+    against the bandwidth limit."""
     from lavin_edge.bench.kernels import last_level_cache_bytes, measure_read_bandwidth
     from lavin_edge.chat.engine import TEXT, Engine, GenerationStats
     from lavin_edge.chat.sampling import GenerationConfig
-    from lavin_edge.config import LavinConfig, preset
+    from lavin_edge.config import LavinConfig, LlamaConfig, preset
 
     threads = torch.get_num_threads()
     # Bandwidth first, on a buffer > 4x the last-level cache, then freed (RSS peak stays the model's).
-    probe = max(512 * 2**20, 8 * last_level_cache_bytes())
+    probe = probe_bytes or max(512 * 2**20, 8 * last_level_cache_bytes())
     read_bw = measure_read_bandwidth(threads, probe)
     base = preset("llama-7b", "tiny")
-    cfg = LavinConfig(llm=base.llm, vision=base.vision, adapter=base.adapter)
+    llm_cfg = LlamaConfig(**llm) if llm else base.llm
+    cfg = LavinConfig(llm=llm_cfg, vision=base.vision, adapter=base.adapter)
     t0 = time.perf_counter()
     eng = Engine(cfg, RandomGPTQLlama(cfg.llm), {"checkpoint_format": "gptq", "group_size": 128}, "kernels",
                  max_context, _NoTokenizer())

@@ -1,0 +1,44 @@
+"""The chat benchmark on tiny models: rows carry every documented key, the random-GPTQ row's roofline
+arithmetic, and a clear 'skipped' reason where a row cannot run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lavin_edge.bench import chat as bench
+from lavin_edge.merge import merge_lavin, save_merged
+from tests.test_engine import trained_like
+
+
+def test_random_gptq_row_small_llama() -> None:
+    pytest.importorskip("lavin_edge._C")
+    llm = dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=512, vocab_size=512, max_seq_len=128)
+    row = bench._llama7b_row(new_tokens=6, prompt_tokens=5, max_context=64, llm=llm, probe_bytes=64 * 2**20)
+    assert row["new_tokens"] == 6 and row["prompt_tokens"] == 5
+    # Weight bytes: 4-bit linears + lm_head with fp16 scales and packed zeros, group 128.
+    n_lin = 2 * (256 * 256 * 2 + 256 * 128 * 2 + 256 * 512 * 3) + 512 * 256
+    assert n_lin // 2 <= row["weight_bytes_per_token"] <= n_lin // 2 * 1.2
+    assert row["roofline_tok_s"] == pytest.approx(
+        row["read_bw_gbs"] * 1e9 / (row["weight_bytes_per_token"] + row["kv_bytes_per_token"]), rel=0.01)
+    assert row["pct_of_roofline"] == pytest.approx(100 * row["decode_tok_s"] / row["roofline_tok_s"], rel=0.01)
+
+
+def test_run_chat_bench_json_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    merged, table = merge_lavin(trained_like(2))
+    d = save_merged(merged, tmp_path / "m", None, {}, table)
+    from lavin_edge.chat import demo
+
+    monkeypatch.setattr(demo, "demo_roots", lambda: [tmp_path / "none"])
+    res = bench.run_chat_bench(json_out=True, fp_model=str(d), new_tokens=4, with_7b=False, print_results=False)
+    rows = {r["model"].split(":")[0]: r for r in res["rows"]}
+    fp = rows["demo fp (merged)"]
+    assert fp.get("skipped") is None, fp
+    for k in bench.KEYS:
+        assert k in fp
+    assert fp["decode_tok_s"] > 0 and fp["peak_rss_mb"] > 0 and fp["new_tokens"] == 4
+    q = rows["demo 4-bit (quantized)"]
+    assert q["decode_tok_s"] is None and "demo model not built" in q["skipped"]
+    lc = rows["SmolLM2-135M-Instruct Q4_1 GGUF (base, text only)"]
+    assert lc["backend"] == "llama.cpp" and (lc.get("skipped") or lc["decode_tok_s"] > 0)
