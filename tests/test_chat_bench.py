@@ -22,7 +22,8 @@ def test_random_gptq_row_small_llama() -> None:
     assert n_lin // 2 <= row["weight_bytes_per_token"] <= n_lin // 2 * 1.2
     assert row["roofline_tok_s"] == pytest.approx(
         row["read_bw_gbs"] * 1e9 / (row["weight_bytes_per_token"] + row["kv_bytes_per_token"]), rel=0.01)
-    assert row["pct_of_roofline"] == pytest.approx(100 * row["decode_tok_s"] / row["roofline_tok_s"], rel=0.01)
+    # Both figures are rounded in the row (pct to 0.1).
+    assert row["pct_of_roofline"] == pytest.approx(100 * row["decode_tok_s"] / row["roofline_tok_s"], abs=0.11)
 
 
 def test_run_chat_bench_json_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
