@@ -295,6 +295,21 @@ def _fuse(parts: list[torch.Tensor | GPTQTensors], kernels: Any) -> LinearOp:
     return _Concat([make_linear(p, kernels) for p in parts])
 
 
+class _Sum(LinearOp):
+    """y = sum of the parts' outputs (a weight stored as a 4-bit value plus a 4-bit residual)."""
+
+    def __init__(self, ops: list[LinearOp]) -> None:
+        self.ops = ops
+        self.n_in, self.n_out = ops[0].n_in, ops[0].n_out
+        self.nbytes = sum(o.nbytes for o in ops)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ops[0](x)
+        for o in self.ops[1:]:
+            y += o(x)
+        return y
+
+
 class _Concat(LinearOp):
     """Fallback when linears cannot share one weight (different act-order permutations)."""
 
@@ -393,17 +408,22 @@ class Engine:
             if isinstance(head, torch.Tensor):
                 head = head.float()
             # An fp32 vocab x dim head is the largest read of a small model's decode step (SmolLM2: 113 MB of
-            # 135M params' ~180 MB), so with the kernels it is 4-bit quantized (RTN, group 64) at load, as
-            # llama.cpp quantizes its output tensor. head_w4=False keeps it exact.
+            # ~180 MB). With the kernels it runs as two 4-bit passes: RTN of W, then RTN of the residual
+            # W - W4(W) (group 64), ~8-bit accuracy for 1/4 of the fp32 bytes. A single 4-bit pass flipped a
+            # third of SmolLM2's top-1 predictions; the residual pass brings it back (see the bench notes).
+            # head_w4=False keeps it exact fp32.
             # int32 packing of the zero points needs a vocab that is a multiple of 8.
             packable = isinstance(head, torch.Tensor) and head.shape[0] % 8 == 0
             self.head_w4 = (self.kernels is not None and packable) if head_w4 is None else head_w4
             if self.head_w4 and isinstance(head, torch.Tensor):
                 if self.kernels is None:
                     raise ModelDirError("head_w4 needs the kernels backend")
-                # Group 64 where it divides (faster than 32 in the kernel and what SmolLM2's linears use).
-                head = _rtn_gptq(head.float(), next((g for g in (64, 32) if self.dim % g == 0), -1))
-            self.lm_head = make_linear(head, self.kernels)
+                gs = next((g for g in (64, 32) if self.dim % g == 0), -1)
+                hi = _rtn_gptq(head, gs)
+                lo = _rtn_gptq(head - hi.dequantize(), gs)
+                self.lm_head: LinearOp = _Sum([W4Linear(hi, self.kernels), W4Linear(lo, self.kernels)])
+            else:
+                self.lm_head = make_linear(head, self.kernels)
             self.layers = [self._layer(sd, i, quant) for i in range(llm.n_layers)]
         except KeyError as e:
             raise ModelDirError(f"tensor {e} missing from the model") from e

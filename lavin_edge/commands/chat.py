@@ -38,13 +38,19 @@ def _fail(msg: str) -> None:
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "kernels", "torch"]),
               help="kernels: the compiled extension; torch: plain PyTorch; auto: kernels when built.")
 @click.option("--max-context", default=None, type=click.IntRange(16), help="Cap the context (tokens).")
+@click.option("--exact-head", is_flag=True,
+              help="Keep the fp32 output layer (kernels backend: it otherwise runs as 4-bit + 4-bit residual).")
+@click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads (default: all cores).")
 def command(model_dir: str | None, image: str | None, prompt: str | None, json_out: bool, show_stats: bool,
             max_new_tokens: int, temperature: float, top_p: float, top_k: int, repetition_penalty: float,
-            seed: int | None, stop: tuple[str, ...], backend: str, max_context: int | None) -> None:
+            seed: int | None, stop: tuple[str, ...], backend: str, max_context: int | None, exact_head: bool,
+            threads: int | None) -> None:
     """Chat with a LaVIN model about an image: an interactive, streaming REPL, or one answer with --prompt.
 
     Example: lavin-edge chat --image examples/easyvqa-red-triangle.png --prompt "What shape is in the image?"
     """
+    import torch
+
     from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir
     from lavin_edge.chat.engine import ContextError, Engine, ModelDirError
     from lavin_edge.chat.repl import answer_once, run_repl
@@ -52,13 +58,15 @@ def command(model_dir: str | None, image: str | None, prompt: str | None, json_o
     from lavin_edge.chat.session import ChatSession
     from lavin_edge.data.image import ImageError
 
+    if threads:
+        torch.set_num_threads(threads)
     # Library warnings (the PyTorch fallback) become one line on stderr, never on stdout.
     warnings.showwarning = lambda msg, *a, **k: click.echo(f"warning: {msg}", err=True)
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                            repetition_penalty=repetition_penalty, seed=seed, stop_strings=stop)
     try:
         path = model_dir if model_dir is not None else demo_model_dir()
-        engine = Engine.load(path, backend=backend, max_context=max_context)
+        engine = Engine.load(path, backend=backend, max_context=max_context, head_w4=False if exact_head else None)
         session = ChatSession(engine, gen)
         if image is not None:
             session.set_image(image)
