@@ -24,10 +24,11 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--report", default="benchmarks/train_demo.json")
+    ap.add_argument("--resume", action="store_true", help="Continue bit-exactly from the checkpoint in --out.")
     args = ap.parse_args()
     cfg = load_recipe(args.recipe, {"out_dir": args.out, "threads": args.threads})
     t0 = time.perf_counter()
-    res = train(cfg)
+    res = train(cfg, resume=args.resume)
     assert res is not None
     total = time.perf_counter() - t0
     ev = res.eval or {}
