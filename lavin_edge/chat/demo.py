@@ -27,8 +27,8 @@ DEMO_DESCRIPTION = (
 
 BUILD_HINT = (
     "build it with: lavin-edge train train/demo.toml --out demo/adapters && "
-    "lavin-edge merge demo/adapters --out demo/merged && "
-    "lavin-edge quantize demo/merged --out demo/quantized (see README, 'Demo'), "
+    "lavin-edge merge demo/adapters demo/merged && "
+    "lavin-edge quantize demo/merged demo/quantized --group-size 64 (see README), "
     f"or point ${ENV_VAR} at a directory holding merged/ and quantized/"
 )
 

@@ -35,6 +35,7 @@ from lavin_edge.merge import ModelDirError  # one error type for every model-dir
 
 __all__ = ["ContextError", "Engine", "GenerationResult", "GenerationStats", "ModelDirError"]
 
+SMALL_WEIGHTS = 1 << 22  # weights below which a decode GEMV stays on one thread (4M: 2 MB at 4 bits)
 MERGED_FORMAT = "lavin-edge-merged"  # quantized dirs keep it and add quantization_config (lavin_edge.merge)
 TEXT, IMAGE = 0, 1
 
@@ -123,7 +124,10 @@ class W4Linear(LinearOp):
             self._c = kernels._C
             self._fast = (isa, p.qw.data_ptr(), p.qw.numel(), p.scales.data_ptr(), p.scales.numel(),
                           p.zeros.data_ptr(), p.zeros.numel(), perm_ptr, perm_n, p.n, p.np_, p.k, p.kp, p.groups)
-            self._threads = torch.get_num_threads()
+            # Small GEMVs run on one thread: an OpenMP fork/join costs more than a < 2 MB weight read, and on
+            # a shared machine a barrier waiting for a descheduled thread costs milliseconds.
+            self._threads = 1 if self.n_out * self.n_in < SMALL_WEIGHTS else torch.get_num_threads()
+            self._threads_big = torch.get_num_threads()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._fast is None:
@@ -134,7 +138,7 @@ class W4Linear(LinearOp):
         y = torch.empty(m, self.n_out)
         # Row stride passed through: a column slice (the SwiGLU half of gate|up) needs no copy.
         self._c.w4_gemm(*self._fast, x.data_ptr(), m, x.stride(0) if m > 1 else self.n_in, y.data_ptr(),
-                        self.n_out, self._threads)
+                        self.n_out, self._threads if m == 1 else self._threads_big)
         return y
 
 
@@ -195,7 +199,7 @@ class NormAdapter:
             y = torch.empty_like(x)
             g, A, a, U, u = self._fast
             self._c.llm_adapter(self._isa, x.data_ptr(), y.data_ptr(), rows, dim, self.A.shape[0], g, A, a, U, u,
-                                row_modality.data_ptr(), self.eps, self._threads)
+                                row_modality.data_ptr(), self.eps, 1 if rows == 1 else self._threads)
             return y
         n = F.rms_norm(x, (x.shape[-1],), self.g, self.eps)
         if self.plain:
