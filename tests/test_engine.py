@@ -163,8 +163,12 @@ def _kernels_or_skip() -> None:
 def test_kernels_backend_on_fp_model_matches_torch(tiny_dir: Path) -> None:
     """Dense linears + the fused RMSNorm/adapter kernel + the per-token ViT kernel agree with plain PyTorch."""
     _kernels_or_skip()
+    from lavin_edge.model.adapter import RoutedAdapter
+
     ref = Engine.load(tiny_dir, backend="torch")
     eng = Engine.load(tiny_dir, backend="kernels", head_w4=False)
+    adapters = [m for m in eng.vision.modules() if isinstance(m, RoutedAdapter)]
+    assert adapters and all("forward" in vars(m) for m in adapters)  # routed through the per-token kernel
     image = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(3))
     ids, pos = _prompt(True)
     out = []

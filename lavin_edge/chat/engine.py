@@ -505,7 +505,7 @@ class Engine:
             raise ModelDirError(f"vision tower tensors do not match the config: {str(e).splitlines()[0]}") from e
         tower.eval().float()
         proj.eval().float()
-        if self.kernels is not None and hasattr(self.kernels, "vit_adapter"):
+        if self.kernels is not None:
             _route_adapters_through_kernel(tower, self.kernels)
         return tower, proj
 
