@@ -18,6 +18,8 @@ import click
 @click.option("--desc-act", is_flag=True, help="Act-order: quantize inputs by decreasing activation energy.")
 @click.option("--static-groups", is_flag=True, help="With --desc-act, fix group grids before any update.")
 @click.option("--damp", default=0.05, show_default=True, type=float, help="Dampening, fraction of mean diag(H).")
+@click.option("--mse", default=0.0, show_default=True, type=float,
+              help="Clipping search per group minimising sum |err|^MSE (2.4 in the GPTQ paper's code; 0: off).")
 @click.option("--block-size", default=128, show_default=True, type=int, help="GPTQ lazy-update block size.")
 @click.option("--calib-samples", default=64, show_default=True, type=int, help="Calibration sequences.")
 @click.option("--calib-len", default=128, show_default=True, type=int, help="Tokens per calibration sequence.")
@@ -33,7 +35,7 @@ import click
               help="Held-out easy-vqa test questions for accuracy fp vs 4-bit (0: skip).")
 @click.option("--seed", default=0, show_default=True, type=int)
 def command(model_dir: str, out: str, bits: str, group_size: str, sym: bool, desc_act: bool, static_groups: bool,
-            damp: float, block_size: int, calib_samples: int, calib_len: int, text_fraction: float,
+            damp: float, mse: float, block_size: int, calib_samples: int, calib_len: int, text_fraction: float,
             calib_text: str | None, modalities: str, eval_texts: int, eval_vqa: int, seed: int) -> None:
     """Quantize MODEL_DIR (a merged model) into OUT with GPTQ, then print quality fp vs 4-bit."""
     import copy
@@ -43,11 +45,11 @@ def command(model_dir: str, out: str, bits: str, group_size: str, sym: bool, des
     from lavin_edge.io.tokenizer import load_tokenizer
     from lavin_edge.merge import ModelDirError, load_merged, tokenizer_path
     from lavin_edge.quantize.pipeline import CalibrationError, GPTQConfig, quantize_model, save_quantized
-    from lavin_edge.quantize.quality import compare, record_samples, stdlib_paragraphs, text_samples
+    from lavin_edge.quantize.quality import compare, packed_text_samples, record_samples, stdlib_paragraphs
 
     torch.manual_seed(seed)
     qcfg = GPTQConfig(bits=int(bits), group_size=int(group_size), sym=sym, desc_act=desc_act,
-                      static_groups=static_groups, damp_percent=damp, block_size=block_size)
+                      static_groups=static_groups, damp_percent=damp, block_size=block_size, mse=mse)
     mods = tuple(m.strip() for m in modalities.split(",") if m.strip())
     try:
         if any(m not in ("text", "image") for m in mods):
@@ -66,8 +68,8 @@ def command(model_dir: str, out: str, bits: str, group_size: str, sym: bool, des
     n_text = round(calib_samples * text_fraction) if "text" in mods else 0
     n_img = calib_samples - n_text if "image" in mods else 0
     texts = (Path(calib_text).read_text().split("\n\n") if calib_text else stdlib_paragraphs("calibration"))
-    texts = [t.strip() for t in texts if t.strip()][:n_text]
-    samples = text_samples(tok, texts, calib_len)
+    texts = [t.strip() for t in texts if t.strip()]
+    samples = packed_text_samples(tok, texts, n_text, calib_len) if n_text else []
     if n_img:
         from lavin_edge.data.sources import Problems, load_easy_vqa
 

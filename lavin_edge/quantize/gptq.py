@@ -49,11 +49,14 @@ def check_group_size(k: int, group_size: int) -> None:
         raise ValueError(f"input width {k} is not divisible by group size {group_size}")
 
 
-def grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def grid_params(w: torch.Tensor, bits: int, sym: bool, mse: float = 0.0, grid: int = 100,
+                maxshrink: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row min/max grid of ``w [N, g]`` -> (scale [N], zero [N]), exactly as the reference quantizer.
 
     The range always includes 0; symmetric grids centre the zero at 2^(bits-1); an all-zero row gets
-    the range [-1, 1] so its scale is never 0."""
+    the range [-1, 1] so its scale is never 0. With ``mse > 0`` (the reference's clipping search, norm 2.4 in
+    the GPTQ paper's code) the range is shrunk by p = 1, 0.99, ... down to 1 - maxshrink per row, keeping the p
+    with the smallest sum |q(w) - w|^mse: clipping a few outliers buys finer steps for all other weights."""
     maxq = 2**bits - 1
     zero_t = torch.zeros(w.shape[0], device=w.device)
     xmin = torch.minimum(w.min(1).values, zero_t)
@@ -66,6 +69,16 @@ def grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, to
     xmax = torch.where(both0, torch.full_like(xmax, 1.0), xmax)
     scale = (xmax - xmin) / maxq
     zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-xmin / scale)
+    if mse > 0:
+        # All shrink factors at once ([P, N, g]); ties keep the larger range, as the reference's strict "<".
+        p = 1 - torch.arange(int(maxshrink * grid), dtype=w.dtype, device=w.device)[:, None] / grid
+        s1 = (p * xmax - p * xmin) / maxq
+        z1 = zero.expand_as(s1) if sym else torch.round(-p * xmin / s1)
+        q = torch.clamp(torch.round(w / s1[..., None]) + z1[..., None], 0, maxq)
+        err = ((s1[..., None] * (q - z1[..., None]) - w).abs() ** mse).sum(-1)  # [P, N]
+        best = err.argmin(0)
+        rows = torch.arange(w.shape[0], device=w.device)
+        scale, zero = s1[best, rows], z1[best, rows]
     return scale, zero
 
 
@@ -82,7 +95,8 @@ def _validate(w: torch.Tensor, bits: int, group_size: int) -> None:
     check_group_size(w.shape[1], group_size)
 
 
-def rtn_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True) -> QuantResult:
+def rtn_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True,
+                 mse: float = 0.0) -> QuantResult:
     """Round-to-nearest on GPTQ's grid (the baseline GPTQ must beat)."""
     _validate(w, bits, group_size)
     w = w.float()
@@ -90,7 +104,7 @@ def rtn_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, sym: boo
     gs = k if group_size == -1 else group_size
     scales, zeros, qs = [], [], []
     for s in range(0, k, gs):
-        scale, zero = grid_params(w[:, s:s + gs], bits, sym)
+        scale, zero = grid_params(w[:, s:s + gs], bits, sym, mse)
         qs.append(quantize_column(w[:, s:s + gs], scale[:, None], zero[:, None], bits))
         scales.append(scale)
         zeros.append(zero)
@@ -141,7 +155,7 @@ def _inverse_factor(H: torch.Tensor, damp_percent: float, damp_increment: float)
 
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True,
                   desc_act: bool = False, static_groups: bool = False, damp_percent: float = 0.05,
-                  damp_increment: float = 0.01, block_size: int = 128) -> QuantResult:
+                  damp_increment: float = 0.01, block_size: int = 128, mse: float = 0.0) -> QuantResult:
     """Quantize ``w [N, K]`` given the input Hessian ``H [K, K]``: columns one at a time, each rounding error
     spread over the not-yet-quantized columns through the inverse Hessian's Cholesky factor, block-wise
     (lazy batch updates) for speed.
@@ -165,7 +179,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
 
     static: list[tuple[torch.Tensor, torch.Tensor]] = []
     if static_groups and gs != -1:
-        static = [grid_params(W[:, s:s + gs], bits, sym) for s in range(0, k, gs)]
+        static = [grid_params(W[:, s:s + gs], bits, sym, mse) for s in range(0, k, gs)]
 
     perm = None
     if desc_act:
@@ -180,7 +194,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
     losses = torch.zeros_like(W)
     scales: list[torch.Tensor] = []
     zeros: list[torch.Tensor] = []
-    scale, zero = grid_params(W, bits, sym)  # per-channel grid when group_size == -1
+    scale, zero = grid_params(W, bits, sym, mse)  # per-channel grid when group_size == -1
     if gs == -1:
         scales, zeros = [scale], [zero]
     for i1 in range(0, k, block_size):
@@ -197,7 +211,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
                 elif col % gs == 0:
                     # As the reference: the grid comes from W, which holds the updates of earlier blocks
                     # but not yet this block's; identical when group and block boundaries align.
-                    scale, zero = grid_params(W[:, col:col + gs], bits, sym)
+                    scale, zero = grid_params(W[:, col:col + gs], bits, sym, mse)
                     scales.append(scale)
                     zeros.append(zero)
             wc = W1[:, i]

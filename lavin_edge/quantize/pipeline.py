@@ -63,6 +63,8 @@ class GPTQConfig:
     damp_increment: float = 0.01
     block_size: int = 128
     true_sequential: bool = True
+    # > 0: search a clipped range per group, minimising sum |error|^mse (2.4 in the GPTQ paper's code); 0: min/max.
+    mse: float = 0.0
     # None: "gptq" (v1) when symmetric; "gptq_v2" when asymmetric, since v1 cannot store a zero point of 0.
     checkpoint_format: str | None = None
 
@@ -105,6 +107,7 @@ class GPTQConfig:
             "static_groups": self.static_groups,
             "damp_percent": self.damp_percent,
             "true_sequential": self.true_sequential,
+            "mse": self.mse,
             "checkpoint_format": self.format,
             "pack_dtype": "int32",
             "lm_head": False,
@@ -195,6 +198,10 @@ def _layer_inputs(model: MergedLaVIN, samples: list[CalibSample]) -> list[tuple[
     return out
 
 
+class _Stop(Exception):
+    """Raised by a Hessian hook once it has its input: the rest of the layer need not run."""
+
+
 @torch.no_grad()
 def _run_layer(model: MergedLaVIN, i: int, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
     layer = model.llm.layers[i]
@@ -202,8 +209,19 @@ def _run_layer(model: MergedLaVIN, i: int, inputs: list[tuple[torch.Tensor, torc
     for h, modality in inputs:
         t = h.shape[1]
         cos, sin = model.llm.rope_slice(0, t, h.device)
-        outs.append(layer(h, modality, cos, sin, attention_mask(t, 0, False, h.device), None, i, 0))
+        try:
+            outs.append(layer(h, modality, cos, sin, attention_mask(t, 0, False, h.device), None, i, 0))
+        except _Stop:
+            pass
     return outs
+
+
+def _hessian_hook(acc: HessianAccumulator, stop: bool):  # noqa: ANN202 - a torch hook
+    def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        acc.add_batch(args[0])
+        if stop:
+            raise _Stop
+    return hook
 
 
 @torch.no_grad()
@@ -236,7 +254,8 @@ def quantize_model(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQCon
                 lin = _get(layer, name)
                 acc = HessianAccumulator(lin.in_features)
                 hessians[name] = acc
-                handles.append(lin.register_forward_pre_hook(lambda _m, a, acc=acc: acc.add_batch(a[0])))
+                # True sequential reads one input per pass: stop the layer there (up to 2.5x fewer flops).
+                handles.append(lin.register_forward_pre_hook(_hessian_hook(acc, qcfg.true_sequential)))
             try:
                 _run_layer(model, i, inputs)
             finally:
@@ -250,10 +269,11 @@ def quantize_model(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQCon
                 w = lin.weight.detach().float()
                 t1 = time.time()
                 res = gptq_quantize(w, H, qcfg.bits, qcfg.group_size, qcfg.sym, qcfg.desc_act,
-                                    qcfg.static_groups, qcfg.damp_percent, qcfg.damp_increment, qcfg.block_size)
+                                    qcfg.static_groups, qcfg.damp_percent, qcfg.damp_increment, qcfg.block_size,
+                                    qcfg.mse)
                 tensors = pack_linear(res, qcfg.bits, qcfg.format)
                 w_hat = dequantize_packed(tensors, qcfg.bits, qcfg.format)  # what will be served (fp16 scales)
-                rtn = rtn_quantize(w, qcfg.bits, qcfg.group_size, qcfg.sym)
+                rtn = rtn_quantize(w, qcfg.bits, qcfg.group_size, qcfg.sym, qcfg.mse)
                 rtn.scales = rtn.scales.half().float()
                 report.linears.append(LinearReport(
                     f"layers.{i}.{name}", (w.shape[0], w.shape[1]), output_error(w, w_hat, H),

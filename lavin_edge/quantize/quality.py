@@ -64,6 +64,24 @@ def text_samples(tok: TokenizerLike, texts: Iterable[str], max_len: int) -> list
     return out
 
 
+def packed_text_samples(tok: TokenizerLike, paragraphs: Sequence[str], n: int, max_len: int) -> list[CalibSample]:
+    """Up to ``n`` text-modality sequences of ``max_len`` tokens, each filled with consecutive paragraphs
+    (short paragraphs alone would waste the Hessian on prefix tokens and give few rows per sequence)."""
+    out: list[CalibSample] = []
+    buf: list[str] = []
+    for p in paragraphs:
+        buf.append(p)
+        ids = encode_example(tok, " ".join(buf), None, False, 0).input_ids
+        if len(ids) >= max_len:
+            out.append(CalibSample(ids[:max_len], -1, None))
+            buf = []
+            if len(out) == n:
+                break
+    if buf and len(out) < n:
+        out.append(CalibSample(encode_example(tok, " ".join(buf), None, False, 0).input_ids[:max_len], -1, None))
+    return out
+
+
 def record_samples(records: Sequence[Any], tok: TokenizerLike, n_visual: int, image_size: int, max_len: int,
                    drop_images: bool = False) -> list[CalibSample]:
     """Training records (``lavin_edge.data.sources.Record``: prompt, answer, image path) as the model reads
