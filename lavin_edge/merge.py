@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from lavin_edge.config import LavinConfig
-from lavin_edge.model.lavin import LaVIN, build_lavin
+from lavin_edge.model.lavin import LaVIN
 from lavin_edge.model.llama import KVCache
 from lavin_edge.model.merged import MergedLaVIN
 
@@ -189,43 +189,39 @@ def load_merged(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tu
 
 # ----------------------------------------------------------------------------- trained artifacts
 
-def load_trained(adapter_dir: str | Path, llm: str | Path | None = None, vision: str | Path | None = None,
-                 dtype: torch.dtype = torch.float32) -> tuple[LaVIN, dict[str, Any], Path | None]:
-    """Rebuild the trained LaVIN: base weights (``llm``/``vision``, or where config.json says they came from)
-    + ``adapters.safetensors``. Returns (model, the artifact's config.json, tokenizer path)."""
-    from safetensors.torch import load_file
+def load_trained(adapter_dir: str | Path, llm: str | Path | None = None, vision: str | Path | None = None
+                 ) -> tuple[LaVIN, dict[str, Any], str | None]:
+    """Rebuild the trained LaVIN from a ``lavin-edge train`` artifact (``adapters.safetensors`` + config.json
+    with ``lavin_config`` and ``base``, see ``lavin_edge.training``), optionally with the base files moved
+    (``llm``/``vision``). Returns (model in eval mode, the artifact's config.json, tokenizer path or None)."""
+    import dataclasses
 
-    from lavin_edge.io.checks import load_state_dict_strict
-    from lavin_edge.io.llama_loaders import load_llm
-    from lavin_edge.io.vision_loaders import load_vision
+    from lavin_edge.training.base import BaseSpec, build_base
+    from lavin_edge.training.checkpoint import load_adapters, load_artifact_config
 
     d = Path(adapter_dir)
     if not (d / "adapters.safetensors").is_file() or not (d / "config.json").is_file():
         raise ModelDirError(f"{d}: expected adapters.safetensors + config.json (the output of `lavin-edge train`)")
-    meta = json.loads((d / "config.json").read_text())
-    cfg_dict = meta.get("lavin_config") or meta.get("config") or meta
-    cfg = LavinConfig.from_dict(cfg_dict)
-    base = meta.get("base") or {}
-    llm_src = llm or base.get("llm")
-    vision_src = vision or base.get("vision")
-    if llm_src is None or vision_src is None:
-        raise ModelDirError(f"{d}: config.json does not say where the base came from; pass --llm and --vision")
-    llm_cfg, llm_sd, tok = load_llm(llm_src, dtype)
-    vis_cfg, vis_sd = load_vision(vision_src, dtype)
-    for name, want, got in (("llm", cfg.llm, llm_cfg), ("vision", cfg.vision, vis_cfg)):
-        if want.__dict__ != got.__dict__:
-            raise ModelDirError(f"{name} base {got} does not match the trained config {want}")
-    model = build_lavin(cfg).to(dtype)
-    load_state_dict_strict(model.llm, llm_sd, source=str(llm_src))
-    load_state_dict_strict(model.vision, vis_sd, source=str(vision_src))
-    adapters = load_file(str(d / "adapters.safetensors"))
-    expected = model.trainable_state_dict()
-    if set(adapters) != set(expected):
-        diff = sorted(set(adapters) ^ set(expected))[:8]
-        raise ModelDirError(f"{d}/adapters.safetensors does not match the model's trainable tensors: {diff}")
+    meta = load_artifact_config(d)
+    if meta.get("format") == FORMAT:
+        raise ModelDirError(f"{d}: already merged")
+    if "lavin_config" not in meta or "base" not in meta:
+        raise ModelDirError(f"{d}: config.json lacks lavin_config/base (not a `lavin-edge train` artifact)")
+    cfg = LavinConfig.from_dict(meta["lavin_config"])
+    base = BaseSpec(**meta["base"])
+    base = dataclasses.replace(base, **{k: str(v) for k, v in (("llm", llm), ("vision", vision)) if v is not None})
+    model, _, tok_spec = build_base(base, cfg.adapter)
+    if model.cfg.llm.__dict__ != cfg.llm.__dict__ or model.cfg.vision.__dict__ != cfg.vision.__dict__:
+        raise ModelDirError(f"{d}: the base {base} does not match the trained config")
+    # The trained adapter settings (temperature, ...) win over the rebuilt defaults.
+    model.cfg = cfg
+    adapters = load_adapters(d)
+    expected = set(model.trainable_state_dict())
+    if set(adapters) != expected:
+        diff = sorted(set(adapters) ^ expected)[:8]
+        raise ModelDirError(f"{d}/adapters.safetensors does not match the model: {diff}")
     model.load_state_dict(adapters, strict=False)
-    tok_path = Path(meta["tokenizer"]) if meta.get("tokenizer") else tok
-    return model.eval(), meta, tok_path
+    return model.eval(), meta, tok_spec
 
 
 def merge_dir(adapter_dir: str | Path, out_dir: str | Path, llm: str | Path | None = None,
@@ -233,6 +229,5 @@ def merge_dir(adapter_dir: str | Path, out_dir: str | Path, llm: str | Path | No
     """CLI entry: trained artifact dir -> merged model dir."""
     model, meta, tok = load_trained(adapter_dir, llm, vision)
     merged, table = merge_lavin(model)
-    source = {"adapters": str(Path(adapter_dir).resolve()), "base": meta.get("base") or {
-        "llm": str(llm), "vision": str(vision)}}
+    source = {"adapters": str(Path(adapter_dir).resolve()), "base": meta["base"]}
     return save_merged(merged, out_dir, tok, source, table)

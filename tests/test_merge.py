@@ -110,3 +110,35 @@ def test_save_load_roundtrip_and_bad_dirs(tmp_path, byte_tok) -> None:
     (bad / "adapters.safetensors").write_bytes(b"")
     with pytest.raises(ModelDirError, match="not a merged model.*merge"):
         read_config(bad)
+
+
+def test_merge_cli_on_a_train_artifact(tmp_path, byte_tok) -> None:
+    """A `lavin-edge train`-style artifact (preset base rebuilt from its seed) -> `lavin-edge merge` -> a
+    directory that loads on its own and gives the trained model's logits."""
+    from click.testing import CliRunner
+
+    from lavin_edge.cli import main
+    from lavin_edge.config import AdapterConfig
+    from lavin_edge.training.base import BaseSpec, build_base
+    from lavin_edge.training.checkpoint import save_adapters, save_json
+
+    spec = BaseSpec("preset:tiny", "preset:tiny", None, 3)
+    model, _, _ = build_base(spec, AdapterConfig())
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if model.is_trainable_name(name):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    art = tmp_path / "run"
+    save_adapters(model.trainable_state_dict(), art)
+    save_json({"lavin_config": model.cfg.to_dict(), "base": spec.to_dict()}, art / "config.json")
+    res = CliRunner().invoke(main, ["merge", str(art), str(tmp_path / "merged")])
+    assert res.exit_code == 0, res.output
+    merged, cfg = load_merged(tmp_path / "merged")
+    assert cfg["tokenizer"] == {"builtin": "bytes"} and cfg["source"]["base"]["seed"] == 3
+    batch = _batch(byte_tok, model)
+    with torch.no_grad():
+        assert (merged(batch) - model.eval()(batch)).abs().max() < 1e-4
+    # Merging a merged directory is refused.
+    res = CliRunner().invoke(main, ["merge", str(tmp_path / "merged"), str(tmp_path / "again")])
+    assert res.exit_code != 0 and "adapters.safetensors" in res.output
