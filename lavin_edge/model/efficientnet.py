@@ -8,8 +8,8 @@ weights were trained in TF; PyTorch's symmetric padding shifts every strided fea
 
 Routed adapters (LaVIN's MM-Adapter) sit at the input of every MBConv block and act per spatial
 position on its channel vector (channels-last view), each position routing on its own features, as
-the ViT's adapters route per token. Visual tokens: global-average-pooled features at the ends of
-stages 3..7 and after the 1280-channel head (6 tokens).
+the ViT's adapters route per token. Visual tokens: max-pooled features at the ends of
+stages 3..7 and the mean-pooled 1280-channel head (6 tokens).
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ class MBConv(nn.Module):
 
 class EfficientNetLite(VisionTower):
     """EfficientNet-Lite0 with routed adapters; ``forward`` gives 6 pooled visual tokens
-    (40, 80, 112, 192, 320, 1280 channels), ``classify`` the ImageNet logits."""
+    (max-pooled ends of stages 3..7: 40, 80, 112, 192, 320 channels; the mean-pooled 1280-channel head),
+    ``classify`` the ImageNet logits."""
 
     def __init__(self, cfg: VisionConfig | None = None, adapter: AdapterConfig | None = None,
                  num_classes: int = 1000) -> None:
@@ -145,7 +146,10 @@ class EfficientNetLite(VisionTower):
         for i, blk in enumerate(self._blocks):
             x = blk(x)
             if i in self.token_blocks:
-                tokens.append(x.mean(dim=(2, 3)))
+                # Max-pool the stage tokens: a small object (a 10-pixel shape on a plain background) barely
+                # moves a spatial mean, but its strongest responses survive a max. A colour probe trained
+                # like the projection reached 55% on mean-pooled early tokens and 100% on max-pooled ones.
+                tokens.append(x.amax(dim=(2, 3)))
         x = F.relu6(self._bn1(self._conv_head(x)))
         return x, tokens
 
