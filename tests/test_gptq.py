@@ -10,6 +10,15 @@ from lavin_edge.quantize.gptq import HessianAccumulator, gptq_quantize, output_e
 from lavin_edge.quantize.pack import dequantize_packed, pack_linear, unpack_linear
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops on 2 threads shared with other jobs stall on fork/join barriers; one thread is faster here."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _layer(n: int = 64, k: int = 256, rows: int = 2048, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A weight and correlated, unevenly scaled inputs (as real activations: a few loud channels)."""
     g = torch.Generator().manual_seed(seed)

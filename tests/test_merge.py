@@ -13,6 +13,15 @@ from lavin_edge.model.lavin import collate, encode_example
 from lavin_edge.model.llama import KVCache
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops on 2 threads shared with other jobs stall on fork/join barriers; one thread is faster here."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _trained_like(seed: int = 0):
     """A tiny LaVIN whose adapters, projection and modality embedding hold non-trivial values (fresh
     adapters are the identity, and equal routing for both modalities would hide a swapped table)."""

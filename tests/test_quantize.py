@@ -28,6 +28,15 @@ from tests.test_gptq import reference_unpack
 from tests.test_merge import _trained_like
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops on 2 threads shared with other jobs stall on fork/join barriers; one thread is faster here."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _easy_vqa(split: str, n: int):
     from lavin_edge.data.sources import Problems, load_easy_vqa
 
