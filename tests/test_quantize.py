@@ -177,3 +177,29 @@ def test_cli_merge_refusal_and_quantize(tmp_path, quantized) -> None:
     assert rep["quality"]["ppl_fp"] > 0 and len(rep["linears"]) == 14
     loaded, _ = load_quantized_as_fp(tmp_path / "q")
     assert loaded.llm.layers[0].attention.wq.weight.shape == (64, 64)
+
+
+def test_kernels_read_our_checkpoint(quantized) -> None:
+    """The kernel engineer's reference reader and the W4 kernels consume our packed tensors as we do
+    (sym v1 with act-order here; asym v2 from a fresh GPTQ run)."""
+    kernels = pytest.importorskip("lavin_edge.kernels", reason="lavin_edge.kernels not present")
+    from lavin_edge.kernels.reference import dequantize_gptq
+    from lavin_edge.quantize.gptq import gptq_quantize
+    from lavin_edge.quantize.pack import dequantize_packed, pack_linear
+    from tests.test_gptq import _layer
+
+    _, _, packed, _, _, _ = quantized
+    w_asym, H = _layer(n=64, k=128, seed=3)
+    asym = pack_linear(gptq_quantize(w_asym, H, 4, 32, False, desc_act=True), 4, "gptq_v2")
+    cases = [({s: packed[f"layers.1.feed_forward.w2.{s}"] for s in ("qweight", "qzeros", "scales", "g_idx")},
+              "gptq"), (asym, "gptq_v2")]
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(0))
+    for t, fmt in cases:
+        ours = dequantize_packed(t, 4, fmt)
+        theirs = dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 32, fmt)
+        assert torch.equal(ours, theirs), fmt
+        prepared = kernels.prepare_w4(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 32, fmt)
+        y = prepared.matmul(x)
+        ref = x @ ours.T
+        # The native path quantizes activations to int8 per block (llama.cpp's design): loose tolerance.
+        assert (y.float() - ref).abs().max() <= 0.02 * ref.abs().max() + 1e-3, fmt
