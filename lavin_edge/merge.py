@@ -24,6 +24,7 @@ Merged model directory (``format: "lavin-edge-merged"``, ``format_version: 1``; 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,10 @@ def save_merged(model: MergedLaVIN, out_dir: str | Path, tokenizer: str | Path |
     }
     sd = file_state_dict(model) if tensors is None else tensors
     save_file(sd, str(out / "model.safetensors"), metadata={"format": FORMAT})
+    # safetensors creates the file 0600; model directories are shared like any other output.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out / "model.safetensors", 0o666 & ~umask)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return out
 
