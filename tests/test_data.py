@@ -213,3 +213,14 @@ def test_easy_vqa_open_and_multiple_choice() -> None:
     assert len({r.meta["label"] for r in mc}) > 1  # shuffled: the letter is not constant
     full = load_easy_vqa("test", Problems(), "open")
     assert len(full) == 9673
+
+
+def test_easy_vqa_kinds_filter_rebalances() -> None:
+    from lavin_edge.data.sources import DataError, easy_vqa_kind, load_easy_vqa, load_source
+
+    colour = load_easy_vqa("train", Problems(), "open", limit=50, kinds=["color"])
+    assert len(colour) == 50 and {easy_vqa_kind(r.answer.strip()) for r in colour} == {"color"}
+    via_recipe = load_source({"type": "easy-vqa", "kinds": ["shape"], "limit": 20}, Problems())
+    assert {easy_vqa_kind(r.answer.strip()) for r in via_recipe} == {"shape"}
+    with pytest.raises(DataError, match="kinds"):
+        load_easy_vqa("train", Problems(), kinds=["colour"])

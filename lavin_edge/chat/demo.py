@@ -48,14 +48,25 @@ def demo_roots() -> list[Path]:
     return roots
 
 
-def demo_model_dir(quantized: bool = True) -> Path:
-    """The built demo model dir (quantized by default, else the merged fp one); raises DemoModelMissing
+def demo_model_dir(quantized: bool = True, build: bool = False) -> Path:
+    """The built demo model dir (quantized by default, else the merged fp one). With ``build``, a missing
+    demo is built once from the adapters shipped in this package (``demo_build``) under the first root
+    that is writable ($LAVIN_EDGE_DEMO_DIR or ~/.cache/lavin-edge/demo); otherwise raises DemoModelMissing
     saying how to build it."""
     name = QUANTIZED_NAME if quantized else MERGED_NAME
     for root in demo_roots():
         d = root / name
         if (d / "config.json").is_file():
             return d
+    if build:
+        import sys
+
+        from lavin_edge.chat.demo_build import ADAPTERS_DIR, build_demo
+
+        if (ADAPTERS_DIR / "adapters.safetensors").is_file():
+            root = demo_roots()[0] if os.environ.get(ENV_VAR) else demo_roots()[-1]
+            built = build_demo(root, echo=lambda m: print(m, file=sys.stderr, flush=True))
+            return built if quantized else built.parent / MERGED_NAME
     looked = ", ".join(str(r / name) for r in demo_roots())
     raise DemoModelMissing(f"demo model not built (looked in {looked}); {BUILD_HINT}")
 

@@ -56,7 +56,7 @@ def command(model_dir: str | None, image: str | None, prompt: str | None, json_o
     from lavin_edge.chat.repl import answer_once, run_repl
     from lavin_edge.chat.sampling import GenerationConfig
     from lavin_edge.chat.session import ChatSession
-    from lavin_edge.data.image import ImageError
+    from lavin_edge.data.image import ImageError, load_image
 
     if threads:
         torch.set_num_threads(threads)
@@ -65,7 +65,9 @@ def command(model_dir: str | None, image: str | None, prompt: str | None, json_o
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                            repetition_penalty=repetition_penalty, seed=seed, stop_strings=stop)
     try:
-        path = model_dir if model_dir is not None else demo_model_dir()
+        if model_dir is None and image is not None:
+            load_image(image)  # a bad image fails now, not after the first-run demo build
+        path = model_dir if model_dir is not None else demo_model_dir(build=True)
         engine = Engine.load(path, backend=backend, max_context=max_context, head_w4=False if exact_head else None)
         session = ChatSession(engine, gen)
         if image is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,7 +214,7 @@ def _stable_rng(key: str, seed: int) -> random.Random:
 
 
 def load_easy_vqa(split: str, problems: Problems, mode: str = "open", limit: int | None = None, seed: int = 0,
-                  name: str = "easy-vqa") -> list[Record]:
+                  name: str = "easy-vqa", kinds: Sequence[str] | None = None) -> list[Record]:
     """The easy-vqa package's questions (``split`` = train | test) over its 64x64 images.
 
     ``mode="open"``: ``Instruction: {q}\\nResponse:`` -> `` {answer}``. ``mode="mc"``: ScienceQA-style
@@ -228,7 +228,11 @@ def load_easy_vqa(split: str, problems: Problems, mode: str = "open", limit: int
         raise DataError(f"easy-vqa mode must be 'open' or 'mc', not {mode!r}")
     qs, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
     paths = getattr(easy_vqa, f"get_{split}_image_paths")()
-    order = list(range(len(qs)))
+    if kinds is not None:
+        unknown = set(kinds) - {"yes/no", "shape", "color"}
+        if unknown:
+            raise DataError(f"easy-vqa kinds are yes/no, shape, color; got {sorted(unknown)}")
+    order = [n for n in range(len(qs)) if kinds is None or easy_vqa_kind(answers[n]) in kinds]
     if limit is not None and limit < len(order):
         random.Random(seed).shuffle(order)
         order = sorted(order[:limit])
@@ -297,5 +301,5 @@ def load_source(spec: dict[str, Any], problems: Problems, split: str | None = No
         return load_alpaca(spec["path"], problems, name)
     if kind == "easy-vqa":
         return load_easy_vqa(split or spec.get("split", "train"), problems, spec.get("mode", "open"),
-                             spec.get("limit"), spec.get("seed", 0), name)
+                             spec.get("limit"), spec.get("seed", 0), name, spec.get("kinds"))
     raise DataError(f"unknown data source type {kind!r} (expected scienceqa, llava, alpaca or easy-vqa)")
