@@ -97,6 +97,25 @@ def collate(examples: list[Example], images: list[torch.Tensor | None], pad_id: 
     return Batch(ids, labels, image_pos, stacked)
 
 
+def embed_with_images(tok_embeddings: nn.Embedding, vision: nn.Module, visual_proj: VisualProjection,
+                      input_ids: torch.Tensor, image_pos: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
+    """Token embeddings with each image sample's projected visual tokens written over its placeholders
+    (shared by the training model and the merged runtime)."""
+    h = tok_embeddings(input_ids)
+    has_image = image_pos >= 0
+    if bool(has_image.any()):
+        if images is None:
+            raise ValueError("batch has image samples but no images")
+        rows = has_image.nonzero().flatten()
+        vis = visual_proj(vision(images[rows])).to(h.dtype)
+        h = h.clone()
+        n_visual = vis.shape[1]
+        for j, b in enumerate(rows.tolist()):
+            p = int(image_pos[b])
+            h[b, p:p + n_visual] = vis[j]
+    return h
+
+
 class LaVIN(nn.Module):
     def __init__(self, cfg: LavinConfig) -> None:
         super().__init__()
@@ -144,19 +163,8 @@ class LaVIN(nn.Module):
     def embed(self, input_ids: torch.Tensor, image_pos: torch.Tensor, images: torch.Tensor | None
               ) -> torch.Tensor:
         """[t_m] + token embeddings with the projected visual tokens written over their placeholders."""
-        h = self.llm.tok_embeddings(input_ids)
-        modality = (image_pos >= 0).long()
-        has_image = modality.bool()
-        if bool(has_image.any()):
-            if images is None:
-                raise ValueError("batch has image samples but no images")
-            rows = has_image.nonzero().flatten()
-            vis = self.visual_proj(self.vision(images[rows])).to(h.dtype)
-            h = h.clone()
-            for j, b in enumerate(rows.tolist()):
-                p = int(image_pos[b])
-                h[b, p:p + self.n_visual] = vis[j]
-        t_m = self.modality_embedding(modality).to(h.dtype)[:, None]
+        h = embed_with_images(self.llm.tok_embeddings, self.vision, self.visual_proj, input_ids, image_pos, images)
+        t_m = self.modality_embedding((image_pos >= 0).long()).to(h.dtype)[:, None]
         return torch.cat([t_m, h], dim=1)
 
     def forward(self, batch: Batch) -> torch.Tensor:

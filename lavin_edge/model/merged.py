@@ -16,7 +16,7 @@ from torch import nn
 
 from lavin_edge.config import LavinConfig, LlamaConfig
 from lavin_edge.model.adapter import VisualProjection
-from lavin_edge.model.lavin import Batch
+from lavin_edge.model.lavin import Batch, embed_with_images
 from lavin_edge.model.llama import Attention, FeedForward, KVCache, RMSNorm, attention_mask, rope_tables
 from lavin_edge.model.vision import build_vision_tower
 
@@ -132,18 +132,7 @@ class MergedLaVIN(nn.Module):
     def embed(self, input_ids: torch.Tensor, image_pos: torch.Tensor, images: torch.Tensor | None
               ) -> torch.Tensor:
         """Token embeddings with the projected visual tokens written over their placeholders."""
-        h = self.llm.tok_embeddings(input_ids)
-        has_image = image_pos >= 0
-        if bool(has_image.any()):
-            if images is None:
-                raise ValueError("batch has image samples but no images")
-            rows = has_image.nonzero().flatten()
-            vis = self.visual_proj(self.vision(images[rows])).to(h.dtype)
-            h = h.clone()
-            for j, b in enumerate(rows.tolist()):
-                p = int(image_pos[b])
-                h[b, p:p + self.n_visual] = vis[j]
-        return h
+        return embed_with_images(self.llm.tok_embeddings, self.vision, self.visual_proj, input_ids, image_pos, images)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Logits [B, T, V] aligned with ``batch.input_ids`` (as ``LaVIN.forward``)."""
