@@ -22,6 +22,15 @@ class BytesTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny ops on 2 threads shared with other jobs stall on fork/join barriers; one thread is faster here."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def byte_tok() -> BytesTokenizer:
     return BytesTokenizer()

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_engine import trained_like
 
 from lavin_edge.bench import chat as bench
 from lavin_edge.merge import merge_lavin, save_merged
-from tests.test_engine import trained_like
 
 
 def test_random_gptq_row_small_llama() -> None:

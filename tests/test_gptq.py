@@ -9,14 +9,7 @@ import torch
 from lavin_edge.quantize.gptq import HessianAccumulator, gptq_quantize, output_error, rtn_quantize
 from lavin_edge.quantize.pack import dequantize_packed, pack_linear, unpack_linear
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on 2 threads shared with other jobs stall on fork/join barriers; one thread is faster here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer(n: int = 64, k: int = 256, rows: int = 2048, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,14 +12,7 @@ from lavin_edge.merge import ModelDirError, load_merged, merge_lavin, read_confi
 from lavin_edge.model.lavin import collate, encode_example
 from lavin_edge.model.llama import KVCache
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on 2 threads shared with other jobs stall on fork/join barriers; one thread is faster here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trained_like(seed: int = 0):

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from test_gptq import reference_unpack
+from test_merge import _trained_like
 
 from lavin_edge.cli import main
 from lavin_edge.io.tokenizer import ByteTokenizer
@@ -24,17 +26,8 @@ from lavin_edge.quantize.pipeline import (
     save_quantized,
 )
 from lavin_edge.quantize.quality import answer_accuracy, perplexity, record_samples, text_samples
-from tests.test_gptq import reference_unpack
-from tests.test_merge import _trained_like
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on 2 threads shared with other jobs stall on fork/join barriers; one thread is faster here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _easy_vqa(split: str, n: int):

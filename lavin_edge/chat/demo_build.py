@@ -8,8 +8,10 @@ the project's own ``merge`` and ``quantize`` (GPTQ, 4-bit, group 64, symmetric) 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -37,8 +39,10 @@ def build_demo(root: Path, echo: Callable[[str], None] = print) -> Path:
         _atomic_dir(merged, lambda tmp: merge_dir(ADAPTERS_DIR, tmp, llm="smollm2-135m", vision="efficientnet-lite0"))
     if not (quantized / "config.json").is_file():
         echo("GPTQ-quantizing the merged LLM to 4 bits (group 64), calibrated on easy-vqa and text")
-        _atomic_dir(quantized, lambda tmp: quantize_command.main([str(merged), str(tmp), *QUANTIZE_ARGS],
-                                                                 standalone_mode=False))
+        # The build's report goes to stderr: `chat --prompt` promises stdout holds only the answer.
+        with contextlib.redirect_stdout(sys.stderr):
+            _atomic_dir(quantized, lambda tmp: quantize_command.main([str(merged), str(tmp), *QUANTIZE_ARGS],
+                                                                     standalone_mode=False))
     return quantized
 
 
