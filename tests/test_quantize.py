@@ -176,10 +176,11 @@ def test_kernels_read_our_checkpoint(quantized) -> None:
     """The kernel engineer's reference reader and the W4 kernels consume our packed tensors as we do
     (sym v1 with act-order here; asym v2 from a fresh GPTQ run)."""
     kernels = pytest.importorskip("lavin_edge.kernels", reason="lavin_edge.kernels not present")
+    from test_gptq import _layer
+
     from lavin_edge.kernels.reference import dequantize_gptq
     from lavin_edge.quantize.gptq import gptq_quantize
     from lavin_edge.quantize.pack import dequantize_packed, pack_linear
-    from tests.test_gptq import _layer
 
     _, _, packed, _, _, _ = quantized
     w_asym, H = _layer(n=64, k=128, seed=3)
