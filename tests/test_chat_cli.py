@@ -151,8 +151,10 @@ def test_help_says_what_the_model_is() -> None:
 
 
 def test_default_model_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from lavin_edge.chat import demo
+    from lavin_edge.chat import demo, demo_build
 
     monkeypatch.setattr(demo, "demo_roots", lambda: [tmp_path])
+    # With the shipped adapters the demo builds itself (tests/test_demo.py); without them: a clear error.
+    monkeypatch.setattr(demo_build, "ADAPTERS_DIR", tmp_path / "no-adapters")
     res = run("--prompt", "hi")
     assert res.exit_code == 2 and "demo model not built" in res.stderr and "lavin-edge train" in res.stderr

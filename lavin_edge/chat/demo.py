@@ -26,6 +26,7 @@ DEMO_DESCRIPTION = (
 )
 
 BUILD_HINT = (
+    "the demo adapters ship in the package (lavin_edge/chat/demo_adapters; reinstall lavin-edge if missing), or "
     "build it with: lavin-edge train train/demo.toml --out demo/adapters && "
     "lavin-edge merge demo/adapters demo/merged && "
     "lavin-edge quantize demo/merged demo/quantized --group-size 64 (see README), "
