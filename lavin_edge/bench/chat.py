@@ -41,10 +41,14 @@ def _peak_rss_mb() -> float:
 
 
 def _example_image() -> Path:
-    p = Path(DEFAULT_IMAGE)
-    if not p.exists():
-        p = Path(__file__).resolve().parents[2] / DEFAULT_IMAGE
-    return p
+    """examples/easyvqa-red-triangle.png from a checkout; an installed package has no examples/, so fall back
+    to the same picture inside the easy-vqa package (test image 0)."""
+    for p in (Path(DEFAULT_IMAGE), Path(__file__).resolve().parents[2] / DEFAULT_IMAGE):
+        if p.exists():
+            return p
+    import easy_vqa
+
+    return Path(easy_vqa.get_test_image_paths()[0])
 
 
 # ----------------------------------------------------------------------------------------- demo rows
