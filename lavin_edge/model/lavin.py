@@ -8,6 +8,7 @@ Loss falls on the answer tokens and EOS only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -116,6 +117,20 @@ def embed_with_images(tok_embeddings: nn.Embedding, vision: nn.Module, visual_pr
     return h
 
 
+def greedy_tokens(logits: torch.Tensor, step: Callable[[int], torch.Tensor], max_new_tokens: int,
+                  stop_ids: set[int]) -> list[int]:
+    """The greedy loop shared by the training model and the merged runtime: ``logits`` are the prefill's
+    last-position logits, ``step(token)`` feeds one token and returns the next logits."""
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        nxt = int(logits[0, -1].argmax())
+        if nxt in stop_ids:
+            break
+        out.append(nxt)
+        logits = step(nxt)
+    return out
+
+
 class LaVIN(nn.Module):
     def __init__(self, cfg: LavinConfig) -> None:
         super().__init__()
@@ -187,15 +202,12 @@ class LaVIN(nn.Module):
         h = self.embed(ids, pos, None if image is None else image[None])
         cache = KVCache.allocate(self.cfg.llm, 1, h.shape[1] + max_new_tokens, h.dtype, h.device)
         logits = self.llm.forward_embeds(h, cache, 0, last_only=True)
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            nxt = int(logits[0, -1].argmax())
-            if nxt in stop_ids:
-                break
-            out.append(nxt)
+
+        def step(nxt: int) -> torch.Tensor:
             e = self.llm.tok_embeddings(torch.tensor([[nxt]]))
-            logits = self.llm.forward_embeds(e, cache, cache.length, last_only=True)
-        return out
+            return self.llm.forward_embeds(e, cache, cache.length, last_only=True)
+
+        return greedy_tokens(logits, step, max_new_tokens, stop_ids)
 
 
 def build_lavin(cfg: LavinConfig, device: torch.device | str = "cpu") -> LaVIN:

@@ -16,7 +16,7 @@ from torch import nn
 
 from lavin_edge.config import LavinConfig, LlamaConfig
 from lavin_edge.model.adapter import VisualProjection
-from lavin_edge.model.lavin import Batch, embed_with_images
+from lavin_edge.model.lavin import Batch, embed_with_images, greedy_tokens
 from lavin_edge.model.llama import Attention, FeedForward, KVCache, RMSNorm, attention_mask, rope_tables
 from lavin_edge.model.vision import build_vision_tower
 
@@ -149,12 +149,9 @@ class MergedLaVIN(nn.Module):
         h = self.embed(ids, pos, None if image is None else image[None])
         cache = KVCache.allocate(self.cfg.llm, 1, h.shape[1] + max_new_tokens, h.dtype, h.device)
         logits = self.llm.forward_embeds(h, modality, cache, 0, last_only=True)
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            nxt = int(logits[0, -1].argmax())
-            if nxt in stop_ids:
-                break
-            out.append(nxt)
+
+        def step(nxt: int) -> torch.Tensor:
             e = self.llm.tok_embeddings(torch.tensor([[nxt]]))
-            logits = self.llm.forward_embeds(e, modality, cache, cache.length, last_only=True)
-        return out
+            return self.llm.forward_embeds(e, modality, cache, cache.length, last_only=True)
+
+        return greedy_tokens(logits, step, max_new_tokens, stop_ids)
