@@ -25,14 +25,16 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def demo_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     assert (ADAPTERS_DIR / "adapters.safetensors").is_file(), "the demo adapters must ship in the package"
-    env = dict(os.environ, LAVIN_EDGE_DEMO_DIR=str(tmp_path_factory.mktemp("demo")), OMP_NUM_THREADS="1")
+    # HOME too: a demo already cached in ~/.cache/lavin-edge/demo would otherwise be found and used.
+    env = dict(os.environ, LAVIN_EDGE_DEMO_DIR=str(tmp_path_factory.mktemp("demo")), OMP_NUM_THREADS="1",
+               HOME=str(tmp_path_factory.mktemp("home")))
     return env
 
 
 def _chat(env: dict[str, str], image: str, prompt: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "lavin_edge.cli", "chat", "--threads", "1", "--image",
                            str(EXAMPLES / image), "--prompt", prompt], env=env, capture_output=True, text=True,
-                          timeout=900, cwd=ROOT)
+                          timeout=900, cwd=Path(env["HOME"]))  # outside the checkout: the installed package
 
 
 # (image, shape, colour) of the shipped examples: see examples/README.md.
