@@ -49,25 +49,45 @@ def demo_roots() -> list[Path]:
     return roots
 
 
+def _auto_root() -> Path:
+    """Where the demo builds itself: $LAVIN_EDGE_DEMO_DIR when set, else ~/.cache/lavin-edge/demo."""
+    roots = demo_roots()
+    return roots[0] if os.environ.get(ENV_VAR) else roots[-1]
+
+
 def demo_model_dir(quantized: bool = True, build: bool = False) -> Path:
     """The built demo model dir (quantized by default, else the merged fp one). With ``build``, a missing
-    demo is built once from the adapters shipped in this package (``demo_build``) under the first root
-    that is writable ($LAVIN_EDGE_DEMO_DIR or ~/.cache/lavin-edge/demo); otherwise raises DemoModelMissing
-    saying how to build it."""
+    demo is built once from the adapters shipped in this package (``demo_build``) under $LAVIN_EDGE_DEMO_DIR
+    or ~/.cache/lavin-edge/demo, and a demo there that was built from other adapters (its stamp differs, or
+    the cache has none) is rebuilt; otherwise raises DemoModelMissing saying how to build it. A demo under
+    the other roots, or one without a stamp under $LAVIN_EDGE_DEMO_DIR, was built by hand and is used as is."""
     name = QUANTIZED_NAME if quantized else MERGED_NAME
-    for root in demo_roots():
-        d = root / name
-        if (d / "config.json").is_file():
-            return d
+    shipped = None
     if build:
-        import sys
-
-        from lavin_edge.chat.demo_build import ADAPTERS_DIR, build_demo
+        from lavin_edge.chat.demo_build import ADAPTERS_DIR, built_fingerprint, shipped_fingerprint
 
         if (ADAPTERS_DIR / "adapters.safetensors").is_file():
-            root = demo_roots()[0] if os.environ.get(ENV_VAR) else demo_roots()[-1]
-            built = build_demo(root, echo=lambda m: print(m, file=sys.stderr, flush=True))
-            return built if quantized else built.parent / MERGED_NAME
+            shipped = shipped_fingerprint()
+    auto = _auto_root()
+    stale = False
+    for root in demo_roots():
+        d = root / name
+        if not (d / "config.json").is_file():
+            continue
+        if shipped is not None and root == auto:
+            stamp = built_fingerprint(root)
+            in_cache = not os.environ.get(ENV_VAR)
+            if stamp != shipped and (stamp is not None or in_cache):
+                stale = True
+                break  # rebuilt below
+        return d
+    if shipped is not None:
+        import sys
+
+        from lavin_edge.chat.demo_build import build_demo
+
+        built = build_demo(auto, echo=lambda m: print(m, file=sys.stderr, flush=True), fresh=stale)
+        return built if quantized else built.parent / MERGED_NAME
     looked = ", ".join(str(r / name) for r in demo_roots())
     raise DemoModelMissing(f"demo model not built (looked in {looked}); {BUILD_HINT}")
 

@@ -1,0 +1,86 @@
+"""The cached demo model is rebuilt when the adapters shipped in the package change (a new release), and a
+demo built by hand is left alone. The merge and quantize steps are replaced by stand-ins that write a
+config.json: what is tested is the decision to rebuild, not the build (tests/test_demo.py runs that)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import lavin_edge.chat.demo_build as demo_build
+from lavin_edge.chat.demo import ENV_VAR, demo_model_dir
+
+
+@pytest.fixture
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    adapters = tmp_path / "shipped"
+    adapters.mkdir()
+    (adapters / "adapters.safetensors").write_bytes(b"weights v1")
+    (adapters / "config.json").write_text("{}")
+    monkeypatch.setattr(demo_build, "ADAPTERS_DIR", adapters)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    builds: list[str] = []
+
+    def fake_merge(src: Path, out: Path, **_: object) -> None:
+        out.mkdir(parents=True)
+        (out / "config.json").write_text(json.dumps({"weights": (Path(src) / "adapters.safetensors").read_text()}))
+        builds.append("merge")
+
+    class FakeQuantize:
+        @staticmethod
+        def main(args: list[str], standalone_mode: bool) -> None:
+            out = Path(args[1])
+            out.mkdir(parents=True)
+            (out / "config.json").write_text((Path(args[0]) / "config.json").read_text())
+            builds.append("quantize")
+
+    monkeypatch.setattr("lavin_edge.merge.merge_dir", fake_merge)
+    monkeypatch.setattr("lavin_edge.commands.quantize.command", FakeQuantize)
+    return {"adapters": adapters, "builds": builds, "cache": tmp_path / "home" / ".cache" / "lavin-edge" / "demo"}
+
+
+def _built_from(d: Path) -> str:
+    return json.loads((d / "config.json").read_text())["weights"]
+
+
+def test_built_once_then_reused(fake: dict) -> None:
+    d = demo_model_dir(build=True)
+    assert d == fake["cache"] / "quantized" and _built_from(d) == "weights v1"
+    assert demo_model_dir(build=True) == d
+    assert fake["builds"] == ["merge", "quantize"]  # the second call found the stamp and built nothing
+
+
+def test_new_shipped_adapters_rebuild_the_cache(fake: dict) -> None:
+    demo_model_dir(build=True)
+    (fake["adapters"] / "adapters.safetensors").write_bytes(b"weights v2")
+    d = demo_model_dir(build=True)
+    assert _built_from(d) == "weights v2"
+    assert _built_from(fake["cache"] / "merged") == "weights v2"
+    assert fake["builds"] == ["merge", "quantize"] * 2
+
+
+def test_unstamped_cache_from_an_older_release_is_rebuilt(fake: dict) -> None:
+    demo_model_dir(build=True)
+    (fake["cache"] / demo_build.STAMP_NAME).unlink()
+    demo_model_dir(build=True)
+    assert fake["builds"] == ["merge", "quantize"] * 2
+
+
+def test_hand_built_demo_dir_is_used_as_is(fake: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    own = tmp_path / "own"
+    for name in ("merged", "quantized"):
+        (own / name).mkdir(parents=True)
+        (own / name / "config.json").write_text(json.dumps({"weights": "mine"}))
+    monkeypatch.setenv(ENV_VAR, str(own))
+    assert _built_from(demo_model_dir(build=True)) == "mine"
+    assert fake["builds"] == []
+
+
+def test_without_build_a_stale_cache_is_still_served(fake: dict) -> None:
+    """Read-only callers (bench, tests) take what is there; only `chat` (build=True) rebuilds."""
+    demo_model_dir(build=True)
+    (fake["adapters"] / "adapters.safetensors").write_bytes(b"weights v2")
+    assert _built_from(demo_model_dir()) == "weights v1"
