@@ -43,3 +43,41 @@ def test_run_chat_bench_json_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert q["decode_tok_s"] is None and "demo model not built" in q["skipped"]
     lc = rows["SmolLM2-135M-Instruct Q4_1 GGUF (base, text only)"]
     assert lc["backend"] == "llama.cpp" and (lc.get("skipped") or lc["decode_tok_s"] > 0)
+
+
+TINY_LLM = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=300, max_seq_len=128)
+
+
+def test_random_q4_0_gguf_reads_back_with_the_llama_shape(tmp_path: Path) -> None:
+    """The llama.cpp 7B row's file: our GGUF loader (gguf's own Q4_0 dequantizer) reads it back as the
+    LLaMA it was asked for, with weights of the intended scale, and the byte count matches the file."""
+    import os
+
+    from lavin_edge.bench.random_gguf import decode_bytes_per_token, write_random_llama_gguf
+    from lavin_edge.config import LlamaConfig
+    from lavin_edge.io.llama_loaders import load_llm
+
+    cfg = LlamaConfig(**TINY_LLM)
+    path = write_random_llama_gguf(tmp_path / "r.gguf", cfg)
+    got, sd, _ = load_llm(path)
+    assert (got.dim, got.n_layers, got.n_heads, got.n_kv_heads, got.ffn_dim, got.vocab_size) == (64, 2, 4, 2, 96, 300)
+    assert tuple(sd["layers.1.attention.wk.weight"].shape) == (32, 64)
+    assert tuple(sd["layers.0.feed_forward.w2.weight"].shape) == (64, 96)
+    assert float(sd["norm.weight"].min()) == float(sd["norm.weight"].max()) == 1.0
+    # Nibbles uniform in 0..15 minus 8 (std 4.6) times scales ~1/(8 sqrt(k)).
+    std = float(sd["layers.0.attention.wq.weight"].std())
+    assert 0.6 * 4.6 / (8 * 64**0.5) < std < 1.4 * 4.6 / (8 * 64**0.5)
+    q4_bytes = sum(v.numel() for k, v in sd.items() if not k.endswith("norm.weight")) // 32 * 18
+    assert decode_bytes_per_token(cfg) == q4_bytes - (300 - 1) * 64 // 32 * 18 + 4 * 64 * 5
+    assert os.path.getsize(path) > q4_bytes
+
+
+def test_llamacpp_rows_run_where_llama_cpp_is_installed(tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (an optional benchmark contender)")
+    from lavin_edge.bench.random_gguf import write_random_llama_gguf
+    from lavin_edge.config import LlamaConfig
+
+    path = write_random_llama_gguf(tmp_path / "r.gguf", LlamaConfig(**TINY_LLM))
+    row = bench._llamacpp_row(str(path), new_tokens=5, prompt_ids=[1, 5, 9, 300 - 1], n_ctx=64)
+    assert row["prompt_tokens"] == 4 and row["new_tokens"] == 5
+    assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["peak_rss_mb"] > 0

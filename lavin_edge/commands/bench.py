@@ -35,7 +35,10 @@ def kernels(as_json: bool, threads: int | None, min_seconds: float, ms: tuple[in
 @click.option("--new-tokens", type=int, default=64, show_default=True, help="Tokens decoded per row.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
 @click.option("--no-7b", "no_7b", is_flag=True, help="Skip the LLaMA-7B-shaped random 4-bit row (needs ~4 GB).")
-@click.option("--no-llamacpp", is_flag=True, help="Skip the llama.cpp side-by-side rows.")
+@click.option("--no-llamacpp", is_flag=True,
+              help="Skip the llama.cpp side-by-side rows (run where llama-cpp-python is installed: SmolLM2's GGUF, "
+              "and unless --no-7b a random LLaMA-7B-shaped Q4_0 GGUF, written once, 3.8 GB, to "
+              "~/.cache/lavin-edge/bench).")
 def chat(as_json: bool, fp_model: str | None, q_model: str | None, new_tokens: int, threads: int | None,
          no_7b: bool, no_llamacpp: bool) -> None:
     """Prefill/decode tok/s, time to first token and peak RSS: the demo model in plain PyTorch vs the
