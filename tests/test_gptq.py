@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from lavin_edge.quantize.gptq import HessianAccumulator, gptq_quantize, output_error, rtn_quantize
+from lavin_edge.quantize.gptq import (
+    HessianAccumulator,
+    asymmetric_target,
+    gptq_quantize,
+    output_error,
+    rtn_quantize,
+)
 from lavin_edge.quantize.pack import dequantize_packed, pack_linear, unpack_linear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -105,3 +111,44 @@ def test_bad_group_sizes(kwargs: dict, match: str) -> None:
     w = torch.randn(16, 576)
     with pytest.raises(ValueError, match=match):
         gptq_quantize(w, torch.eye(576), 4, **kwargs)
+
+
+def test_cross_term_accumulates_like_the_direct_sum() -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 50, 16, generator=g)
+    x_fp = x + 0.1 * torch.randn(2, 50, 16, generator=g)
+    acc = HessianAccumulator(16, cross=True)
+    for b in range(2):  # in two batches: the running rescale must give the same sums as one pass
+        acc.add_batch(x[b], x_fp[b])
+    X, Xf = x.reshape(-1, 16), x_fp.reshape(-1, 16)
+    torch.testing.assert_close(acc.H, 2 / 100 * X.T @ X, rtol=1e-5, atol=1e-6)
+    assert acc.C is not None
+    torch.testing.assert_close(acc.C, 2 / 100 * (Xf - X).T @ X, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="x_fp"):
+        acc.add_batch(x[0])
+
+
+def test_asymmetric_target_is_the_least_squares_weight_for_the_fp_output() -> None:
+    """w' minimises sum ||w' x - w x_fp||^2 over the quantized-path inputs x; with x_fp == x it is w."""
+    g = torch.Generator().manual_seed(4)
+    n, k, m = 12, 24, 400
+    w = torch.randn(n, k, generator=g)
+    x = torch.randn(m, k, generator=g, dtype=torch.float64).float()
+    # Upstream error mostly systematic (a linear distortion the target can undo) plus some noise it cannot.
+    x_fp = x @ (torch.eye(k) + 0.2 * torch.randn(k, k, generator=g)) + 0.05 * torch.randn(m, k, generator=g)
+    acc = HessianAccumulator(k, cross=True)
+    acc.add_batch(x, x_fp)
+    assert acc.C is not None
+    target = asymmetric_target(w, acc.H, acc.C, alpha=1.0, damp_percent=1e-9)
+    lstsq = torch.linalg.lstsq(x.double(), (x_fp.double() @ w.double().T)).solution.T.float()
+    torch.testing.assert_close(target, lstsq, rtol=1e-3, atol=1e-3)
+    # The fp outputs are matched better than by w itself, which ignores the upstream error.
+    def err(v: torch.Tensor) -> float:
+        return float(((x @ v.T - x_fp @ w.T) ** 2).sum())
+    assert err(target) < 0.5 * err(w)
+    half = asymmetric_target(w, acc.H, acc.C, alpha=0.5, damp_percent=1e-9)
+    torch.testing.assert_close(half, w + 0.5 * (target - w), rtol=1e-4, atol=1e-4)
+    same = HessianAccumulator(k, cross=True)
+    same.add_batch(x, x)
+    assert same.C is not None
+    torch.testing.assert_close(asymmetric_target(w, same.H, same.C), w)

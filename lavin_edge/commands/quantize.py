@@ -20,6 +20,9 @@ import click
 @click.option("--damp", default=0.05, show_default=True, type=float, help="Dampening, fraction of mean diag(H).")
 @click.option("--mse", default=0.0, show_default=True, type=float,
               help="Clipping search per group minimising sum |err|^MSE (2.4 in the GPTQ paper's code; 0: off).")
+@click.option("--asym-calib", default=0.0, show_default=True, type=float,
+              help="Aim each linear at the full-precision model's output rather than the partly quantized one's "
+              "(GPTQv2's asymmetric calibration), step in [0, 1]; 0: plain GPTQ. Costs a second forward pass.")
 @click.option("--block-size", default=128, show_default=True, type=int, help="GPTQ lazy-update block size.")
 @click.option("--calib-samples", default=64, show_default=True, type=int, help="Calibration sequences.")
 @click.option("--calib-len", default=128, show_default=True, type=int, help="Tokens per calibration sequence.")
@@ -36,8 +39,9 @@ import click
               help="Held-out easy-vqa test questions for accuracy fp vs 4-bit (0: skip).")
 @click.option("--seed", default=0, show_default=True, type=int)
 def command(model_dir: str, out: str, bits: str, group_size: str, sym: bool, desc_act: bool, static_groups: bool,
-            damp: float, mse: float, block_size: int, calib_samples: int, calib_len: int, text_fraction: float,
-            calib_text: str | None, modalities: str, eval_texts: int, eval_vqa: int, seed: int) -> None:
+            damp: float, mse: float, asym_calib: float, block_size: int, calib_samples: int, calib_len: int,
+            text_fraction: float, calib_text: str | None, modalities: str, eval_texts: int, eval_vqa: int,
+            seed: int) -> None:
     """Quantize MODEL_DIR (a merged model) into OUT with GPTQ, then print quality fp vs 4-bit."""
     import copy
 
@@ -50,7 +54,8 @@ def command(model_dir: str, out: str, bits: str, group_size: str, sym: bool, des
 
     torch.manual_seed(seed)
     qcfg = GPTQConfig(bits=int(bits), group_size=int(group_size), sym=sym, desc_act=desc_act,
-                      static_groups=static_groups, damp_percent=damp, block_size=block_size, mse=mse)
+                      static_groups=static_groups, damp_percent=damp, block_size=block_size, mse=mse,
+                      asym_calib=asym_calib)
     mods = tuple(m.strip() for m in modalities.split(",") if m.strip())
     try:
         if any(m not in ("text", "image") for m in mods):

@@ -113,22 +113,53 @@ def rtn_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, sym: boo
 
 
 class HessianAccumulator:
-    """Running ``H = 2/n sum x x^T`` over the rows of the inputs a Linear sees (fp32, [K, K])."""
+    """Running ``H = 2/n sum x x^T`` over the rows of the inputs a Linear sees (fp32, [K, K]).
 
-    def __init__(self, k: int, device: torch.device | str = "cpu") -> None:
+    With ``cross``, also ``C = 2/n sum (x_fp - x) x^T``: how the inputs of the full-precision model (x_fp)
+    differ from those of the partly quantized one (x), for ``asymmetric_target``."""
+
+    def __init__(self, k: int, device: torch.device | str = "cpu", cross: bool = False) -> None:
         self.H = torch.zeros(k, k, device=device)
+        self.C = torch.zeros(k, k, device=device) if cross else None
         self.n = 0
 
-    def add_batch(self, x: torch.Tensor) -> None:
+    def add_batch(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         m = x.shape[0]
         if m == 0:
             return
+        if (self.C is None) != (x_fp is None):
+            raise ValueError("x_fp must be given exactly when the accumulator was made with cross=True")
         # Rescale the running mean so H stays 2/n sum x x^T with n the total count (the reference's update).
         self.H.mul_(self.n / (self.n + m))
+        if self.C is not None:
+            self.C.mul_(self.n / (self.n + m))
         self.n += m
         x = x * (2.0 / self.n) ** 0.5
         self.H.addmm_(x.T, x)
+        if self.C is not None and x_fp is not None:
+            d = x_fp.reshape(-1, x_fp.shape[-1]).float() * (2.0 / self.n) ** 0.5 - x
+            self.C.addmm_(d.T, x)
+
+
+def asymmetric_target(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, alpha: float = 1.0,
+                      damp_percent: float = 0.05) -> torch.Tensor:
+    """The weight GPTQ should aim for when its inputs ``x`` (Hessian ``H``) come from already-quantized layers
+    but the output to match is the full-precision model's ``w x_fp`` (``C = 2/n sum (x_fp - x) x^T``).
+
+    ``sum ||q x - w x_fp||^2`` equals ``sum ||(q - w') x||^2`` plus a constant, with the least-squares
+    ``w' = w x_fp x^T (x x^T)^-1 = w + w C H^-1``; so GPTQ on ``w'`` with ``H`` minimises the output error
+    against the fp model and undoes the error of the layers upstream (the "asymmetric calibration" of
+    GPTQv2 / GPTAQ, Li et al. 2025, here as a change of target before a standard GPTQ run). ``alpha``
+    shrinks the correction toward ``w`` (1: the full least-squares step); H is damped as GPTQ damps it."""
+    w = w.float()
+    Hd = H.float().clone()
+    dead = torch.diag(Hd) == 0
+    Hd[dead, dead] = 1
+    Hd.diagonal().add_(damp_percent * torch.mean(torch.diag(Hd)))
+    corr = torch.linalg.solve(Hd, C.float().T).T  # C H^-1 (H symmetric)
+    corr[:, dead] = 0
+    return w + alpha * (w @ corr)
 
 
 def _inverse_factor(H: torch.Tensor, damp_percent: float, damp_increment: float) -> tuple[torch.Tensor, float]:

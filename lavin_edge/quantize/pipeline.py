@@ -14,6 +14,7 @@ in config.json, and ``quantize_config.json`` in the standard GPTQ form.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,7 @@ from lavin_edge.model.merged import MergedLaVIN
 from lavin_edge.quantize.gptq import (
     SUPPORTED_GROUP_SIZES,
     HessianAccumulator,
+    asymmetric_target,
     check_group_size,
     gptq_quantize,
     output_error,
@@ -65,6 +67,9 @@ class GPTQConfig:
     true_sequential: bool = True
     # > 0: search a clipped range per group, minimising sum |error|^mse (2.4 in the GPTQ paper's code); 0: min/max.
     mse: float = 0.0
+    # > 0: aim each linear at the full-precision model's output, not the partly quantized model's
+    # (``asymmetric_target``; GPTQv2's asymmetric calibration), with this step size; 0: plain GPTQ.
+    asym_calib: float = 0.0
     # None: "gptq" (v1) when symmetric; "gptq_v2" when asymmetric, since v1 cannot store a zero point of 0.
     checkpoint_format: str | None = None
 
@@ -86,6 +91,8 @@ class GPTQConfig:
             raise ValueError(f"damp_percent must lie in (0, 1), got {self.damp_percent}")
         if self.block_size < 1:
             raise ValueError(f"block size must be positive, got {self.block_size}")
+        if not 0 <= self.asym_calib <= 1:
+            raise ValueError(f"asym_calib must lie in [0, 1], got {self.asym_calib}")
         layer = model.llm.layers[0]
         for name in LINEAR_NAMES:
             n, k = _get(layer, name).weight.shape
@@ -108,6 +115,7 @@ class GPTQConfig:
             "damp_percent": self.damp_percent,
             "true_sequential": self.true_sequential,
             "mse": self.mse,
+            "asym_calib": self.asym_calib,
             "checkpoint_format": self.format,
             "pack_dtype": "int32",
             "lm_head": False,
@@ -203,8 +211,10 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def _run_layer(model: MergedLaVIN, i: int, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-    layer = model.llm.layers[i]
+def _run_layer(model: MergedLaVIN, i: int, inputs: list[tuple[torch.Tensor, torch.Tensor]],
+               layer: nn.Module | None = None) -> list[torch.Tensor]:
+    """Layer ``i`` of ``model`` (or ``layer`` in its place) on each input; a hook raising _Stop ends one early."""
+    layer = model.llm.layers[i] if layer is None else layer
     outs = []
     for h, modality in inputs:
         t = h.shape[1]
@@ -216,11 +226,20 @@ def _run_layer(model: MergedLaVIN, i: int, inputs: list[tuple[torch.Tensor, torc
     return outs
 
 
-def _hessian_hook(acc: HessianAccumulator, stop: bool):  # noqa: ANN202 - a torch hook
+def _hessian_hook(acc: HessianAccumulator, stop: bool, fp_inputs: list[torch.Tensor] | None = None):  # noqa: ANN202
+    """Feeds a Linear's input to ``acc``; with ``fp_inputs``, paired with the fp model's input of the same sample
+    (consumed in order)."""
     def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        acc.add_batch(args[0])
+        acc.add_batch(args[0], fp_inputs.pop(0) if fp_inputs is not None else None)
         if stop:
             raise _Stop
+    return hook
+
+
+def _capture_hook(store: list[torch.Tensor]):  # noqa: ANN202 - a torch hook
+    def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        store.append(args[0].detach().clone())
+        raise _Stop
     return hook
 
 
@@ -237,6 +256,8 @@ def quantize_model(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQCon
     model.eval()
     t0 = time.time()
     inputs = _layer_inputs(model, samples)
+    # Asymmetric calibration follows the fp model alongside: its layer inputs and a fp copy of each layer.
+    fp_states = [h for h, _ in inputs] if qcfg.asym_calib > 0 else None
     report = QuantizeReport(qcfg.quantization_config(), len(samples), sum(len(s.input_ids) for s in samples))
     packed: dict[str, torch.Tensor] = {}
     groups = SEQUENTIAL_GROUPS if qcfg.true_sequential else (LINEAR_NAMES,)
@@ -244,6 +265,7 @@ def quantize_model(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQCon
     bar = tqdm(range(n_layers), desc="GPTQ", unit="layer", disable=not progress)
     for i in bar:
         layer = model.llm.layers[i]
+        fp_layer = copy.deepcopy(layer) if fp_states is not None else None
         hessians: dict[str, HessianAccumulator] = {}
         for group in groups:
             # One accumulator per distinct input (only the group's first linear when they share one).
@@ -252,10 +274,18 @@ def quantize_model(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQCon
             handles = []
             for name in readers:
                 lin = _get(layer, name)
-                acc = HessianAccumulator(lin.in_features)
+                fp_in: list[torch.Tensor] | None = None
+                if fp_layer is not None and fp_states is not None:
+                    fp_in = []
+                    hnd = _get(fp_layer, name).register_forward_pre_hook(_capture_hook(fp_in))
+                    try:
+                        _run_layer(model, i, [(h, m) for h, (_, m) in zip(fp_states, inputs, strict=True)], fp_layer)
+                    finally:
+                        hnd.remove()
+                acc = HessianAccumulator(lin.in_features, cross=fp_in is not None)
                 hessians[name] = acc
                 # True sequential reads one input per pass: stop the layer there (up to 2.5x fewer flops).
-                handles.append(lin.register_forward_pre_hook(_hessian_hook(acc, qcfg.true_sequential)))
+                handles.append(lin.register_forward_pre_hook(_hessian_hook(acc, qcfg.true_sequential, fp_in)))
             try:
                 _run_layer(model, i, inputs)
             finally:
@@ -268,7 +298,9 @@ def quantize_model(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQCon
                 lin = _get(layer, name)
                 w = lin.weight.detach().float()
                 t1 = time.time()
-                res = gptq_quantize(w, H, qcfg.bits, qcfg.group_size, qcfg.sym, qcfg.desc_act,
+                C = hessians[source].C
+                target = w if C is None else asymmetric_target(w, H, C, qcfg.asym_calib, qcfg.damp_percent)
+                res = gptq_quantize(target, H, qcfg.bits, qcfg.group_size, qcfg.sym, qcfg.desc_act,
                                     qcfg.static_groups, qcfg.damp_percent, qcfg.damp_increment, qcfg.block_size,
                                     qcfg.mse)
                 tensors = pack_linear(res, qcfg.bits, qcfg.format)
@@ -284,6 +316,9 @@ def quantize_model(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQCon
             if qcfg.true_sequential:
                 hessians.clear()  # one Hessian at a time
         hessians.clear()
+        if fp_layer is not None and fp_states is not None:
+            fp_states = _run_layer(model, i, [(h, m) for h, (_, m) in zip(fp_states, inputs, strict=True)], fp_layer)
+            del fp_layer
         inputs = [(o, m) for o, (_, m) in zip(_run_layer(model, i, inputs), inputs, strict=True)]
         last = report.linears[-len(LINEAR_NAMES):]
         bar.set_postfix(gptq=f"{sum(r.gptq_error for r in last):.3g}", rtn=f"{sum(r.rtn_error for r in last):.3g}")
