@@ -224,3 +224,23 @@ def test_easy_vqa_kinds_filter_rebalances() -> None:
     assert {easy_vqa_kind(r.answer.strip()) for r in via_recipe} == {"shape"}
     with pytest.raises(DataError, match="kinds"):
         load_easy_vqa("train", Problems(), kinds=["colour"])
+
+
+def test_easy_vqa_yes_no_subkinds_split_shape_from_colour_questions() -> None:
+    from lavin_edge.data.sources import EASY_VQA_COLORS, EASY_VQA_SHAPES, easy_vqa_kinds_of, load_easy_vqa
+
+    assert easy_vqa_kinds_of("is there not a circle?", "no") == {"yes/no", "yes/no:shape"}
+    assert easy_vqa_kinds_of("is there a red shape in the image?", "yes") == {"yes/no", "yes/no:color"}
+    assert easy_vqa_kinds_of("what color is the triangle?", "red") == {"color"}
+
+    def words(r) -> set[str]:  # noqa: ANN001
+        return set(r.prompt.lower().replace("?", " ").split())
+
+    shape_q = load_easy_vqa("train", Problems(), "open", limit=40, kinds=["yes/no:shape"])
+    colour_q = load_easy_vqa("train", Problems(), "open", limit=40, kinds=["yes/no:color"])
+    assert len(shape_q) == len(colour_q) == 40
+    assert all(r.answer.strip() in ("yes", "no") for r in shape_q + colour_q)
+    assert all(words(r) & set(EASY_VQA_SHAPES) and not words(r) & set(EASY_VQA_COLORS) for r in shape_q)
+    assert all(words(r) & set(EASY_VQA_COLORS) and not words(r) & set(EASY_VQA_SHAPES) for r in colour_q)
+    both = load_easy_vqa("train", Problems(), "open", kinds=["yes/no:shape", "yes/no:color"])
+    assert len(both) == len(load_easy_vqa("train", Problems(), "open", kinds=["yes/no"]))

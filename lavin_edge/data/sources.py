@@ -203,6 +203,19 @@ def easy_vqa_kind(answer: str) -> str:
     return "shape" if answer in EASY_VQA_SHAPES else "color"
 
 
+EASY_VQA_KINDS = ("yes/no", "yes/no:shape", "yes/no:color", "shape", "color")
+
+
+def easy_vqa_kinds_of(question: str, answer: str) -> set[str]:
+    """The ``kinds`` filter names a question matches: its answer kind, and for yes/no questions whether they
+    ask about a shape ("is there a circle?") or a colour ("is there a red shape?")."""
+    kind = easy_vqa_kind(answer)
+    if kind != "yes/no":
+        return {kind}
+    words = set(question.lower().rstrip("?").split())
+    return {kind, "yes/no:shape" if words & set(EASY_VQA_SHAPES) else "yes/no:color"}
+
+
 def easy_vqa_candidates(answer: str) -> tuple[str, ...]:
     """The answers that make sense for the question's kind (its answer tells which)."""
     return {"yes/no": EASY_VQA_YESNO, "shape": EASY_VQA_SHAPES, "color": EASY_VQA_COLORS}[easy_vqa_kind(answer)]
@@ -229,10 +242,10 @@ def load_easy_vqa(split: str, problems: Problems, mode: str = "open", limit: int
     qs, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
     paths = getattr(easy_vqa, f"get_{split}_image_paths")()
     if kinds is not None:
-        unknown = set(kinds) - {"yes/no", "shape", "color"}
+        unknown = set(kinds) - set(EASY_VQA_KINDS)
         if unknown:
-            raise DataError(f"easy-vqa kinds are yes/no, shape, color; got {sorted(unknown)}")
-    order = [n for n in range(len(qs)) if kinds is None or easy_vqa_kind(answers[n]) in kinds]
+            raise DataError(f"easy-vqa kinds are {', '.join(EASY_VQA_KINDS)}; got {sorted(unknown)}")
+    order = [n for n in range(len(qs)) if kinds is None or easy_vqa_kinds_of(qs[n], answers[n]) & set(kinds)]
     if limit is not None and limit < len(order):
         random.Random(seed).shuffle(order)
         order = sorted(order[:limit])
