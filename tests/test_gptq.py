@@ -11,6 +11,7 @@ from lavin_edge.quantize.gptq import (
     asymmetric_target,
     gptq_quantize,
     output_error,
+    output_error_vs_fp,
     rtn_quantize,
 )
 from lavin_edge.quantize.pack import dequantize_packed, pack_linear, unpack_linear
@@ -124,8 +125,17 @@ def test_cross_term_accumulates_like_the_direct_sum() -> None:
     torch.testing.assert_close(acc.H, 2 / 100 * X.T @ X, rtol=1e-5, atol=1e-6)
     assert acc.C is not None
     torch.testing.assert_close(acc.C, 2 / 100 * (Xf - X).T @ X, rtol=1e-5, atol=1e-6)
+    assert acc.F is not None
+    torch.testing.assert_close(acc.F, 2 / 100 * Xf.T @ Xf, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="x_fp"):
         acc.add_batch(x[0])
+    # The error against the fp output, from the sums alone, equals replaying the inputs.
+    w = torch.randn(6, 16, generator=g)
+    w_hat = w + 0.05 * torch.randn(6, 16, generator=g)
+    direct = float(((X @ w_hat.T - Xf @ w.T) ** 2).mean())
+    assert output_error_vs_fp(w, w_hat, acc.H, acc.C, acc.F) == pytest.approx(direct, rel=1e-4)
+    assert output_error_vs_fp(w, w, acc.H, acc.C, acc.F) == pytest.approx(float(((X @ w.T - Xf @ w.T) ** 2).mean()),
+                                                                          rel=1e-4)
 
 
 def test_asymmetric_target_is_the_least_squares_weight_for_the_fp_output() -> None:

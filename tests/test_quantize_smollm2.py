@@ -66,19 +66,22 @@ def quantized(smol):
     assert len(calib) == 48
     held = stdlib_paragraphs("heldout")[:40]
     t0 = time.time()
-    _, report = quantize_model(model, calib, GPTQConfig(group_size=64, sym=True, desc_act=True), progress=False)
+    # desc_act, the clipping search and asymmetric calibration (GPTQv2) toward the fp model: each of the last two
+    # took points off the rise (docs/quantization.md).
+    qcfg = GPTQConfig(group_size=64, sym=True, desc_act=True, mse=2.4, asym_calib=0.25)
+    _, report = quantize_model(model, calib, qcfg, progress=False)
     seconds = time.time() - t0
     rtn = copy.deepcopy(merged)
     with torch.no_grad():
         for layer in rtn.llm.layers:
             for name in LINEAR_NAMES:
                 lin = _get(layer, name)
-                r = rtn_quantize(lin.weight, 4, 64, True)
+                r = rtn_quantize(lin.weight, 4, 64, True, mse=2.4)
                 r.scales = r.scales.half().float()  # served as fp16, like GPTQ's
                 lin.weight.copy_(r.dequantize())
     ppl = {"fp": perplexity(merged, tok, held), "gptq": perplexity(model, tok, held), "rtn": perplexity(rtn, tok, held)}
     ratios = sorted(r.gptq_error / r.rtn_error for r in report.linears)
-    print(f"\nSmolLM2-135M g64 sym desc_act: ppl fp {ppl['fp']:.2f}, GPTQ {ppl['gptq']:.2f} "
+    print(f"\nSmolLM2-135M g64 sym desc_act mse asym_calib: ppl fp {ppl['fp']:.2f}, GPTQ {ppl['gptq']:.2f} "
           f"(+{100 * (ppl['gptq'] / ppl['fp'] - 1):.1f}%), RTN {ppl['rtn']:.2f} "
           f"(+{100 * (ppl['rtn'] / ppl['fp'] - 1):.1f}%); GPTQ/RTN output error median {ratios[len(ratios) // 2]:.3f} "
           f"max {ratios[-1]:.3f}; quantize {seconds:.0f} s")
@@ -90,19 +93,14 @@ def test_gptq_error_below_rtn_on_every_linear(quantized) -> None:
     assert len(report.linears) == 30 * 7
     worse = [(r.name, r.gptq_error, r.rtn_error) for r in report.linears if r.gptq_error >= r.rtn_error]
     assert not worse, f"GPTQ not better than RTN on {worse}"
-    # Measured: GPTQ's error is 0.2x RTN's (median), 0.5x at worst.
-    assert max(r.gptq_error / r.rtn_error for r in report.linears) < 0.7
+    # Measured against the fp model's outputs (asym_calib): GPTQ's error is 0.50x RTN's (median), 0.79x at worst.
+    # Both include the error arriving from the quantized layers upstream, which no weight of this layer removes,
+    # so the ratios sit closer to 1 than plain GPTQ's 0.2x / 0.5x against its own inputs.
+    assert max(r.gptq_error / r.rtn_error for r in report.linears) < 0.9
 
 
-def test_perplexity_close_to_fp_and_far_better_than_rtn(quantized) -> None:
-    _, ppl = quantized
-    # Measured: fp 47.96; GPTQ 53.45-54.38 (+11.5 to +13.4%); RTN 72.14 (+50.4%).
-    assert ppl["gptq"] <= 1.16 * ppl["fp"]
-    assert ppl["gptq"] - ppl["fp"] < 0.4 * (ppl["rtn"] - ppl["fp"])
-
-
-@pytest.mark.xfail(strict=False, reason="issue 5 asks <= +10%; measured +11.5 to +13.4% at g64 sym (open, see "
-                   "docs/quantization.md)")
-def test_perplexity_rise_at_most_10_percent(quantized) -> None:
+def test_perplexity_rise_at_most_10_percent_and_far_below_rtn(quantized) -> None:
+    """Measured: fp 47.96, GPTQ 51.30 (+7.0%), RTN 73.66 (+53.6%). Plain GPTQ with desc_act gave +11.5 to +16.4%."""
     _, ppl = quantized
     assert ppl["gptq"] <= 1.10 * ppl["fp"], f"perplexity rose {100 * (ppl['gptq'] / ppl['fp'] - 1):.1f}%"
+    assert ppl["gptq"] - ppl["fp"] < 0.3 * (ppl["rtn"] - ppl["fp"])

@@ -22,7 +22,8 @@ from lavin_edge.chat.demo import MERGED_NAME, QUANTIZED_NAME
 
 ADAPTERS_DIR = Path(__file__).resolve().parent / "demo_adapters"
 # The GPTQ settings of the demo: SmolLM2's 576 inputs are not divisible by 128.
-QUANTIZE_ARGS = ["--group-size", "64", "--sym", "--calib-samples", "32", "--calib-len", "64", "--eval-texts", "0"]
+QUANTIZE_ARGS = ["--group-size", "64", "--sym", "--asym-calib", "0.25", "--calib-samples", "32", "--calib-len", "64",
+                 "--eval-texts", "0"]
 # Written beside merged/ and quantized/ once both exist: what they were built from.
 STAMP_NAME = "demo_source.json"
 

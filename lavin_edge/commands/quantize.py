@@ -20,7 +20,7 @@ import click
 @click.option("--damp", default=0.05, show_default=True, type=float, help="Dampening, fraction of mean diag(H).")
 @click.option("--mse", default=0.0, show_default=True, type=float,
               help="Clipping search per group minimising sum |err|^MSE (2.4 in the GPTQ paper's code; 0: off).")
-@click.option("--asym-calib", default=0.0, show_default=True, type=float,
+@click.option("--asym-calib", default=0.25, show_default=True, type=float,
               help="Aim each linear at the full-precision model's output rather than the partly quantized one's "
               "(GPTQv2's asymmetric calibration), step in [0, 1]; 0: plain GPTQ. Costs a second forward pass.")
 @click.option("--block-size", default=128, show_default=True, type=int, help="GPTQ lazy-update block size.")

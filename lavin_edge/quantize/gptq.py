@@ -116,11 +116,13 @@ class HessianAccumulator:
     """Running ``H = 2/n sum x x^T`` over the rows of the inputs a Linear sees (fp32, [K, K]).
 
     With ``cross``, also ``C = 2/n sum (x_fp - x) x^T``: how the inputs of the full-precision model (x_fp)
-    differ from those of the partly quantized one (x), for ``asymmetric_target``."""
+    differ from those of the partly quantized one (x), for ``asymmetric_target``; and ``F = 2/n sum x_fp x_fp^T``
+    for ``output_error_vs_fp``."""
 
     def __init__(self, k: int, device: torch.device | str = "cpu", cross: bool = False) -> None:
         self.H = torch.zeros(k, k, device=device)
         self.C = torch.zeros(k, k, device=device) if cross else None
+        self.F = torch.zeros(k, k, device=device) if cross else None
         self.n = 0
 
     def add_batch(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
@@ -132,14 +134,16 @@ class HessianAccumulator:
             raise ValueError("x_fp must be given exactly when the accumulator was made with cross=True")
         # Rescale the running mean so H stays 2/n sum x x^T with n the total count (the reference's update).
         self.H.mul_(self.n / (self.n + m))
-        if self.C is not None:
+        if self.C is not None and self.F is not None:
             self.C.mul_(self.n / (self.n + m))
+            self.F.mul_(self.n / (self.n + m))
         self.n += m
         x = x * (2.0 / self.n) ** 0.5
         self.H.addmm_(x.T, x)
-        if self.C is not None and x_fp is not None:
-            d = x_fp.reshape(-1, x_fp.shape[-1]).float() * (2.0 / self.n) ** 0.5 - x
-            self.C.addmm_(d.T, x)
+        if self.C is not None and self.F is not None and x_fp is not None:
+            xf = x_fp.reshape(-1, x_fp.shape[-1]).float() * (2.0 / self.n) ** 0.5
+            self.C.addmm_((xf - x).T, x)
+            self.F.addmm_(xf.T, xf)
 
 
 def asymmetric_target(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, alpha: float = 1.0,
@@ -279,3 +283,13 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float
     that built ``H = 2/n sum x x^T`` -- exact, without replaying the inputs."""
     dw = (w.float() - w_hat.float())
     return float(((dw @ H) * dw).sum() / 2 / w.shape[0])
+
+
+def output_error_vs_fp(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor, C: torch.Tensor,
+                       F: torch.Tensor) -> float:
+    """Mean squared error of ``w_hat x`` (partly quantized model's inputs) against the fp model's ``w x_fp``,
+    from the accumulator's H, C, F: 2/n sum ||a x - w x_fp||^2 = tr(a H a^T) - 2 tr(a M w^T) + tr(w F w^T)
+    with M = 2/n sum x x_fp^T = H + C^T."""
+    a, w = w_hat.float(), w.float()
+    total = ((a @ H) * a).sum() - 2 * ((a @ (H + C.T)) * w).sum() + ((w @ F) * w).sum()
+    return float(total.clamp_min(0) / 2 / w.shape[0])
