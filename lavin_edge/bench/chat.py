@@ -165,19 +165,33 @@ class _NoTokenizer:
         return ""
 
 
+def _probe_read_bw(threads: int, probe_bytes: int | None = None) -> float:
+    """Read bandwidth (GB/s) on a buffer > 4x the last-level cache, freed afterwards (RSS peak stays the model's)."""
+    from lavin_edge.bench.kernels import last_level_cache_bytes, measure_read_bandwidth
+
+    return measure_read_bandwidth(threads, probe_bytes or max(512 * 2**20, 8 * last_level_cache_bytes()))
+
+
+def _roofline_fields(llm: Any, read_bw: float, weight_bytes: int, kv_elem_bytes: int, mean_len: float,
+                     decode_tok_s: float) -> dict[str, Any]:
+    """The bandwidth limit of a decode step: read bandwidth over the weight bytes plus the KV cache (K and V of
+    every layer, ``kv_elem_bytes`` per element) at the mean decode length; and the row's share of it."""
+    kv_bytes = int(2 * llm.n_layers * llm.n_kv_heads * llm.head_dim * kv_elem_bytes * mean_len)
+    roofline = read_bw * 1e9 / (weight_bytes + kv_bytes)
+    return {"roofline_tok_s": round(roofline, 2), "pct_of_roofline": round(100 * decode_tok_s / roofline, 1),
+            "read_bw_gbs": round(read_bw, 2), "weight_bytes_per_token": weight_bytes, "kv_bytes_per_token": kv_bytes}
+
+
 def _llama7b_row(new_tokens: int, prompt_tokens: int, max_context: int, llm: dict[str, Any] | None = None,
                  probe_bytes: int | None = None) -> dict[str, Any]:
     """Decode on random 4-bit weights of LLaMA-7B's shape (``llm``: another LlamaConfig as a dict, for tests)
     against the bandwidth limit."""
-    from lavin_edge.bench.kernels import last_level_cache_bytes, measure_read_bandwidth
     from lavin_edge.chat.engine import TEXT, Engine, GenerationStats
     from lavin_edge.chat.sampling import GenerationConfig
     from lavin_edge.config import LavinConfig, LlamaConfig, preset
 
     threads = torch.get_num_threads()
-    # Bandwidth first, on a buffer > 4x the last-level cache, then freed (RSS peak stays the model's).
-    probe = probe_bytes or max(512 * 2**20, 8 * last_level_cache_bytes())
-    read_bw = measure_read_bandwidth(threads, probe)
+    read_bw = _probe_read_bw(threads, probe_bytes)  # first, before the model takes memory
     base = preset("llama-7b", "tiny")
     llm_cfg = LlamaConfig(**llm) if llm else base.llm
     cfg = LavinConfig(llm=llm_cfg, vision=base.vision, adapter=base.adapter)
@@ -189,17 +203,12 @@ def _llama7b_row(new_tokens: int, prompt_tokens: int, max_context: int, llm: dic
     stats = GenerationStats()
     eng.reset(TEXT)
     eng.generate(ids, GenerationConfig(max_new_tokens=new_tokens), stats=stats, stop_ids=set())
-    weight_bytes = eng.weight_bytes_per_token()
-    llm = cfg.llm
-    mean_len = prompt_tokens + new_tokens / 2
-    kv_bytes = int(2 * llm.n_layers * llm.n_kv_heads * llm.head_dim * 4 * mean_len)
-    roofline = read_bw * 1e9 / (weight_bytes + kv_bytes)
     return {"prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
             "prefill_tok_s": round(stats.prefill_tok_s, 2), "decode_tok_s": round(stats.decode_tok_s, 2),
             "ttft_ms": round(stats.ttft_s * 1000, 1), "peak_rss_mb": round(_peak_rss_mb(), 1),
-            "roofline_tok_s": round(roofline, 2), "pct_of_roofline": round(100 * stats.decode_tok_s / roofline, 1),
-            "read_bw_gbs": round(read_bw, 2), "weight_bytes_per_token": weight_bytes,
-            "kv_bytes_per_token": kv_bytes, "load_s": round(load_s, 1), "threads": threads}
+            **_roofline_fields(cfg.llm, read_bw, eng.weight_bytes_per_token(), 4, prompt_tokens + new_tokens / 2,
+                               stats.decode_tok_s),
+            "load_s": round(load_s, 1), "threads": threads}
 
 
 # ----------------------------------------------------------------------------------------- llama.cpp row
@@ -211,11 +220,7 @@ def _llamacpp_row(gguf: str, new_tokens: int, prompt: str | None = None, prompt_
     from llama_cpp import Llama  # type: ignore[import-not-found]
 
     threads = torch.get_num_threads()
-    read_bw = None
-    if with_roofline:
-        from lavin_edge.bench.kernels import last_level_cache_bytes, measure_read_bandwidth
-
-        read_bw = measure_read_bandwidth(threads, max(512 * 2**20, 8 * last_level_cache_bytes()))
+    read_bw = _probe_read_bw(threads) if with_roofline else None
     t0 = time.perf_counter()
     llm = Llama(model_path=gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
                 verbose=False)
@@ -245,14 +250,9 @@ def _llamacpp_row(gguf: str, new_tokens: int, prompt: str | None = None, prompt_
         from lavin_edge.config import preset
 
         cfg = preset("llama-7b", "tiny").llm
-        weight_bytes = decode_bytes_per_token(cfg)
-        # llama.cpp's KV cache is fp16 by default, at the mean decode length.
-        kv_bytes = int(2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2 * (len(toks) + new_tokens / 2))
-        roofline = read_bw * 1e9 / (weight_bytes + kv_bytes)
-        best.update({"roofline_tok_s": round(roofline, 2),
-                     "pct_of_roofline": round(100 * best["decode_tok_s"] / roofline, 1),
-                     "read_bw_gbs": round(read_bw, 2), "weight_bytes_per_token": weight_bytes,
-                     "kv_bytes_per_token": kv_bytes})
+        # llama.cpp's KV cache is fp16 by default.
+        best.update(_roofline_fields(cfg, read_bw, decode_bytes_per_token(cfg), 2, len(toks) + new_tokens / 2,
+                                     best["decode_tok_s"]))
     return best
 
 
