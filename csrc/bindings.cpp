@@ -10,6 +10,7 @@
 
 #include <omp.h>
 
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -81,35 +82,55 @@ py::dict py_cpu_features() {
 
 // ---- W4 -------------------------------------------------------------------------------------
 
+W4GemmFn w4_gemm_fn(Isa isa) {
+  return isa == Isa::kAvx512 ? &w4_gemm_avx512 : isa == Isa::kAvx2 ? &w4_gemm_avx2 : &w4_gemm_generic;
+}
+
+LlmAdapterFn llm_adapter_fn(Isa isa) {
+  return isa == Isa::kAvx512 ? &llm_adapter_avx512 : isa == Isa::kAvx2 ? &llm_adapter_avx2 : &llm_adapter_scalar;
+}
+
+
+// The prepared layout's sizes, checked: a wrong call raises ValueError instead of reading out of bounds.
+W4Prepared checked_w4(const char* what, uintptr_t qw, int64_t qw_bytes, uintptr_t scales, int64_t scales_numel,
+                      uintptr_t zeros, int64_t zeros_numel, uintptr_t perm, int64_t perm_numel, int64_t n, int64_t np,
+                      int64_t k, int64_t kp, int64_t groups) {
+  const std::string w(what);
+  require(n > 0 && k > 0, w + ": n and k must be positive");
+  require(np % kTile == 0 && np >= n && np - n < kTile, w + ": np must be n rounded up to a multiple of 16");
+  require(kp % kBlock == 0 && kp >= k && kp - k < kBlock, w + ": kp must be k rounded up to a multiple of 32");
+  require(groups > 0 && (kp / kBlock) % groups == 0, w + ": groups must divide kp / 32");
+  require(qw_bytes == np / kTile * (kp / 8) * 64, w + ": packed weight size does not match n, k");
+  require(scales_numel == np * groups && zeros_numel == np * groups, w + ": scales/zeros size does not match");
+  require(perm == 0 || perm_numel == k, w + ": perm must hold k entries");
+  require(qw && scales && zeros, w + ": null pointer");
+  W4Prepared p;
+  p.qw = ptr<const uint8_t>(qw);
+  p.scales = ptr<const uint16_t>(scales);
+  p.zeros = ptr<const uint8_t>(zeros);
+  p.perm = perm ? ptr<const int32_t>(perm) : nullptr;
+  p.n = n;
+  p.np = np;
+  p.k = k;
+  p.kp = kp;
+  p.groups = groups;
+  p.blocks_per_group = kp / kBlock / groups;
+  if (p.perm) {  // O(k): cheap next to the O(nk) product, and it rules out a wild gather
+    for (int64_t i = 0; i < k; ++i) require(p.perm[i] >= 0 && p.perm[i] < k, w + ": perm entry out of range [0, k)");
+  }
+  return p;
+}
+
 void py_w4_gemm(const std::string& isa_name, uintptr_t qw, int64_t qw_bytes, uintptr_t scales, int64_t scales_numel,
                 uintptr_t zeros, int64_t zeros_numel, uintptr_t perm, int64_t perm_numel, int64_t n, int64_t np,
                 int64_t k, int64_t kp, int64_t groups, uintptr_t x, int64_t m, int64_t ldx, uintptr_t y, int64_t ldy,
                 int threads) {
   const Isa isa = parse_isa(isa_name);
-  require(n > 0 && k > 0 && m > 0, "w4_gemm: n, k and m must be positive");
-  require(np % kTile == 0 && np >= n && np - n < kTile, "w4_gemm: np must be n rounded up to a multiple of 16");
-  require(kp % kBlock == 0 && kp >= k && kp - k < kBlock, "w4_gemm: kp must be k rounded up to a multiple of 32");
-  require(groups > 0 && (kp / kBlock) % groups == 0, "w4_gemm: groups must divide kp / 32");
-  require(qw_bytes == np / kTile * (kp / 8) * 64, "w4_gemm: packed weight size does not match n, k");
-  require(scales_numel == np * groups && zeros_numel == np * groups, "w4_gemm: scales/zeros size does not match");
+  require(m > 0, "w4_gemm: m must be positive");
+  const W4Prepared w = checked_w4("w4_gemm", qw, qw_bytes, scales, scales_numel, zeros, zeros_numel, perm, perm_numel,
+                                  n, np, k, kp, groups);
   require(ldx >= k && ldy >= n, "w4_gemm: row strides smaller than the rows");
-  require(perm == 0 || perm_numel == k, "w4_gemm: perm must hold k entries");
-  require(qw && scales && zeros && x && y, "w4_gemm: null pointer");
-  W4Prepared w;
-  w.qw = ptr<const uint8_t>(qw);
-  w.scales = ptr<const uint16_t>(scales);
-  w.zeros = ptr<const uint8_t>(zeros);
-  w.perm = perm ? ptr<const int32_t>(perm) : nullptr;
-  w.n = n;
-  w.np = np;
-  w.k = k;
-  w.kp = kp;
-  w.groups = groups;
-  w.blocks_per_group = kp / kBlock / groups;
-  if (w.perm) {  // O(k): cheap next to the O(nk) product, and it rules out a wild gather
-    for (int64_t i = 0; i < k; ++i)
-      require(w.perm[i] >= 0 && w.perm[i] < k, "w4_gemm: perm entry out of range [0, k)");
-  }
+  require(x && y, "w4_gemm: null pointer");
   std::vector<int8_t> q(static_cast<size_t>(m * kp));
   std::vector<float> d(static_cast<size_t>(m * (kp / kBlock)));
   std::vector<float> gsum(static_cast<size_t>(m * groups));
@@ -118,12 +139,7 @@ void py_w4_gemm(const std::string& isa_name, uintptr_t qw, int64_t qw_bytes, uin
     py::gil_scoped_release nogil;
     quantize_activations(ptr<const float>(x), ldx, w, m, q.data(), d.data(), gsum.data());
     XQuant xq{q.data(), d.data(), gsum.data(), m};
-    float* out = ptr<float>(y);
-    switch (isa) {
-      case Isa::kAvx512: w4_gemm_avx512(w, xq, out, ldy, nt); break;
-      case Isa::kAvx2: w4_gemm_avx2(w, xq, out, ldy, nt); break;
-      default: w4_gemm_generic(w, xq, out, ldy, nt); break;
-    }
+    w4_gemm_fn(isa)(w, xq, ptr<float>(y), ldy, nt);
   }
 }
 
@@ -179,11 +195,7 @@ void py_llm_adapter(const std::string& isa_name, uintptr_t x, uintptr_t y, int64
                    ptr<const float>(a), ptr<const float>(U), ptr<const float>(u), mod, static_cast<float>(eps)};
   const int nt = resolve_threads(threads);
   py::gil_scoped_release nogil;
-  switch (isa) {
-    case Isa::kAvx512: llm_adapter_avx512(p, nt); break;
-    case Isa::kAvx2: llm_adapter_avx2(p, nt); break;
-    default: llm_adapter_scalar(p, nt); break;
-  }
+  llm_adapter_fn(isa)(p, nt);
 }
 
 void py_vit_adapter(const std::string& isa_name, uintptr_t x, uintptr_t y, int64_t rows, int64_t dim, int64_t rank,
@@ -205,6 +217,100 @@ void py_vit_adapter(const std::string& isa_name, uintptr_t x, uintptr_t y, int64
     default: vit_adapter_scalar(p, nt); break;
   }
 }
+
+// ---- whole-decoder decode step ----------------------------------------------------------------
+
+// A norm as a tuple (g, A, a, U, u, rank) of addresses.
+DecodeNorm decode_norm(const py::tuple& t) {
+  require(t.size() == 6, "decode: a norm is (g, A, a, U, u, rank)");
+  DecodeNorm n{ptr<const float>(t[0].cast<uintptr_t>()), ptr<const float>(t[1].cast<uintptr_t>()),
+               ptr<const float>(t[2].cast<uintptr_t>()), ptr<const float>(t[3].cast<uintptr_t>()),
+               ptr<const float>(t[4].cast<uintptr_t>()), t[5].cast<int64_t>()};
+  require(n.g && n.A && n.a && n.U && n.u, "decode: null norm/adapter pointer");
+  require(n.rank > 0 && n.rank <= 64, "decode: adapter rank must be in [1, 64]");
+  return n;
+}
+
+// A linear as a list of parts, each (qw, qw_bytes, scales, scales_numel, zeros, zeros_numel, perm, perm_numel, n,
+// np, k, kp, groups, out_offset, accumulate, threads); checked to map k_in inputs onto exactly n_out outputs.
+std::vector<DecodeLinearPart> decode_linear(const char* what, const py::list& parts, int64_t k_in, int64_t n_out) {
+  const std::string w(what);
+  require(!parts.empty(), w + ": no parts");
+  std::vector<DecodeLinearPart> out;
+  int64_t covered = 0;
+  for (const auto& item : parts) {
+    const auto t = item.cast<py::tuple>();
+    require(t.size() == 16, w + ": a part has 16 fields");
+    auto u = [&](size_t i) { return t[i].cast<uintptr_t>(); };
+    auto v = [&](size_t i) { return t[i].cast<int64_t>(); };
+    DecodeLinearPart p;
+    p.w = checked_w4(what, u(0), v(1), u(2), v(3), u(4), v(5), u(6), v(7), v(8), v(9), v(10), v(11), v(12));
+    p.out_offset = v(13);
+    p.accumulate = t[14].cast<bool>();
+    p.threads = resolve_threads(static_cast<int>(v(15)));
+    require(p.w.k == k_in, w + ": part input size does not match the model");
+    require(p.out_offset >= 0 && p.out_offset + p.w.n <= n_out, w + ": part outputs outside the linear");
+    if (p.accumulate) {
+      require(p.out_offset + p.w.n <= covered, w + ": an accumulating part must follow the columns it adds to");
+    } else {
+      require(p.out_offset == covered, w + ": parts must write consecutive columns");
+      covered += p.w.n;
+    }
+    out.push_back(p);
+  }
+  require(covered == n_out, w + ": parts do not cover the linear's outputs");
+  return out;
+}
+
+class PyDecodeStack {
+ public:
+  PyDecodeStack(const std::string& isa, int64_t dim, int64_t n_heads, int64_t n_kv, int64_t head_dim, int64_t ffn,
+                int64_t ctx, int64_t vocab, double eps, uintptr_t rope, int threads)
+      : shape_{dim, n_heads, n_kv, head_dim, ffn, ctx, vocab, static_cast<float>(eps), ptr<const float>(rope)} {
+    const Isa i = parse_isa(isa);
+    require(dim > 0 && n_heads > 0 && n_kv > 0 && head_dim > 0 && ffn > 0 && ctx > 0 && vocab > 0,
+            "decode: sizes must be positive");
+    require(n_heads % n_kv == 0 && head_dim % 2 == 0, "decode: n_heads must be a multiple of n_kv, head_dim even");
+    require(rope != 0, "decode: null rope table");
+    stack_ = std::make_unique<DecodeStack>(shape_, w4_gemm_fn(i), llm_adapter_fn(i), resolve_threads(threads));
+  }
+
+  void add_layer(const py::tuple& attn_in, const py::tuple& ffn_norm, const py::list& wqkv, const py::list& wo,
+                 const py::list& w13, const py::list& w2, uintptr_t k_cache, uintptr_t v_cache) {
+    const DecodeShape& s = shape_;
+    require(k_cache && v_cache, "decode: null cache pointer");
+    DecodeLayer l{decode_norm(attn_in), decode_norm(ffn_norm),
+                  decode_linear("decode wqkv", wqkv, s.dim, (s.n_heads + 2 * s.n_kv) * s.head_dim),
+                  decode_linear("decode wo", wo, s.n_heads * s.head_dim, s.dim),
+                  decode_linear("decode w13", w13, s.dim, 2 * s.ffn), decode_linear("decode w2", w2, s.ffn, s.dim),
+                  ptr<float>(k_cache), ptr<float>(v_cache)};
+    stack_->add_layer(l);
+  }
+
+  // An empty head list: step() stops after the final norm and writes the normed state [dim].
+  void set_head(const py::tuple& norm, const py::list& head) {
+    std::vector<DecodeLinearPart> parts;
+    if (!head.empty()) parts = decode_linear("decode head", head, shape_.dim, shape_.vocab);
+    stack_->set_head(decode_norm(norm), parts);
+    has_head_ = true;
+  }
+
+  void step(uintptr_t x, int64_t pos, int modality, uintptr_t out) {
+    require(has_head_, "decode: set_head before step");
+    require(pos >= 0 && pos < shape_.ctx, "decode: position outside the cache");
+    require(modality == 0 || modality == 1, "decode: modality must be 0 or 1");
+    require(x && out, "decode: null pointer");
+    py::gil_scoped_release nogil;
+    stack_->step(ptr<float>(x), pos, modality, ptr<float>(out));
+  }
+
+  int64_t n_layers() const { return stack_->n_layers(); }
+
+ private:
+  DecodeShape shape_;
+  std::unique_ptr<DecodeStack> stack_;
+  bool has_head_ = false;
+};
 
 double py_read_bandwidth(uintptr_t buf, int64_t nbytes, int threads) {
   require(buf != 0 && nbytes >= 64, "read_bandwidth: need a buffer of at least 64 bytes");
@@ -244,6 +350,18 @@ PYBIND11_MODULE(_C, m) {
         py::arg("y"), py::arg("rows"), py::arg("dim"), py::arg("rank"), py::arg("A"), py::arg("a"), py::arg("R"),
         py::arg("rb"), py::arg("B"), py::arg("b"), py::arg("Dw"), py::arg("d"), py::arg("temperature"),
         py::arg("scale"), py::arg("threads") = 0);
+  py::class_<PyDecodeStack>(m, "DecodeStack",
+                            "One batch-1 decode step of the whole decoder per call (csrc/decode.cpp); holds "
+                            "raw addresses, so the caller keeps every tensor alive")
+      .def(py::init<const std::string&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double,
+                    uintptr_t, int>(),
+           py::arg("isa"), py::arg("dim"), py::arg("n_heads"), py::arg("n_kv"), py::arg("head_dim"), py::arg("ffn"),
+           py::arg("ctx"), py::arg("vocab"), py::arg("eps"), py::arg("rope"), py::arg("threads") = 0)
+      .def("add_layer", &PyDecodeStack::add_layer, py::arg("attn_in"), py::arg("ffn_norm"), py::arg("wqkv"),
+           py::arg("wo"), py::arg("w13"), py::arg("w2"), py::arg("k_cache"), py::arg("v_cache"))
+      .def("set_head", &PyDecodeStack::set_head, py::arg("norm"), py::arg("head"))
+      .def("step", &PyDecodeStack::step, py::arg("x"), py::arg("pos"), py::arg("modality"), py::arg("out"))
+      .def_property_readonly("n_layers", &PyDecodeStack::n_layers);
   m.def("read_bandwidth", &py_read_bandwidth, "Sum a buffer with `threads` threads (STREAM-like read probe)",
         py::arg("buf"), py::arg("nbytes"), py::arg("threads") = 0);
   m.def("max_threads", []() { return omp_get_max_threads(); });

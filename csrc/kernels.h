@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <cmath>
+#include <vector>
 
 namespace lavin {
 
@@ -99,6 +100,69 @@ void llm_adapter_avx512(const LlmAdapterArgs& p, int threads);
 void vit_adapter_scalar(const VitAdapterArgs& p, int threads);
 void vit_adapter_avx2(const VitAdapterArgs& p, int threads);
 void vit_adapter_avx512(const VitAdapterArgs& p, int threads);
+
+// ---------------------------------------------------------------------------------------
+// One decode step of the whole decoder (batch 1, one new position) in a single call.
+//
+// The Python engine (lavin_edge/chat/engine.py, Engine._step) is the readable reference: per
+// layer, x += Wo attn(rope(Wqkv adapter(norm(x)))); x += W2 (silu(W1 n) * W3 n) with
+// n = norm(x). Calling its ~20 ops per layer from Python costs ~150 us per layer, more than the
+// GEMVs of a small model; here the same ops run back to back on preallocated buffers.
+// A linear is one or more W4 parts: parts write consecutive output columns (q|k|v when the
+// act-order permutations differ) or, with `accumulate`, add into the previous part's columns
+// (the lm_head's 4-bit value + 4-bit residual).
+struct DecodeLinearPart {
+  W4Prepared w;
+  int64_t out_offset = 0;
+  bool accumulate = false;
+  int threads = 1;
+};
+struct DecodeNorm {
+  const float *g, *A, *a, *U, *u;  // as LlmAdapterArgs
+  int64_t rank;
+};
+struct DecodeLayer {
+  DecodeNorm attn_in, ffn_norm;
+  std::vector<DecodeLinearPart> wqkv, wo, w13, w2;
+  float* k_cache;  // [n_kv][ctx][head_dim]
+  float* v_cache;
+};
+struct DecodeShape {
+  int64_t dim, n_heads, n_kv, head_dim, ffn, ctx, vocab;
+  float eps;
+  const float* rope;  // [ctx][head_dim / 2][2]: cos, sin of runtime slot p
+};
+using W4GemmFn = void (*)(const W4Prepared&, const XQuant&, float*, int64_t, int);
+using LlmAdapterFn = void (*)(const LlmAdapterArgs&, int);
+struct DecodeScratch;  // buffers sized once (decode.cpp)
+
+class DecodeStack {
+ public:
+  DecodeStack(const DecodeShape& shape, W4GemmFn gemm, LlmAdapterFn adapter, int threads);
+  ~DecodeStack();
+  DecodeStack(const DecodeStack&) = delete;
+  DecodeStack& operator=(const DecodeStack&) = delete;
+  void add_layer(const DecodeLayer& layer);
+  void set_head(const DecodeNorm& norm, const std::vector<DecodeLinearPart>& head);
+  // x [dim] (the new position's embedding) is overwritten with the last hidden state; out
+  // receives the head's logits [vocab], or with an empty head the final-normed state [dim] for
+  // the caller's own head; pos = the runtime slot (< ctx), modality 0 text / 1 image.
+  void step(float* x, int64_t pos, int32_t modality, float* out);
+  int64_t n_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+ private:
+  void linear(const std::vector<DecodeLinearPart>& parts, const float* x, float* y, int64_t ldy);
+  void norm(const DecodeNorm& n, const float* x, float* y, const int32_t* modality);
+  void attention(const DecodeLayer& l, const float* q, int64_t end, float* out);
+  DecodeShape shape_;
+  W4GemmFn gemm_;
+  LlmAdapterFn adapter_;
+  int threads_;
+  std::vector<DecodeLayer> layers_;
+  DecodeNorm head_norm_{};
+  std::vector<DecodeLinearPart> head_;
+  DecodeScratch* s_;
+};
 
 // ---------------------------------------------------------------------------------------
 // Misc.

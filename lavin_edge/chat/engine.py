@@ -10,7 +10,9 @@ RMSNorm + folded adapter through its fused kernel and the vision tower's adapter
 per-token routed kernel; ``torch`` is plain PyTorch (quantized weights are dequantized at load).
 ``auto`` picks ``kernels`` when the extension imports, else falls back to ``torch`` with a warning.
 
-The decode hot loop is written for low dispatch: weights are fused where that is exact (q|k|v and
+The decode step runs in one native call when the kernels serve every op (``fused_decode.py``); the
+PyTorch loop of ``_step`` is its reference and the path of the torch backend. That loop is written for low
+dispatch: weights are fused where that is exact (q|k|v and
 gate|up share one matmul), the KV cache is preallocated in SDPA's [1, heads, ctx, hd] layout so no
 per-step transpose or copy of the cache happens, rotary uses one complex multiply for q and k
 together, and everything runs under ``torch.inference_mode``.
@@ -442,6 +444,11 @@ class Engine:
         # Per-row modality for the fused adapter kernel: a row range of one of these, never reallocated.
         self._row_mod = [torch.full((self.max_context,), m, dtype=torch.int32) for m in (TEXT, IMAGE)]
         self.vision, self.visual_proj = self._vision(sd)
+        # The decode step in one native call when every op runs on the kernels (lavin_edge.chat.fused_decode);
+        # None: the per-op loop of _step, the readable reference it is tested against.
+        from lavin_edge.chat.fused_decode import build_fused_decode
+
+        self.fused_decode = build_fused_decode(self)
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -590,7 +597,12 @@ class Engine:
 
     def _step(self, h: torch.Tensor) -> torch.Tensor:
         """One decode step (h [1, D]): the hot loop, written for few dispatched ops per layer. All views are
-        plain reshapes of contiguous [1, N] rows; SwiGLU runs in place on the gate half."""
+        plain reshapes of contiguous [1, N] rows; SwiGLU runs in place on the gate half. With the kernels the
+        same step runs in one native call (``fused_decode``); this loop is its reference."""
+        if self.fused_decode is not None:
+            logits = self.fused_decode.step(h, self.length, self.modality)
+            self.length += 1
+            return logits
         nh, nkv, hd, m = self.n_heads, self.n_kv, self.hd, self.modality
         pos = self.length
         end = pos + 1

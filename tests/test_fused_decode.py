@@ -1,0 +1,189 @@
+"""The one-call native decode step (lavin_edge.chat.fused_decode, csrc/decode.cpp) against the engine's per-op
+PyTorch loop (``Engine._step`` with ``fused_decode = None``), its reference.
+
+Both paths quantize activations to int8 before each W4 GEMV, so a last-bit difference upstream (the attention
+sums run in a different order than SDPA's) can move one activation across a rounding boundary. Measured
+on the tiny model: without such a flip the two agree to ~2e-7 relative; a flip gives ~3e-3 (the same as
+perturbing the reference's own input by 1e-6); swapping the modality gives 0.6. The bound of 2e-2 allows
+flips and nothing more: a wrong rotary, GQA mapping, cache slot, modality or SwiGLU half changes the logits
+at the scale of the logits themselves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lavin_edge.chat.engine import TEXT, Engine
+from lavin_edge.config import preset
+from lavin_edge.merge import merge_lavin, read_config, save_merged
+from lavin_edge.model.lavin import IMAGE, LaVIN, build_lavin
+
+pytestmark = pytest.mark.skipif(
+    __import__("lavin_edge.kernels", fromlist=["_C"])._C is None, reason="lavin_edge._C not built")
+
+
+def _model(vocab: int | None = None, dim: int | None = None, seed: int = 0) -> LaVIN:
+    """A tiny LaVIN (GQA: 4 query heads on 2 kv heads) with random non-zero adapters."""
+    cfg = preset("tiny", "tiny")
+    if vocab is not None:
+        cfg.llm.vocab_size = vocab
+    if dim is not None:
+        cfg.llm.dim, cfg.llm.ffn_dim, cfg.llm.max_seq_len = dim, 2 * dim, 1200
+    torch.manual_seed(seed)
+    model = build_lavin(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if model.is_trainable_name(name):
+                p.copy_(torch.randn(p.shape, generator=g) * (2.0 if "router" in name else 0.3))
+    return model.eval()
+
+
+def _quantized_dir(model: LaVIN, root: Path, act_order: bool) -> Path:
+    """GPTQ-packed LLM linears. ``act_order``: GPTQ with desc_act on a different random Hessian per linear, so
+    q, k and v carry different permutations and the engine keeps them as separate parts (``_Concat``)."""
+    from lavin_edge.quantize.gptq import gptq_quantize, rtn_quantize
+    from lavin_edge.quantize.pack import pack_linear
+    from lavin_edge.quantize.pipeline import LINEAR_NAMES, GPTQConfig, save_quantized
+
+    merged, table = merge_lavin(model)
+    fp_dir = save_merged(merged, root / "fp", None, {"test": True}, table)
+    qcfg = GPTQConfig(group_size=32, desc_act=act_order)
+    g = torch.Generator().manual_seed(1)
+    packed = {}
+    for i, layer in enumerate(merged.llm.layers):
+        for name in LINEAR_NAMES:
+            w = layer.get_submodule(name).weight.detach().float()
+            if act_order:
+                x = torch.randn(4 * w.shape[1], w.shape[1], generator=g) * torch.rand(w.shape[1], generator=g) * 3
+                r = gptq_quantize(w, 2 * x.T @ x / x.shape[0], 4, 32, True, desc_act=True)
+            else:
+                r = rtn_quantize(w, 4, 32, True)
+            for suffix, t in pack_linear(r, 4, qcfg.format).items():
+                packed[f"layers.{i}.{name}.{suffix}"] = t
+    return save_quantized(merged, packed, read_config(fp_dir), qcfg, root / "q")
+
+
+def _teacher_forced(eng: Engine, fused: bool, prompt: torch.Tensor, tokens: list[int], modality: int
+                    ) -> torch.Tensor:
+    keep = eng.fused_decode
+    eng.fused_decode = keep if fused else None
+    try:
+        eng.reset(modality)
+        eng.forward(prompt)
+        return torch.stack([eng.forward(eng.embed[torch.tensor([t])].float()) for t in tokens])
+    finally:
+        eng.fused_decode = keep
+
+
+def _compare(eng: Engine, n_prompt: int, n_steps: int, modality: int, seed: int = 0) -> tuple[float, float]:
+    g = torch.Generator().manual_seed(seed)
+    vocab = eng.embed.shape[0]
+    prompt = eng.embed[torch.randint(0, vocab, (n_prompt,), generator=g)].float()
+    tokens = torch.randint(0, vocab, (n_steps,), generator=g).tolist()
+    ref = _teacher_forced(eng, False, prompt, tokens, modality)
+    got = _teacher_forced(eng, True, prompt, tokens, modality)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    return rel, agree
+
+
+@pytest.fixture(scope="module")
+def plain_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _quantized_dir(_model(), tmp_path_factory.mktemp("fd_plain"), act_order=False)
+
+
+@pytest.fixture(scope="module")
+def act_order_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # vocab 264: a multiple of 8, so the engine packs the tied head as two W4 passes (``_Sum``), run natively.
+    return _quantized_dir(_model(vocab=264, seed=1), tmp_path_factory.mktemp("fd_act"), act_order=True)
+
+
+@pytest.mark.parametrize("modality", [TEXT, IMAGE])
+def test_fused_step_matches_reference_loop(plain_dir: Path, modality: int) -> None:
+    eng = Engine.load(plain_dir, backend="kernels")
+    fd = eng.fused_decode
+    assert fd is not None
+    assert fd.head is not None  # vocab 259 cannot be packed: the fp head runs after the native layers
+    rel, agree = _compare(eng, 9, 24, modality)
+    assert rel < 2e-2, rel
+    assert agree >= 0.9, agree
+
+
+def test_fused_step_with_act_order_parts_and_w4_head(act_order_dir: Path) -> None:
+    eng = Engine.load(act_order_dir, backend="kernels")
+    from lavin_edge.chat.engine import _Concat, _Sum
+
+    assert isinstance(eng.layers[0].wqkv, _Concat) and isinstance(eng.lm_head, _Sum)
+    assert eng.fused_decode is not None and eng.fused_decode.head is None
+    rel, agree = _compare(eng, 5, 24, IMAGE, seed=3)
+    assert rel < 2e-2, rel
+    assert agree >= 0.9, agree
+
+
+def test_fused_step_long_context_parallel_heads(tmp_path: Path) -> None:
+    """A cache long enough that the native attention splits heads over threads (end x heads x hd >= 2^18)."""
+    eng = Engine.load(_quantized_dir(_model(dim=256, seed=2), tmp_path, act_order=False), backend="kernels")
+    assert eng.fused_decode is not None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rel, agree = _compare(eng, 1030, 4, TEXT, seed=4)
+    finally:
+        torch.set_num_threads(threads)
+    assert rel < 2e-2, rel
+    assert agree >= 0.9, agree
+
+
+def test_greedy_generation_identical_tokens(plain_dir: Path) -> None:
+    """End to end through generate(): the fused path produces the reference's tokens."""
+    from lavin_edge.chat.sampling import GenerationConfig
+
+    eng = Engine.load(plain_dir, backend="kernels")
+    ids = list(range(40, 60))
+    out = []
+    for fused in (False, True):
+        keep = eng.fused_decode
+        eng.fused_decode = keep if fused else None
+        eng.reset(TEXT)
+        out.append(eng.generate(ids, GenerationConfig(max_new_tokens=16), stop_ids=set()).ids)
+        eng.fused_decode = keep
+    assert out[0] == out[1]
+    assert len(out[0]) == 16
+
+
+def test_torch_backend_has_no_fused_step(plain_dir: Path) -> None:
+    assert Engine.load(plain_dir, backend="torch").fused_decode is None
+
+
+def test_stack_rejects_mismatched_shapes(plain_dir: Path) -> None:
+    """The native stack checks every part against the model's sizes and every step's position."""
+    from lavin_edge.chat.fused_decode import linear_parts, norm_args
+
+    eng = Engine.load(plain_dir, backend="kernels")
+    C, lyr, keep = eng.kernels._C, eng.layers[0], []
+    rope = torch.view_as_real(eng.rope).contiguous()
+    stack = C.DecodeStack(eng.kernels.backend(), eng.dim, eng.n_heads, eng.n_kv, eng.hd, lyr.w13.n_out // 2,
+                          eng.max_context, eng.dim, 1e-5, rope.data_ptr(), 1)
+    norms = (norm_args(lyr.attn_in, keep), norm_args(lyr.ffn_norm, keep))
+    wqkv, wo, w13, w2 = (linear_parts(op, keep) for op in (lyr.wqkv, lyr.wo, lyr.w13, lyr.w2))
+    caches = (lyr.k_cache.data_ptr(), lyr.v_cache.data_ptr())
+    with pytest.raises(ValueError, match="decode wo"):
+        stack.add_layer(*norms, wqkv, w13, w13, w2, *caches)  # w13 where wo belongs
+    with pytest.raises(ValueError, match="decode wqkv: parts do not cover"):
+        stack.add_layer(*norms, wo, wo, w13, w2, *caches)  # [D -> D] where [D -> (h + 2 kv) hd] belongs
+    with pytest.raises(ValueError, match="no parts"):
+        stack.add_layer(*norms, [], wo, w13, w2, *caches)
+    stack.add_layer(*norms, wqkv, wo, w13, w2, *caches)
+    x, out = torch.zeros(eng.dim), torch.zeros(eng.dim)
+    with pytest.raises(ValueError, match="set_head"):
+        stack.step(x.data_ptr(), 0, 0, out.data_ptr())
+    stack.set_head(norm_args(eng.norm, keep), [])
+    with pytest.raises(ValueError, match="outside the cache"):
+        stack.step(x.data_ptr(), eng.max_context, 0, out.data_ptr())
+    with pytest.raises(ValueError, match="modality"):
+        stack.step(x.data_ptr(), 0, 2, out.data_ptr())
+    stack.step(x.data_ptr(), 0, 0, out.data_ptr())
+    assert stack.n_layers == 1
