@@ -59,6 +59,9 @@ class TrainConfig:
     adapter_hidden: int = 8
     temperature: float = 10.0
     dropout: float = 0.1
+    # Start from trained adapters (a `lavin-edge train` output dir or its adapters.safetensors) instead of fresh
+    # ones: a second stage on new data. Shapes must match this recipe's base and adapter sizes.
+    init_adapters: str | None = None
     # data: a list of source tables (see lavin_edge.data.sources.load_source)
     data: list[dict[str, Any]] = field(default_factory=list)
     max_seq_len: int = 512
@@ -137,6 +140,24 @@ def set_train_mode(model: LaVIN) -> None:
         if name.endswith(".adapter") or ".adapter." in name:
             m.train()
     model.llm.training = True
+
+
+def init_from_adapters(model: LaVIN, path: str | Path) -> None:
+    """Load trained adapters into ``model`` (fp32), refusing a file whose tensor names or shapes differ."""
+    p = Path(path)
+    if not (p / ckpt.ADAPTERS).is_file() and not p.is_file():
+        raise FileNotFoundError(f"init_adapters: no {ckpt.ADAPTERS} at {p}")
+    sd = ckpt.load_adapters(p)
+    want = model.trainable_state_dict()
+    if set(sd) != set(want):
+        diff = sorted(set(sd) ^ set(want))
+        raise ValueError(f"init_adapters {p}: tensor names differ from this recipe's model ({len(diff)}, e.g. "
+                         f"{diff[:3]}): another base or adapter size?")
+    bad = [k for k in want if sd[k].shape != want[k].shape]
+    if bad:
+        raise ValueError(f"init_adapters {p}: shapes differ from this recipe's model, e.g. {bad[0]} "
+                         f"{tuple(sd[bad[0]].shape)} vs {tuple(want[bad[0]].shape)}")
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
 
 
 def frozen_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -308,6 +329,9 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, dry_run: bool, log: A
         if isinstance(m, (RoutedAdapter, VisualProjection)):
             m.reset_parameters()
     model.modality_embedding.reset_parameters()
+    if cfg.init_adapters:
+        init_from_adapters(model, cfg.init_adapters)
+        log(f"adapters initialised from {cfg.init_adapters}")
     cast_frozen(model, dtype)
     model.to(info.device)
     model.llm.gradient_checkpointing = cfg.gradient_checkpointing

@@ -244,3 +244,26 @@ def test_easy_vqa_yes_no_subkinds_split_shape_from_colour_questions() -> None:
     assert all(words(r) & set(EASY_VQA_COLORS) and not words(r) & set(EASY_VQA_SHAPES) for r in colour_q)
     both = load_easy_vqa("train", Problems(), "open", kinds=["yes/no:shape", "yes/no:color"])
     assert len(both) == len(load_easy_vqa("train", Problems(), "open", kinds=["yes/no"]))
+
+
+def test_easy_vqa_balance_leaves_the_question_text_no_prior() -> None:
+    """``balance``: every question text keeps each of its answers equally often, so a text-only guess (the
+    majority answer of the same text) is at chance, while unbalanced easy-vqa gives it ~80% on yes/no."""
+    from collections import Counter
+
+    from lavin_edge.data.sources import balance_answers, load_easy_vqa, load_source
+
+    def text_prior(recs: list) -> float:
+        by_text: dict[str, Counter] = {}
+        for r in recs:
+            by_text.setdefault(r.prompt, Counter())[r.answer] += 1
+        return sum(c.most_common(1)[0][1] for c in by_text.values()) / len(recs)
+
+    plain = load_easy_vqa("train", Problems(), "open", kinds=["yes/no"])
+    balanced = load_easy_vqa("train", Problems(), "open", kinds=["yes/no"], balance=True)
+    assert text_prior(plain) > 0.75
+    assert text_prior(balanced) == 0.5
+    assert Counter(r.answer for r in balanced) == {" yes": len(balanced) // 2, " no": len(balanced) // 2}
+    # through a recipe table, with a limit; a text seen with one answer only is dropped
+    assert len(load_source({"type": "easy-vqa", "kinds": ["yes/no"], "balance": True, "limit": 40}, Problems())) == 40
+    assert balance_answers([0, 1, 2], ["a?", "a?", "b?"], ["yes", "no", "yes"], 0) == [0, 1]

@@ -86,6 +86,19 @@ def test_artifacts_and_frozen_base_bit_identical(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temp files
 
 
+def test_init_adapters_starts_from_a_trained_run(tmp_path: Path, reference_run: Path) -> None:
+    """A second stage: ``init_adapters`` loads the trained adapters (lr 0 keeps them, so the saved file equals the
+    source); adapters of another size are refused by name, with the file named."""
+    train(_cfg(tmp_path / "s2", max_steps=1, lr=0.0, init_adapters=str(reference_run)))
+    src = load_file(str(reference_run / "adapters.safetensors"))
+    got = load_file(str(tmp_path / "s2" / "adapters.safetensors"))
+    assert set(got) == set(src) and all(torch.equal(got[k], src[k]) for k in src)
+    with pytest.raises(ValueError, match="init_adapters .*shapes differ"):
+        train(_cfg(tmp_path / "s3", max_steps=1, adapter_hidden=4, init_adapters=str(reference_run)))
+    with pytest.raises(FileNotFoundError, match="init_adapters"):
+        train(_cfg(tmp_path / "s4", max_steps=1, init_adapters=str(tmp_path / "missing")))
+
+
 def test_resume_is_bit_exact(tmp_path: Path, reference_run: Path) -> None:
     train(_cfg(tmp_path, max_steps=3, dropout=0.1))
     res = train(_cfg(tmp_path, max_steps=6, dropout=0.1), resume=True)

@@ -16,6 +16,7 @@ import click
 @click.option("--llm", help="Frozen LLM: checkpoint path, .gguf, smollm2-135m, or preset:NAME.")
 @click.option("--vision", help="Vision tower: efficientnet-lite0, a CLIP checkpoint, or preset:NAME.")
 @click.option("--tokenizer", help="Tokenizer file (default: the LLM's own; 'bytes' for presets).")
+@click.option("--init-adapters", help="Start from these trained adapters (a train output dir) instead of fresh ones.")
 @click.option("--batch-size", type=int, help="Per-rank micro-batch size.")
 @click.option("--accum-steps", type=int, help="Gradient accumulation steps per optimizer step.")
 @click.option("--epochs", type=float)
@@ -35,7 +36,8 @@ import click
 @click.option("--dry-run", is_flag=True, help="Print trainable params, data counts and a memory estimate; no training.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs still go to train_log.jsonl).")
 def command(recipe: str, out_dir: str | None, llm: str | None, vision: str | None, tokenizer: str | None,
-            batch_size: int | None, accum_steps: int | None, epochs: float | None, max_steps: int | None,
+            init_adapters: str | None, batch_size: int | None, accum_steps: int | None, epochs: float | None,
+            max_steps: int | None,
             base_lr: float | None, lr: float | None, warmup_epochs: float | None, max_seq_len: int | None,
             seed: int | None, base_dtype: str | None, device: str | None, threads: int | None,
             save_every: int | None, gradient_checkpointing: bool | None, strict_data: bool | None, resume: bool,
@@ -44,7 +46,8 @@ def command(recipe: str, out_dir: str | None, llm: str | None, vision: str | Non
     from lavin_edge.data.sources import DataError
     from lavin_edge.train import load_recipe, train
 
-    overrides = {"out_dir": out_dir, "llm": llm, "vision": vision, "tokenizer": tokenizer, "batch_size": batch_size,
+    overrides = {"out_dir": out_dir, "llm": llm, "vision": vision, "tokenizer": tokenizer,
+                 "init_adapters": init_adapters, "batch_size": batch_size,
                  "accum_steps": accum_steps, "epochs": epochs, "max_steps": max_steps, "base_lr": base_lr, "lr": lr,
                  "warmup_epochs": warmup_epochs, "max_seq_len": max_seq_len, "seed": seed, "base_dtype": base_dtype,
                  "device": device, "threads": threads, "save_every": save_every,

@@ -226,13 +226,37 @@ def _stable_rng(key: str, seed: int) -> random.Random:
     return random.Random(int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little"))
 
 
+def balance_answers(indices: Sequence[int], questions: Sequence[str], answers: Sequence[str], seed: int
+                    ) -> list[int]:
+    """Keep, for every question text, equally many records of each of its answers (seeded choice), so the
+    question alone predicts nothing and only the image can (VQA v2's reason for balanced pairs). In easy-vqa
+    "is there a red shape?" is "no" 7 times in 8: unbalanced, a model learns to answer "no" to it without
+    looking. A question text seen with a single answer is dropped: it can teach nothing but that answer."""
+    groups: dict[str, dict[str, list[int]]] = {}
+    for n in indices:
+        groups.setdefault(questions[n], {}).setdefault(answers[n], []).append(n)
+    rng = random.Random(seed)
+    kept: list[int] = []
+    for q in sorted(groups):
+        by_answer = groups[q]
+        if len(by_answer) < 2:
+            continue
+        m = min(len(v) for v in by_answer.values())
+        for a in sorted(by_answer):
+            kept += rng.sample(by_answer[a], m)
+    return sorted(kept)
+
+
 def load_easy_vqa(split: str, problems: Problems, mode: str = "open", limit: int | None = None, seed: int = 0,
-                  name: str = "easy-vqa", kinds: Sequence[str] | None = None) -> list[Record]:
+                  name: str = "easy-vqa", kinds: Sequence[str] | None = None, balance: bool = False
+                  ) -> list[Record]:
     """The easy-vqa package's questions (``split`` = train | test) over its 64x64 images.
 
     ``mode="open"``: ``Instruction: {q}\\nResponse:`` -> `` {answer}``. ``mode="mc"``: ScienceQA-style
     multiple choice over the candidates of the question's kind, options shuffled per question (stable
-    across processes), target `` The answer is X.``. ``limit`` keeps a seeded random subset."""
+    across processes), target `` The answer is X.``. ``kinds`` filters by question kind, ``balance`` keeps
+    every answer of a question text equally often (:func:`balance_answers`), then ``limit`` keeps a seeded
+    random subset."""
     import easy_vqa
 
     if split not in ("train", "test"):
@@ -246,6 +270,8 @@ def load_easy_vqa(split: str, problems: Problems, mode: str = "open", limit: int
         if unknown:
             raise DataError(f"easy-vqa kinds are {', '.join(EASY_VQA_KINDS)}; got {sorted(unknown)}")
     order = [n for n in range(len(qs)) if kinds is None or easy_vqa_kinds_of(qs[n], answers[n]) & set(kinds)]
+    if balance:
+        order = balance_answers(order, qs, answers, seed)
     if limit is not None and limit < len(order):
         random.Random(seed).shuffle(order)
         order = sorted(order[:limit])
@@ -314,5 +340,6 @@ def load_source(spec: dict[str, Any], problems: Problems, split: str | None = No
         return load_alpaca(spec["path"], problems, name)
     if kind == "easy-vqa":
         return load_easy_vqa(split or spec.get("split", "train"), problems, spec.get("mode", "open"),
-                             spec.get("limit"), spec.get("seed", 0), name, spec.get("kinds"))
+                             spec.get("limit"), spec.get("seed", 0), name, spec.get("kinds"),
+                             bool(spec.get("balance", False)))
     raise DataError(f"unknown data source type {kind!r} (expected scienceqa, llava, alpaca or easy-vqa)")
