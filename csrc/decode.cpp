@@ -14,10 +14,10 @@
 
 namespace lavin {
 
-// exp for the softmax and SiLU, written so `omp simd` loops vectorise it (libm's expf is a scalar call:
-// ~100k of them per token on SmolLM2 cost more than a layer's GEMVs). Range reduction x = k ln2 + r with
-// |r| <= ln2/2, then a degree-6 Taylor polynomial: relative error < 2e-7 over the clamped range, below
-// fp32 rounding of the sums it feeds.
+// exp for the softmax and SiLU, written so `omp simd` loops vectorise it (libm's expf is a scalar call;
+// ~100k per SmolLM2 token, and this version took 0.3 ms off the 5.5 ms step). Range reduction x = k ln2 + r with
+// |r| <= ln2/2, then a degree-6 Taylor polynomial: relative error < 2.5e-7 (~2 ulp) over the clamped
+// range (checked against exp in double over [-87, 88]), below the rounding of the fp32 sums it feeds.
 #pragma omp declare simd
 static inline float exp_vec(float x) {
   x = std::min(88.0f, std::max(-87.0f, x));

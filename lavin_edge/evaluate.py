@@ -43,6 +43,9 @@ CATEGORIES: dict[str, Callable[[dict[str, Any]], bool]] = {
 }
 
 
+YES_NO_END_RE = re.compile(r"\b(yes|no)[.!]?\s*$", re.IGNORECASE)
+
+
 def parse_answer(text: str) -> str | None:
     m = ANSWER_RE.search(text)
     return m.group(1) if m else None
@@ -107,6 +110,13 @@ def predict(model: LaVIN, tok: Any, rec: Record, method: str, max_new_tokens: in
         parsed = parse_answer(output)
         return {"id": rec.id, "pred": parsed, "label": label, "correct": parsed == label, "parsed": parsed is not None,
                 "output": output}
+    if rec.meta.get("kind") == "yes/no":
+        # An easy-vqa yes/no answer is the output's last word: " no" and an explained " It is a red circle,
+        # so no." both end with it; anything else is unparsable and wrong.
+        m = YES_NO_END_RE.search(output)
+        pred = m.group(1).lower() if m else None
+        return {"id": rec.id, "pred": pred, "label": label, "correct": pred == _norm(label),
+                "parsed": pred is not None, "output": output}
     return {"id": rec.id, "pred": output.strip(), "label": label, "correct": _norm(output) == _norm(label),
             "parsed": True, "output": output}
 

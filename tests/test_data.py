@@ -267,3 +267,27 @@ def test_easy_vqa_balance_leaves_the_question_text_no_prior() -> None:
     # through a recipe table, with a limit; a text seen with one answer only is dropped
     assert len(load_source({"type": "easy-vqa", "kinds": ["yes/no"], "balance": True, "limit": 40}, Problems())) == 40
     assert balance_answers([0, 1, 2], ["a?", "a?", "b?"], ["yes", "no", "yes"], 0) == [0, 1]
+
+
+def test_easy_vqa_explained_yes_no_targets_agree_with_their_answers() -> None:
+    """``explain``: yes/no targets state the image's colour and shape, then the answer, and what they state is
+    consistent with the question and its gold answer for every record (the facts come from other questions)."""
+    import re
+
+    from lavin_edge.data.sources import load_easy_vqa
+
+    recs = load_easy_vqa("train", Problems(), "open", kinds=["yes/no"], explain=True)
+    assert len(recs) > 20000  # most of the 28k yes/no questions: images with known colour and shape
+    pat = re.compile(r"^ It is a (\w+) (\w+), so (yes|no)\.$")
+    for r in recs:
+        m = pat.match(r.answer)
+        assert m, r.answer
+        colour, shape, answer = m.groups()
+        assert answer == r.meta["answer"]
+        words = set(r.prompt.split("\n")[0].lower().rstrip("?").split())
+        present = colour in words or shape in words
+        assert answer == ("no" if present == bool(words & {"not", "no"}) else "yes"), (r.prompt, r.answer)
+    others = load_easy_vqa("train", Problems(), "open", limit=30, kinds=["color", "shape"], explain=True)
+    assert all(r.answer == " " + r.meta["answer"] for r in others)  # open answers stay one word
+    with pytest.raises(DataError, match="explain"):
+        load_easy_vqa("train", Problems(), "mc", limit=5, explain=True)

@@ -52,6 +52,25 @@ def test_unparsable_is_wrong_and_categories(monkeypatch: pytest.MonkeyPatch) -> 
     assert "unparsable answers (counted wrong): 1" in ev.format_table(res)
 
 
+def test_easy_vqa_yes_no_answer_is_the_last_word(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Open easy-vqa answers: colour/shape by exact match; yes/no by the output's last word, so a plain " no" and
+    an explained " It is a red circle, so no." both count, and an output not ending in yes/no is unparsable."""
+    model, tok, _ = build_base(BaseSpec("preset:tiny", "preset:tiny"), AdapterConfig())
+
+    def rec(rid: str, answer: str, kind: str) -> Record:
+        return Record(rid, "Instruction: q?\nResponse:", " " + answer, None, "easy-vqa",
+                      {"kind": kind, "answer": answer})
+
+    recs = [rec("1", "no", "yes/no"), rec("2", "yes", "yes/no"), rec("3", "no", "yes/no"), rec("4", "yes", "yes/no"),
+            rec("5", "red", "color"), rec("6", "circle", "shape")]
+    outputs = {"1": " no", "2": " It is a red circle, so yes.", "3": " It is a red circle, so yes.",
+               "4": " yes, it is a", "5": " red.", "6": " It is a circle"}
+    monkeypatch.setattr(ev, "generate", lambda m, t, r, n, img: outputs[r.id])
+    res = ev.evaluate_records(model, tok, recs)
+    assert [p["correct"] for p in res["predictions"]] == [True, True, False, False, True, False]
+    assert res["unparsable"] == ["4"]
+
+
 def test_score_path_picks_an_option() -> None:
     model, tok, _ = build_base(BaseSpec("preset:tiny", "preset:tiny"), AdapterConfig())
     rec = _rec("1", "B", subject="natural science", grade="grade1", has_text=False, has_image=False)

@@ -247,16 +247,46 @@ def balance_answers(indices: Sequence[int], questions: Sequence[str], answers: S
     return sorted(kept)
 
 
+def easy_vqa_image_facts(questions: Sequence[str], answers: Sequence[str], image_ids: Sequence[int]
+                         ) -> dict[int, tuple[str, str]]:
+    """{image id: (colour, shape)} for the images whose colour and shape the split's own questions state
+    (an open answer, or a yes/no answer about one colour or shape); ~78% of easy-vqa's images."""
+    colour: dict[int, str] = {}
+    shape: dict[int, str] = {}
+    for q, a, iid in zip(questions, answers, image_ids, strict=True):
+        if a in EASY_VQA_COLORS:
+            colour[iid] = a
+        elif a in EASY_VQA_SHAPES:
+            shape[iid] = a
+        else:
+            words = set(q.lower().rstrip("?").split())
+            if (a == "yes") != bool(words & {"not", "no"}):  # the question's colour/shape is in the image
+                for c in EASY_VQA_COLORS:
+                    if c in words:
+                        colour[iid] = c
+                for s in EASY_VQA_SHAPES:
+                    if s in words:
+                        shape[iid] = s
+    return {iid: (colour[iid], shape[iid]) for iid in colour.keys() & shape.keys()}
+
+
+def explained_answer(colour: str, shape: str, answer: str) -> str:
+    """The target of an explained yes/no answer: what the image shows first, then the answer as the last word
+    (the order of a rationale: the answer is conditioned on it). Evaluation reads the last word."""
+    return f" It is a {colour} {shape}, so {answer}."
+
+
 def load_easy_vqa(split: str, problems: Problems, mode: str = "open", limit: int | None = None, seed: int = 0,
-                  name: str = "easy-vqa", kinds: Sequence[str] | None = None, balance: bool = False
-                  ) -> list[Record]:
+                  name: str = "easy-vqa", kinds: Sequence[str] | None = None, balance: bool = False,
+                  explain: bool = False) -> list[Record]:
     """The easy-vqa package's questions (``split`` = train | test) over its 64x64 images.
 
     ``mode="open"``: ``Instruction: {q}\\nResponse:`` -> `` {answer}``. ``mode="mc"``: ScienceQA-style
     multiple choice over the candidates of the question's kind, options shuffled per question (stable
     across processes), target `` The answer is X.``. ``kinds`` filters by question kind, ``balance`` keeps
     every answer of a question text equally often (:func:`balance_answers`), then ``limit`` keeps a seeded
-    random subset."""
+    random subset. ``explain`` (open mode): yes/no targets become :func:`explained_answer`, and yes/no
+    questions about an image whose colour and shape the split does not state are left out."""
     import easy_vqa
 
     if split not in ("train", "test"):
@@ -270,6 +300,12 @@ def load_easy_vqa(split: str, problems: Problems, mode: str = "open", limit: int
         if unknown:
             raise DataError(f"easy-vqa kinds are {', '.join(EASY_VQA_KINDS)}; got {sorted(unknown)}")
     order = [n for n in range(len(qs)) if kinds is None or easy_vqa_kinds_of(qs[n], answers[n]) & set(kinds)]
+    facts: dict[int, tuple[str, str]] = {}
+    if explain:
+        if mode != "open":
+            raise DataError("easy-vqa explain needs mode 'open'")
+        facts = easy_vqa_image_facts(qs, answers, image_ids)
+        order = [n for n in order if answers[n] not in EASY_VQA_YESNO or image_ids[n] in facts]
     if balance:
         order = balance_answers(order, qs, answers, seed)
     if limit is not None and limit < len(order):
@@ -285,7 +321,8 @@ def load_easy_vqa(split: str, problems: Problems, mode: str = "open", limit: int
             continue
         meta: dict[str, Any] = {"kind": easy_vqa_kind(a), "answer": a, "image_id": iid}
         if mode == "open":
-            out.append(Record(rid, chat_prompt(q), " " + a, path, name, meta))
+            target = explained_answer(*facts[iid], a) if explain and a in EASY_VQA_YESNO else " " + a
+            out.append(Record(rid, chat_prompt(q), target, path, name, meta))
             continue
         choices = list(easy_vqa_candidates(a))
         _stable_rng(rid, seed).shuffle(choices)
@@ -341,5 +378,5 @@ def load_source(spec: dict[str, Any], problems: Problems, split: str | None = No
     if kind == "easy-vqa":
         return load_easy_vqa(split or spec.get("split", "train"), problems, spec.get("mode", "open"),
                              spec.get("limit"), spec.get("seed", 0), name, spec.get("kinds"),
-                             bool(spec.get("balance", False)))
+                             bool(spec.get("balance", False)), bool(spec.get("explain", False)))
     raise DataError(f"unknown data source type {kind!r} (expected scienceqa, llava, alpaca or easy-vqa)")
