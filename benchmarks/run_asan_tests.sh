@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the kernel tests against an AddressSanitizer build of lavin_edge._C.
+# Run the kernel tests and the one-call decode step's tests against an AddressSanitizer build of lavin_edge._C.
 # Python itself is not instrumented, so libasan (and libstdc++, for ASan's __cxa_throw
 # interceptor) are preloaded; leak detection is off (CPython's own allocations).
 set -euo pipefail
@@ -11,7 +11,7 @@ cmake -S "$root" -B "$build" -G Ninja -DLAVIN_EDGE_CUDA=OFF -DLAVIN_EDGE_ASAN=ON
   -DPython_EXECUTABLE="$(command -v python)" >/dev/null
 cmake --build "$build" -j "${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
 cp -r "$root/lavin_edge" "$stage/" && rm -f "$stage"/lavin_edge/_C*.so && cp "$build"/_C*.so "$stage/lavin_edge/"
-mkdir -p "$stage/tests" && cp "$root"/tests/test_kernels*.py "$stage/tests/"
+mkdir -p "$stage/tests" && cp "$root"/tests/test_kernels*.py "$root"/tests/test_fused_decode.py "$stage/tests/"
 cd "$stage"
 ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" \
   PYTHONPATH="$stage" python -m pytest -q -p no:cacheprovider tests

@@ -37,7 +37,7 @@ static inline float exp_vec(float x) {
 }
 
 struct DecodeScratch {
-  std::vector<float> xn, qkv, att, tmp, g13, h, scores;
+  std::vector<float> xn, qkv, att, tmp, g13, h, scores, acc;  // acc: an accumulating part's output
   std::vector<int8_t> q;
   std::vector<float> d, gsum;
 };
@@ -48,7 +48,7 @@ DecodeStack::DecodeStack(const DecodeShape& shape, W4GemmFn gemm, LlmAdapterFn a
   s_->xn.resize(shape.dim);
   s_->qkv.resize((shape.n_heads + 2 * shape.n_kv) * hd);
   s_->att.resize(shape.n_heads * hd);
-  s_->tmp.resize(std::max(shape.dim, shape.vocab));
+  s_->tmp.resize(shape.dim);
   s_->g13.resize(2 * shape.ffn);
   s_->h.resize(shape.ffn);
   s_->scores.resize(shape.n_heads * shape.ctx);
@@ -61,6 +61,7 @@ static void reserve_quant(DecodeScratch& s, const std::vector<DecodeLinearPart>&
     if (static_cast<int64_t>(s.q.size()) < p.w.kp) s.q.resize(p.w.kp);
     if (static_cast<int64_t>(s.d.size()) < p.w.kp / kBlock) s.d.resize(p.w.kp / kBlock);
     if (static_cast<int64_t>(s.gsum.size()) < p.w.groups) s.gsum.resize(p.w.groups);
+    if (p.accumulate && static_cast<int64_t>(s.acc.size()) < p.w.n) s.acc.resize(p.w.n);
   }
 }
 
@@ -75,15 +76,14 @@ void DecodeStack::set_head(const DecodeNorm& norm, const std::vector<DecodeLinea
   head_ = head;
 }
 
-void DecodeStack::linear(const std::vector<DecodeLinearPart>& parts, const float* x, float* y, int64_t ldy) {
-  (void)ldy;
+void DecodeStack::linear(const std::vector<DecodeLinearPart>& parts, const float* x, float* y) {
   for (const auto& p : parts) {
     quantize_activations(x, p.w.k, p.w, 1, s_->q.data(), s_->d.data(), s_->gsum.data());
     XQuant xq{s_->q.data(), s_->d.data(), s_->gsum.data(), 1};
     if (!p.accumulate) {
       gemm_(p.w, xq, y + p.out_offset, p.w.n, p.threads);
     } else {
-      float* t = s_->tmp.data();
+      float* t = s_->acc.data();
       gemm_(p.w, xq, t, p.w.n, p.threads);
       float* dst = y + p.out_offset;
       for (int64_t i = 0; i < p.w.n; ++i) dst[i] += t[i];
@@ -165,7 +165,7 @@ void DecodeStack::step(float* x, int64_t pos, int32_t modality, float* out) {
   float *g13 = s_->g13.data(), *h = s_->h.data();
   for (const DecodeLayer& l : layers_) {
     norm(l.attn_in, x, xn, &modality);
-    linear(l.wqkv, xn, qkv, (nh + 2 * nkv) * hd);
+    linear(l.wqkv, xn, qkv);
     // Rotary on q and k: pairs (2i, 2i+1) times (cos + i sin), as view_as_complex in the reference.
     for (int64_t r = 0; r < nh + nkv; ++r) {
       float* v = qkv + r * hd;
@@ -181,12 +181,12 @@ void DecodeStack::step(float* x, int64_t pos, int32_t modality, float* out) {
       std::copy_n(qkv + (nh + nkv + kv) * hd, hd, l.v_cache + (kv * ctx + pos) * hd);
     }
     attention(l, qkv, pos + 1, att);
-    linear(l.wo, att, tmp, D);
+    linear(l.wo, att, tmp);
     for (int64_t i = 0; i < D; ++i) x[i] += tmp[i];
     norm(l.ffn_norm, x, xn, &modality);
-    linear(l.w13, xn, g13, 2 * F);
+    linear(l.w13, xn, g13);
     silu_mul(g13, g13 + F, h, F);
-    linear(l.w2, h, tmp, D);
+    linear(l.w2, h, tmp);
     for (int64_t i = 0; i < D; ++i) x[i] += tmp[i];
   }
   if (head_.empty()) {  // the caller applies its own head to the normed state
@@ -194,7 +194,7 @@ void DecodeStack::step(float* x, int64_t pos, int32_t modality, float* out) {
     return;
   }
   norm(head_norm_, x, xn, &modality);
-  linear(head_, xn, out, shape_.vocab);
+  linear(head_, xn, out);
 }
 
 }  // namespace lavin

@@ -151,7 +151,7 @@ class DecodeStack {
   int64_t n_layers() const { return static_cast<int64_t>(layers_.size()); }
 
  private:
-  void linear(const std::vector<DecodeLinearPart>& parts, const float* x, float* y, int64_t ldy);
+  void linear(const std::vector<DecodeLinearPart>& parts, const float* x, float* y);
   void norm(const DecodeNorm& n, const float* x, float* y, const int32_t* modality);
   void attention(const DecodeLayer& l, const float* q, int64_t end, float* out);
   DecodeShape shape_;

@@ -1,8 +1,8 @@
 """The whole decode step in one native call (``lavin_edge._C.DecodeStack``, csrc/decode.cpp).
 
 ``Engine._step`` is the reference: ~20 PyTorch ops and kernel calls per layer. On a small model each costs
-more in Python dispatch than its arithmetic (SmolLM2-135M: ~7 ms per token of which ~2 ms is reading the
-weights), so when every linear of the model runs on the extension's W4 kernel the engine hands the step to
+more in Python dispatch than its arithmetic (SmolLM2-135M: ~7.6 ms per token of which ~2.5 ms is reading
+the weights), so when every linear of the model runs on the extension's W4 kernel the engine hands the step to
 ``DecodeStack``, which runs the same ops (norm + folded adapter, q|k|v, rotary, cache write, GQA attention,
 o, norm, gate|up, SwiGLU, down, final norm, head) back to back in C++ on preallocated buffers.
 
