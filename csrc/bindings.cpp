@@ -35,6 +35,15 @@ void require(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument(msg);
 }
 
+// Every v[i] in [lo, hi). One require() per entry would build its message string per entry: that cost
+// ~23 ns each, a third of an act-order GEMV's time at k = 11008.
+bool all_in_range(const int32_t* v, int64_t n, int64_t lo, int64_t hi) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (v[i] < lo || v[i] >= hi) return false;
+  }
+  return true;
+}
+
 enum class Isa { kScalar, kAvx2, kAvx512 };
 
 Isa parse_isa(const std::string& name) {
@@ -116,7 +125,7 @@ W4Prepared checked_w4(const char* what, uintptr_t qw, int64_t qw_bytes, uintptr_
   p.groups = groups;
   p.blocks_per_group = kp / kBlock / groups;
   if (p.perm) {  // O(k): cheap next to the O(nk) product, and it rules out a wild gather
-    for (int64_t i = 0; i < k; ++i) require(p.perm[i] >= 0 && p.perm[i] < k, w + ": perm entry out of range [0, k)");
+    require(all_in_range(p.perm, k, 0, k), w + ": perm entry out of range [0, k)");
   }
   return p;
 }
@@ -156,8 +165,7 @@ void py_w4_gemm_gptq_reference(uintptr_t x, int64_t m, uintptr_t qweight, int64_
   require(g_idx != 0 || (k + group_size - 1) / group_size <= groups, "gptq_reference: too few groups for k");
   const int32_t* gi = g_idx ? ptr<const int32_t>(g_idx) : nullptr;
   if (gi) {
-    for (int64_t i = 0; i < k; ++i)
-      require(gi[i] >= 0 && gi[i] < groups, "gptq_reference: g_idx entry out of range [0, G)");
+    require(all_in_range(gi, k, 0, groups), "gptq_reference: g_idx entry out of range [0, G)");
   }
   py::gil_scoped_release nogil;
   w4_gemm_gptq_reference(ptr<const float>(x), m, ptr<const int32_t>(qweight), ptr<const int32_t>(qzeros),
@@ -175,7 +183,7 @@ void py_w4_repack(uintptr_t qweight, int64_t qweight_numel, int64_t n, int64_t k
   require(perm == 0 || perm_numel == k, "w4_repack: perm must hold k entries");
   const int32_t* pm = perm ? ptr<const int32_t>(perm) : nullptr;
   if (pm) {
-    for (int64_t i = 0; i < k; ++i) require(pm[i] >= 0 && pm[i] < k, "w4_repack: perm entry out of range [0, k)");
+    require(all_in_range(pm, k, 0, k), "w4_repack: perm entry out of range [0, k)");
   }
   py::gil_scoped_release nogil;
   w4_repack_gptq(ptr<const int32_t>(qweight), n, k, pm, np, kp, ptr<uint8_t>(out), resolve_threads(threads));
@@ -190,7 +198,7 @@ void py_llm_adapter(const std::string& isa_name, uintptr_t x, uintptr_t y, int64
   require(rows > 0 && dim > 0, "llm_adapter: rows and dim must be positive");
   require(rank > 0 && rank <= 64, "llm_adapter: rank must be in [1, 64]");
   const int32_t* mod = ptr<const int32_t>(row_modality);
-  for (int64_t i = 0; i < rows; ++i) require(mod[i] == 0 || mod[i] == 1, "llm_adapter: modality must be 0 or 1");
+  require(all_in_range(mod, rows, 0, 2), "llm_adapter: modality must be 0 or 1");
   LlmAdapterArgs p{ptr<const float>(x), ptr<float>(y), rows, dim, rank, ptr<const float>(g), ptr<const float>(A),
                    ptr<const float>(a), ptr<const float>(U), ptr<const float>(u), mod, static_cast<float>(eps)};
   const int nt = resolve_threads(threads);

@@ -245,10 +245,11 @@ def test_w4_binding_rechecks_sizes() -> None:
     ]:
         with pytest.raises(ValueError, match=msg):
             K._C.w4_gemm(**{**args, key: val})
-    bad_perm = p.perm.clone()
-    bad_perm[0] = 1000
-    with pytest.raises(ValueError, match="perm entry"):
-        K._C.w4_gemm(**{**args, "perm": bad_perm.data_ptr()})
+    for where, value in ((0, 1000), (-1, -1), (-1, 128)):  # first / last entry, below / at the bound
+        bad_perm = p.perm.clone()
+        bad_perm[where] = value
+        with pytest.raises(ValueError, match="perm entry"):
+            K._C.w4_gemm(**{**args, "perm": bad_perm.data_ptr()})
 
 
 # ---- adapters ---------------------------------------------------------------------------------
