@@ -12,10 +12,9 @@ per-token routed kernel; ``torch`` is plain PyTorch (quantized weights are dequa
 
 The decode step runs in one native call when the kernels serve every op (``fused_decode.py``); the
 PyTorch loop of ``_step`` is its reference and the path of the torch backend. That loop is written for low
-dispatch: weights are fused where that is exact (q|k|v and
-gate|up share one matmul), the KV cache is preallocated in SDPA's [1, heads, ctx, hd] layout so no
-per-step transpose or copy of the cache happens, rotary uses one complex multiply for q and k
-together, and everything runs under ``torch.inference_mode``.
+dispatch: weights are fused where that is exact (q|k|v and gate|up share one matmul), the KV cache is
+preallocated in SDPA's [1, heads, ctx, hd] layout so no per-step transpose or copy of the cache happens,
+rotary uses one complex multiply for q and k together, and everything runs under ``torch.inference_mode``.
 """
 
 from __future__ import annotations
