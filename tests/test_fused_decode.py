@@ -125,11 +125,11 @@ def test_fused_step_with_act_order_parts_and_w4_head(act_order_dir: Path) -> Non
 
 def test_fused_step_long_context_parallel_heads(tmp_path: Path) -> None:
     """A cache long enough that the native attention splits heads over threads (end x heads x hd >= 2^18)."""
-    eng = Engine.load(_quantized_dir(_model(dim=256, seed=2), tmp_path, act_order=False), backend="kernels")
-    assert eng.fused_decode is not None
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(2)  # before loading: the stack takes its thread count at build time
     try:
+        eng = Engine.load(_quantized_dir(_model(dim=256, seed=2), tmp_path, act_order=False), backend="kernels")
+        assert eng.fused_decode is not None
         rel, agree = _compare(eng, 1030, 4, TEXT, seed=4)
     finally:
         torch.set_num_threads(threads)
