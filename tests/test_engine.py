@@ -12,17 +12,17 @@ import torch
 
 from lavin_edge.chat.engine import TEXT, ContextError, Engine, ModelDirError
 from lavin_edge.chat.sampling import GenerationConfig
-from lavin_edge.config import preset
+from lavin_edge.config import LavinConfig, preset
 from lavin_edge.io.tokenizer import ByteTokenizer
 from lavin_edge.merge import merge_lavin, save_merged
 from lavin_edge.model.lavin import IMAGE, LaVIN, build_lavin, encode_example
 
 
-def trained_like(seed: int = 0, llm: str = "tiny", vision: str = "tiny") -> LaVIN:
-    """A tiny LaVIN with non-trivial adapters, projection and modality embedding (fresh adapters are the
-    identity and would hide a wrong routing table)."""
+def trained_like(seed: int = 0, llm: str = "tiny", vision: str = "tiny", cfg: LavinConfig | None = None) -> LaVIN:
+    """A tiny LaVIN (``cfg``, else the ``llm``/``vision`` presets) with non-trivial adapters, projection and
+    modality embedding (fresh adapters are the identity and would hide a wrong routing table)."""
     torch.manual_seed(seed)
-    model = build_lavin(preset(llm, vision))
+    model = build_lavin(cfg or preset(llm, vision))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

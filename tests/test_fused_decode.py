@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_engine import trained_like
 
 from lavin_edge.chat.engine import TEXT, Engine
 from lavin_edge.config import preset
 from lavin_edge.merge import merge_lavin, read_config, save_merged
-from lavin_edge.model.lavin import IMAGE, LaVIN, build_lavin
+from lavin_edge.model.lavin import IMAGE, LaVIN
 
 pytestmark = pytest.mark.skipif(
     __import__("lavin_edge.kernels", fromlist=["_C"])._C is None, reason="lavin_edge._C not built")
@@ -31,14 +32,7 @@ def _model(vocab: int | None = None, dim: int | None = None, seed: int = 0) -> L
         cfg.llm.vocab_size = vocab
     if dim is not None:
         cfg.llm.dim, cfg.llm.ffn_dim, cfg.llm.max_seq_len = dim, 2 * dim, 1200
-    torch.manual_seed(seed)
-    model = build_lavin(cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if model.is_trainable_name(name):
-                p.copy_(torch.randn(p.shape, generator=g) * (2.0 if "router" in name else 0.3))
-    return model.eval()
+    return trained_like(seed, cfg=cfg)
 
 
 def _quantized_dir(model: LaVIN, root: Path, act_order: bool) -> Path:

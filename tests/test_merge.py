@@ -6,28 +6,13 @@ import json
 
 import pytest
 import torch
+from test_engine import trained_like
 
-from lavin_edge.config import preset
 from lavin_edge.merge import ModelDirError, load_merged, merge_lavin, read_config, routing_table, save_merged
 from lavin_edge.model.lavin import collate, encode_example
 from lavin_edge.model.llama import KVCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _trained_like(seed: int = 0):
-    """A tiny LaVIN whose adapters, projection and modality embedding hold non-trivial values (fresh
-    adapters are the identity, and equal routing for both modalities would hide a swapped table)."""
-    from lavin_edge.model.lavin import build_lavin
-
-    torch.manual_seed(seed)
-    model = build_lavin(preset("tiny", "tiny"))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if model.is_trainable_name(name):
-                p.copy_(torch.randn(p.shape, generator=g) * (2.0 if "router" in name else 0.3))
-    return model.eval()
 
 
 def _batch(tok, model):
@@ -41,7 +26,7 @@ def _batch(tok, model):
 
 
 def test_routing_table_depends_on_modality(byte_tok) -> None:
-    model = _trained_like()
+    model = trained_like()
     table = routing_table(model)
     assert table.shape == (model.cfg.llm.n_layers, 2, 2)
     assert torch.allclose(table.sum(-1), torch.ones(table.shape[:2]))
@@ -50,7 +35,7 @@ def test_routing_table_depends_on_modality(byte_tok) -> None:
 
 
 def test_merged_logits_equal_unmerged(byte_tok) -> None:
-    model = _trained_like()
+    model = trained_like()
     batch = _batch(byte_tok, model)
     merged, _ = merge_lavin(model)
     with torch.no_grad():
@@ -68,7 +53,7 @@ def test_merged_logits_equal_unmerged(byte_tok) -> None:
 
 
 def test_merged_decode_cache_holds_only_real_tokens(byte_tok) -> None:
-    model = _trained_like(3)
+    model = trained_like(3)
     merged, _ = merge_lavin(model)
     tok = byte_tok
     for has_image in (False, True):
@@ -90,7 +75,7 @@ def test_merged_decode_cache_holds_only_real_tokens(byte_tok) -> None:
 
 
 def test_save_load_roundtrip_and_bad_dirs(tmp_path, byte_tok) -> None:
-    model = _trained_like(5)
+    model = trained_like(5)
     merged, table = merge_lavin(model)
     out = save_merged(merged, tmp_path / "merged", None, {"note": "test"}, table)
     cfg = json.loads((out / "config.json").read_text())

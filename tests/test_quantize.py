@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from test_engine import trained_like
 from test_gptq import reference_unpack
-from test_merge import _trained_like
 
 from lavin_edge.cli import main
 from lavin_edge.io.tokenizer import ByteTokenizer
@@ -48,7 +48,7 @@ def _calibration(model, n_text: int = 6, n_img: int = 6) -> list[CalibSample]:
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
-    merged, table = merge_lavin(_trained_like(7))
+    merged, table = merge_lavin(trained_like(7))
     fp = copy.deepcopy(merged)
     root = tmp_path_factory.mktemp("q")
     save_merged(merged, root / "merged", "bytes", {"test": True}, table)
@@ -150,7 +150,7 @@ def test_asymmetric_calibration_tracks_the_fp_model(quantized) -> None:
 
 
 def test_bad_inputs_fail_before_work(tmp_path) -> None:
-    merged, _ = merge_lavin(_trained_like(2))
+    merged, _ = merge_lavin(trained_like(2))
     samples = _calibration(merged, 2, 2)
     with pytest.raises(ValueError, match="not divisible by group size 128"):
         quantize_model(merged, samples, GPTQConfig(group_size=128), progress=False)
@@ -166,13 +166,13 @@ def test_bad_inputs_fail_before_work(tmp_path) -> None:
     with pytest.raises(CalibrationError, match="image shape"):
         quantize_model(merged, wrong + text_only, GPTQConfig(group_size=32), progress=False)
     # Nothing was touched by the refused runs.
-    fresh, _ = merge_lavin(_trained_like(2))
+    fresh, _ = merge_lavin(trained_like(2))
     assert torch.equal(merged.llm.layers[0].attention.wq.weight, fresh.llm.layers[0].attention.wq.weight)
 
 
 def test_cli_merge_refusal_and_quantize(tmp_path, quantized) -> None:
     runner = CliRunner()
-    merged, table = merge_lavin(_trained_like(4))
+    merged, table = merge_lavin(trained_like(4))
     save_merged(merged, tmp_path / "m", "bytes", {}, table)
     # Not a merged model: a trained-adapter directory.
     bad = tmp_path / "adapters"
