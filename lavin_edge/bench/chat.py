@@ -214,13 +214,14 @@ def _llama7b_row(new_tokens: int, prompt_tokens: int, max_context: int, llm: dic
 # ----------------------------------------------------------------------------------------- llama.cpp row
 
 def _llamacpp_row(gguf: str, new_tokens: int, prompt: str | None = None, prompt_ids: list[int] | None = None,
-                  n_ctx: int = 512, with_roofline: bool = False) -> dict[str, Any]:
+                  n_ctx: int = 512, roofline_llm: Any = None) -> dict[str, Any]:
     """Greedy decode through llama-cpp-python: ``prompt`` text (tokenized by the GGUF's own tokenizer) or
-    ``prompt_ids``. ``with_roofline``: the bandwidth limit of a random LLaMA GGUF of ours, as for our 7B row."""
+    ``prompt_ids``. ``roofline_llm``: the ``LlamaConfig`` a random GGUF of ours was written from, for its
+    bandwidth limit, as for our 7B row."""
     from llama_cpp import Llama  # type: ignore[import-not-found]
 
     threads = torch.get_num_threads()
-    read_bw = _probe_read_bw(threads) if with_roofline else None
+    read_bw = _probe_read_bw(threads) if roofline_llm is not None else None
     t0 = time.perf_counter()
     llm = Llama(model_path=gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
                 verbose=False)
@@ -247,12 +248,10 @@ def _llamacpp_row(gguf: str, new_tokens: int, prompt: str | None = None, prompt_
     best["load_s"] = round(load_s, 1)
     if read_bw is not None:
         from lavin_edge.bench.random_gguf import decode_bytes_per_token
-        from lavin_edge.config import preset
 
-        cfg = preset("llama-7b", "tiny").llm
         # llama.cpp's KV cache is fp16 by default.
-        best.update(_roofline_fields(cfg, read_bw, decode_bytes_per_token(cfg), 2, len(toks) + new_tokens / 2,
-                                     best["decode_tok_s"]))
+        best.update(_roofline_fields(roofline_llm, read_bw, decode_bytes_per_token(roofline_llm), 2,
+                                     len(toks) + new_tokens / 2, best["decode_tok_s"]))
     return best
 
 
@@ -338,11 +337,15 @@ def run_chat_bench(json_out: bool = False, fp_model: str | None = None, q_model:
         if with_7b:
             spec = None
             if not missing:
+                import dataclasses
+
                 from lavin_edge.bench.random_gguf import cached_random_llama_gguf
                 from lavin_edge.config import preset
 
-                spec = {"kind": "llamacpp", "gguf": str(cached_random_llama_gguf(preset("llama-7b", "tiny").llm)),
-                        "new_tokens": min(new_tokens, 32), "prompt_tokens": 16, "n_ctx": 128, "roofline": True}
+                llm7b = preset("llama-7b", "tiny").llm
+                spec = {"kind": "llamacpp", "gguf": str(cached_random_llama_gguf(llm7b)),
+                        "new_tokens": min(new_tokens, 32), "prompt_tokens": 16, "n_ctx": 128,
+                        "llm": dataclasses.asdict(llm7b)}
             add("llama-7b-shaped, random Q4_0 GGUF (+Q4_0 output)", "llama.cpp", spec, missing)
     result = {"threads": threads, "new_tokens": new_tokens, "question": question, "image": image, "rows": rows}
     if print_results:
@@ -386,13 +389,12 @@ def _main(spec_json: str) -> None:
     elif kind == "llama7b":
         row = _llama7b_row(spec["new_tokens"], spec["prompt_tokens"], spec["max_context"])
     elif kind == "llamacpp":
-        ids = None
-        if spec.get("prompt_tokens"):
-            from lavin_edge.config import preset
+        # A random GGUF of ours comes with the config it was written from: its prompt ids and its roofline.
+        from lavin_edge.config import LlamaConfig
 
-            ids = _random_prompt_ids(preset("llama-7b", "tiny").llm.vocab_size, spec["prompt_tokens"])
-        row = _llamacpp_row(spec["gguf"], spec["new_tokens"], spec.get("prompt"), ids, spec.get("n_ctx", 512),
-                            bool(spec.get("roofline")))
+        llm = LlamaConfig(**spec["llm"]) if spec.get("llm") else None
+        ids = _random_prompt_ids(llm.vocab_size, spec["prompt_tokens"]) if llm is not None else None
+        row = _llamacpp_row(spec["gguf"], spec["new_tokens"], spec.get("prompt"), ids, spec.get("n_ctx", 512), llm)
     else:
         raise SystemExit(f"unknown row kind {kind!r}")
     print(json.dumps(row))
