@@ -14,7 +14,6 @@ in config.json, and ``quantize_config.json`` in the standard GPTQ form.
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -216,10 +215,9 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def _run_layer(model: MergedLaVIN, i: int, inputs: list[tuple[torch.Tensor, torch.Tensor]],
-               layer: nn.Module | None = None) -> list[torch.Tensor]:
-    """Layer ``i`` of ``model`` (or ``layer`` in its place) on each input; a hook raising _Stop ends one early."""
-    layer = model.llm.layers[i] if layer is None else layer
+def _run_layer(model: MergedLaVIN, i: int, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Layer ``i`` of ``model`` on each input; a hook raising _Stop ends one early."""
+    layer = model.llm.layers[i]
     outs = []
     for h, modality in inputs:
         t = h.shape[1]
@@ -244,8 +242,11 @@ def _hessian_hook(acc: HessianAccumulator, stop: bool, fp_inputs: list[torch.Ten
 def _capture_hook(store: list[torch.Tensor]):  # noqa: ANN202 - a torch hook
     def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         store.append(args[0].detach().clone())
-        raise _Stop
     return hook
+
+
+# The linears whose inputs differ: q|k|v share one input, w1|w3 another.
+INPUT_READERS = ("attention.wq", "attention.wo", "feed_forward.w1", "feed_forward.w2")
 
 
 @torch.no_grad()
@@ -261,7 +262,7 @@ def quantize_model(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQCon
     model.eval()
     t0 = time.time()
     inputs = _layer_inputs(model, samples)
-    # Asymmetric calibration follows the fp model alongside: its layer inputs and a fp copy of each layer.
+    # Asymmetric calibration follows the fp model alongside: its hidden states at the current layer.
     fp_states = [h for h, _ in inputs] if qcfg.asym_calib > 0 else None
     report = QuantizeReport(qcfg.quantization_config(), len(samples), sum(len(s.input_ids) for s in samples))
     packed: dict[str, torch.Tensor] = {}
@@ -270,27 +271,29 @@ def quantize_model(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQCon
     bar = tqdm(range(n_layers), desc="GPTQ", unit="layer", disable=not progress)
     for i in bar:
         layer = model.llm.layers[i]
-        fp_layer = copy.deepcopy(layer) if fp_states is not None else None
+        fp_in: dict[str, list[torch.Tensor]] = {}
+        if fp_states is not None:
+            # One pass of the layer while it is still fp, on the fp model's states: the fp input of every
+            # reader, and the fp model's states for the next layer.
+            fp_in = {name: [] for name in INPUT_READERS}
+            fp_handles = [_get(layer, n).register_forward_pre_hook(_capture_hook(fp_in[n])) for n in fp_in]
+            try:
+                fp_states = _run_layer(model, i, [(h, m) for h, (_, m) in zip(fp_states, inputs, strict=True)])
+            finally:
+                for hnd in fp_handles:
+                    hnd.remove()
         hessians: dict[str, HessianAccumulator] = {}
         for group in groups:
             # One accumulator per distinct input (only the group's first linear when they share one).
-            readers = [group[0]] if qcfg.true_sequential else [n for n in group if n in (
-                "attention.wq", "attention.wo", "feed_forward.w1", "feed_forward.w2")]
+            readers = [group[0]] if qcfg.true_sequential else [n for n in group if n in INPUT_READERS]
             handles = []
             for name in readers:
                 lin = _get(layer, name)
-                fp_in: list[torch.Tensor] | None = None
-                if fp_layer is not None and fp_states is not None:
-                    fp_in = []
-                    hnd = _get(fp_layer, name).register_forward_pre_hook(_capture_hook(fp_in))
-                    try:
-                        _run_layer(model, i, [(h, m) for h, (_, m) in zip(fp_states, inputs, strict=True)], fp_layer)
-                    finally:
-                        hnd.remove()
-                acc = HessianAccumulator(lin.in_features, cross=fp_in is not None)
+                fp_x = fp_in.pop(name, None)
+                acc = HessianAccumulator(lin.in_features, cross=fp_x is not None)
                 hessians[name] = acc
                 # True sequential reads one input per pass: stop the layer there (up to 2.5x fewer flops).
-                handles.append(lin.register_forward_pre_hook(_hessian_hook(acc, qcfg.true_sequential, fp_in)))
+                handles.append(lin.register_forward_pre_hook(_hessian_hook(acc, qcfg.true_sequential, fp_x)))
             try:
                 _run_layer(model, i, inputs)
             finally:
@@ -326,9 +329,6 @@ def quantize_model(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQCon
             if qcfg.true_sequential:
                 hessians.clear()  # one Hessian at a time
         hessians.clear()
-        if fp_layer is not None and fp_states is not None:
-            fp_states = _run_layer(model, i, [(h, m) for h, (_, m) in zip(fp_states, inputs, strict=True)], fp_layer)
-            del fp_layer
         inputs = [(o, m) for o, (_, m) in zip(_run_layer(model, i, inputs), inputs, strict=True)]
         last = report.linears[-len(LINEAR_NAMES):]
         bar.set_postfix(gptq=f"{sum(r.gptq_error for r in last):.3g}", rtn=f"{sum(r.rtn_error for r in last):.3g}")
