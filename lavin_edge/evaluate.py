@@ -110,15 +110,23 @@ def predict(model: LaVIN, tok: Any, rec: Record, method: str, max_new_tokens: in
         parsed = parse_answer(output)
         return {"id": rec.id, "pred": parsed, "label": label, "correct": parsed == label, "parsed": parsed is not None,
                 "output": output}
+    pred, correct = judge_open(rec, output)
+    return {"id": rec.id, "pred": pred, "label": label, "correct": correct, "parsed": pred is not None,
+            "output": output}
+
+
+def judge_open(rec: Record, output: str) -> tuple[str | None, bool]:
+    """(the answer read from a generated open ``output``, or None when none can be read; whether it is right).
+
+    An easy-vqa yes/no answer is the output's last word: " no" and an explained " It is a red circle, so
+    there is no blue shape: yes." both end with it; anything else is unparsable and wrong. Other answers are
+    compared whole, ignoring case, surrounding spaces and a final period."""
+    label = rec.meta.get("answer", rec.answer.strip())
     if rec.meta.get("kind") == "yes/no":
-        # An easy-vqa yes/no answer is the output's last word: " no" and an explained " It is a red circle,
-        # so no." both end with it; anything else is unparsable and wrong.
         m = YES_NO_END_RE.search(output)
         pred = m.group(1).lower() if m else None
-        return {"id": rec.id, "pred": pred, "label": label, "correct": pred == _norm(label),
-                "parsed": pred is not None, "output": output}
-    return {"id": rec.id, "pred": output.strip(), "label": label, "correct": _norm(output) == _norm(label),
-            "parsed": True, "output": output}
+        return pred, pred == _norm(label)
+    return output.strip(), _norm(output) == _norm(label)
 
 
 def evaluate_records(model: LaVIN, tok: Any, records: list[Record], method: str = "generate",

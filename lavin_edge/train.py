@@ -492,10 +492,9 @@ def _gather(obj: Any, info: DistInfo) -> list[Any]:
 
 
 def _abs(spec: str) -> str:
-    """Recorded base locations: absolute paths for files, names and presets as they are."""
-    from lavin_edge.training.base import resolve_llm
-
-    spec = resolve_llm(spec)
+    """Recorded base locations: absolute paths for files, names and presets as they are. A packaged base stays
+    a name ("smollm2-135m"): its file path is per install (site-packages), and the shipped demo adapters'
+    config.json must load on any machine."""
     p = Path(spec)
     return str(p.resolve()) if p.exists() else spec
 

@@ -270,23 +270,35 @@ def test_easy_vqa_balance_leaves_the_question_text_no_prior() -> None:
 
 
 def test_easy_vqa_explained_yes_no_targets_agree_with_their_answers() -> None:
-    """``explain``: yes/no targets state the image's colour and shape, then the answer, and what they state is
-    consistent with the question and its gold answer for every record (the facts come from other questions)."""
+    """``explain``: yes/no targets state the image's colour and shape, whether the asked colour/shape is there,
+    then the answer; every clause is checked against the question and its gold answer for every record (the
+    facts come from other questions)."""
     import re
 
-    from lavin_edge.data.sources import load_easy_vqa
+    from lavin_edge.data.sources import easy_vqa_asked, easy_vqa_negated, load_easy_vqa
 
     recs = load_easy_vqa("train", Problems(), "open", kinds=["yes/no"], explain=True)
     assert len(recs) > 20000  # most of the 28k yes/no questions: images with known colour and shape
-    pat = re.compile(r"^ It is a (\w+) (\w+), so (yes|no)\.$")
+    pat = re.compile(r"^ It is a (\w+) (\w+), so there is (a|no) (\w+(?: shape)?): (yes|no)\.$")
+    seen = set()
     for r in recs:
         m = pat.match(r.answer)
         assert m, r.answer
-        colour, shape, answer = m.groups()
+        colour, shape, there, named, answer = m.groups()
         assert answer == r.meta["answer"]
-        words = set(r.prompt.split("\n")[0].lower().rstrip("?").split())
-        present = colour in words or shape in words
-        assert answer == ("no" if present == bool(words & {"not", "no"}) else "yes"), (r.prompt, r.answer)
+        question = r.prompt.split("\n")[0].removeprefix("Instruction: ")
+        word = easy_vqa_asked(question)[0]
+        assert named in (word, f"{word} shape")
+        present = word in (colour, shape)
+        assert there == ("a" if present else "no")
+        negated = easy_vqa_negated(question)
+        assert answer == ("no" if present == negated else "yes"), (r.prompt, r.answer)
+        seen.add((there, negated))
+    assert len(seen) == 4  # the colour/shape present and absent, plain and negated questions
+    assert easy_vqa_asked("is no red shape present?") == ("red", "red shape")
+    assert easy_vqa_negated("is no red shape present?") and not easy_vqa_negated("is a circle present?")
+    with pytest.raises(DataError, match="names no colour or shape"):
+        easy_vqa_asked("is there a cat?")
     others = load_easy_vqa("train", Problems(), "open", limit=30, kinds=["color", "shape"], explain=True)
     assert all(r.answer == " " + r.meta["answer"] for r in others)  # open answers stay one word
     with pytest.raises(DataError, match="explain"):

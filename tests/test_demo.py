@@ -56,15 +56,34 @@ def test_first_chat_builds_the_demo_and_names_the_shape(demo_env: dict[str, str]
 
 
 def test_demo_names_the_colour(demo_env: dict[str, str]) -> None:
-    """Held out, the demo names colours right 98% of the time (52/53 in its training report); on these four
-    examples it calls the brown circle red (fp and 4-bit alike), so three of four is what it can do."""
+    """Held out, the demo names colours right 100% of the time (53/53 in its training report, 138/138 of 1,000
+    test questions); the first shipped demo called the brown circle red."""
     answers = {}
     for image, _, colour in CASES:
         res = _chat(demo_env, image, "What color is the shape?")
         assert res.returncode == 0, res.stderr[-2000:]
         answers[image] = (res.stdout.strip(), colour)
-    right = sum(said == colour for said, colour in answers.values())
-    assert right >= 3, answers
+    assert all(said == colour for said, colour in answers.values()), answers
+
+
+def test_demo_answers_yes_no_from_the_image(demo_env: dict[str, str]) -> None:
+    """Yes/no questions whose wording gives nothing away: the same question is "yes" for one example and "no"
+    for another, negated or not. A model answering from the wording (the first shipped demo: "no" to every
+    plain question, "yes" to every negated one) gets 4 of these 12 right. The answer is the output's last word
+    (it explains first: " It is a red triangle, so there is a triangle: yes.")."""
+    other = {"triangle": "circle", "rectangle": "triangle", "circle": "rectangle"}
+    asked = []
+    for image, shape, colour in CASES:
+        asked += [(image, f"is there a {shape}?", "yes"), (image, f"is there not a {colour} shape?", "no"),
+                  (image, f"does the image contain a {other[shape]}?", "no")]
+    wrong = []
+    for image, question, gold in asked:
+        res = _chat(demo_env, image, question)
+        assert res.returncode == 0, res.stderr[-2000:]
+        words = res.stdout.strip().rstrip(".").split()
+        if not words or words[-1].lower() != gold:
+            wrong.append((image, question, res.stdout.strip()))
+    assert len(wrong) <= 1, wrong
 
 
 def test_missing_image_is_one_line_and_exit_2(demo_env: dict[str, str]) -> None:
@@ -75,7 +94,8 @@ def test_missing_image_is_one_line_and_exit_2(demo_env: dict[str, str]) -> None:
 
 def test_quantized_demo_keeps_held_out_accuracy(demo_env: dict[str, str], one_thread: None) -> None:
     """Issue 5: 4-bit GPTQ may cost at most 2 points of held-out easy-vqa accuracy on the demo model.
-    Measured on 300 test questions: fp 89.0%, 4-bit 88.7% (-0.3 points)."""
+    Measured on 300 test questions: fp 100%, 4-bit 100%, the same words on all 300 (fp 89.0%, 4-bit 88.7% with
+    the first shipped adapters)."""
     from lavin_edge.data.sources import Problems, load_easy_vqa
     from lavin_edge.io.tokenizer import load_tokenizer
     from lavin_edge.merge import load_merged, tokenizer_path
@@ -89,9 +109,9 @@ def test_quantized_demo_keeps_held_out_accuracy(demo_env: dict[str, str], one_th
     q4, _ = load_quantized_as_fp(root / "quantized")
     tok = load_tokenizer(tokenizer_path(root / "merged", cfg))
     records = load_easy_vqa("test", Problems(), "open", limit=100, seed=0)
-    acc_fp, _ = answer_accuracy(fp, tok, records, fp.cfg.vision.image_size, max_new_tokens=6)
-    acc_q4, _ = answer_accuracy(q4, tok, records, fp.cfg.vision.image_size, max_new_tokens=6)
+    acc_fp, _ = answer_accuracy(fp, tok, records, fp.cfg.vision.image_size, max_new_tokens=24)
+    acc_q4, _ = answer_accuracy(q4, tok, records, fp.cfg.vision.image_size, max_new_tokens=24)
     print(f"held-out easy-vqa (100): fp {acc_fp:.3f}, 4-bit {acc_q4:.3f}")
-    assert acc_fp >= 0.8
+    assert acc_fp >= 0.95
     assert acc_fp - acc_q4 <= 0.02
 

@@ -84,3 +84,16 @@ def test_without_build_a_stale_cache_is_still_served(fake: dict) -> None:
     demo_model_dir(build=True)
     (fake["adapters"] / "adapters.safetensors").write_bytes(b"weights v2")
     assert _built_from(demo_model_dir()) == "weights v1"
+
+
+def test_a_stale_cache_is_not_served_when_the_demo_dir_is_elsewhere(fake: dict, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """With $LAVIN_EDGE_DEMO_DIR set and empty, the demo is built there: the ~/.cache demo, built from older
+    adapters, is neither served (it was, before this was fixed) nor touched."""
+    demo_model_dir(build=True)
+    (fake["adapters"] / "adapters.safetensors").write_bytes(b"weights v2")
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "elsewhere"))
+    d = demo_model_dir(build=True)
+    assert d == tmp_path / "elsewhere" / "quantized" and _built_from(d) == "weights v2"
+    assert _built_from(fake["cache"] / "quantized") == "weights v1"
+    assert fake["builds"] == ["merge", "quantize"] * 2

@@ -54,7 +54,8 @@ def test_unparsable_is_wrong_and_categories(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_easy_vqa_yes_no_answer_is_the_last_word(monkeypatch: pytest.MonkeyPatch) -> None:
     """Open easy-vqa answers: colour/shape by exact match; yes/no by the output's last word, so a plain " no" and
-    an explained " It is a red circle, so no." both count, and an output not ending in yes/no is unparsable."""
+    an explained " It is a red circle, so there is no blue shape: yes." both count (its earlier "no" is not the
+    answer), and an output not ending in yes/no is unparsable."""
     model, tok, _ = build_base(BaseSpec("preset:tiny", "preset:tiny"), AdapterConfig())
 
     def rec(rid: str, answer: str, kind: str) -> Record:
@@ -63,7 +64,8 @@ def test_easy_vqa_yes_no_answer_is_the_last_word(monkeypatch: pytest.MonkeyPatch
 
     recs = [rec("1", "no", "yes/no"), rec("2", "yes", "yes/no"), rec("3", "no", "yes/no"), rec("4", "yes", "yes/no"),
             rec("5", "red", "color"), rec("6", "circle", "shape")]
-    outputs = {"1": " no", "2": " It is a red circle, so yes.", "3": " It is a red circle, so yes.",
+    outputs = {"1": " no", "2": " It is a red circle, so there is no blue shape: yes.",
+               "3": " It is a red circle, so there is no blue shape: yes.",
                "4": " yes, it is a", "5": " red.", "6": " It is a circle"}
     monkeypatch.setattr(ev, "generate", lambda m, t, r, n, img: outputs[r.id])
     res = ev.evaluate_records(model, tok, recs)

@@ -86,6 +86,18 @@ def test_artifacts_and_frozen_base_bit_identical(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temp files
 
 
+def test_artifact_records_base_names_not_install_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A packaged base is recorded by name: the shipped demo adapters' config.json once held this machine's
+    site-packages path for "smollm2-135m", which no other install has. Files are recorded absolute."""
+    assert train_mod._abs("smollm2-135m") == "smollm2-135m"
+    assert train_mod._abs("preset:tiny") == "preset:tiny"
+    (tmp_path / "llm.gguf").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert train_mod._abs("llm.gguf") == str(tmp_path.resolve() / "llm.gguf")
+    shipped = json.loads((Path(train_mod.__file__).parent / "chat" / "demo_adapters" / "config.json").read_text())
+    assert shipped["base"]["llm"] == "smollm2-135m" and shipped["base"]["vision"] == "efficientnet-lite0"
+
+
 def test_init_adapters_starts_from_a_trained_run(tmp_path: Path, reference_run: Path) -> None:
     """A second stage: ``init_adapters`` loads the trained adapters (lr 0 keeps them, so the saved file equals the
     source); adapters of another size are refused by name, with the file named."""

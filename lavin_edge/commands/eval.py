@@ -17,7 +17,9 @@ import click
 @click.option("--split", default="test", show_default=True)
 @click.option("--limit", type=int, help="Evaluate the first N questions (easy-vqa: a seeded random N).")
 @click.option("--method", type=click.Choice(["generate", "score"]), default="generate", show_default=True,
-              help="generate: greedy answer parsed with 'The answer is X'; score: best-likelihood option (faster).")
+              help="generate: greedy answer, parsed with 'The answer is X' (multiple choice) or read whole (easy-vqa "
+                   "open; yes/no: its last word); score: best-likelihood option right after the prompt (faster; not "
+                   "for models trained with easy-vqa `explain`, which answer yes/no after an explanation).")
 @click.option("--max-new-tokens", type=int, default=24, show_default=True)
 @click.option("--base-dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
 @click.option("--threads", type=int, help="torch CPU threads.")

@@ -247,6 +247,24 @@ def balance_answers(indices: Sequence[int], questions: Sequence[str], answers: S
     return sorted(kept)
 
 
+def easy_vqa_asked(question: str) -> tuple[str, str]:
+    """(the colour or shape a yes/no question asks about, how the answer names it): ("red", "red shape")
+    for "is there a red shape?", ("circle", "circle") for "is there not a circle?"."""
+    words = set(question.lower().rstrip("?").split())
+    for c in EASY_VQA_COLORS:
+        if c in words:
+            return c, f"{c} shape"
+    for s in EASY_VQA_SHAPES:
+        if s in words:
+            return s, s
+    raise DataError(f"easy-vqa yes/no question names no colour or shape: {question!r}")
+
+
+def easy_vqa_negated(question: str) -> bool:
+    """Whether a yes/no question is negated ("is there not a circle?", "is no red shape present?")."""
+    return bool(set(question.lower().rstrip("?").split()) & {"not", "no"})
+
+
 def easy_vqa_image_facts(questions: Sequence[str], answers: Sequence[str], image_ids: Sequence[int]
                          ) -> dict[int, tuple[str, str]]:
     """{image id: (colour, shape)} for the images whose colour and shape the split's own questions state
@@ -258,22 +276,25 @@ def easy_vqa_image_facts(questions: Sequence[str], answers: Sequence[str], image
             colour[iid] = a
         elif a in EASY_VQA_SHAPES:
             shape[iid] = a
-        else:
-            words = set(q.lower().rstrip("?").split())
-            if (a == "yes") != bool(words & {"not", "no"}):  # the question's colour/shape is in the image
-                for c in EASY_VQA_COLORS:
-                    if c in words:
-                        colour[iid] = c
-                for s in EASY_VQA_SHAPES:
-                    if s in words:
-                        shape[iid] = s
+        elif (a == "yes") != easy_vqa_negated(q):  # the question's colour/shape is in the image
+            word = easy_vqa_asked(q)[0]
+            (colour if word in EASY_VQA_COLORS else shape)[iid] = word
     return {iid: (colour[iid], shape[iid]) for iid in colour.keys() & shape.keys()}
 
 
-def explained_answer(colour: str, shape: str, answer: str) -> str:
-    """The target of an explained yes/no answer: what the image shows first, then the answer as the last word
-    (the order of a rationale: the answer is conditioned on it). Evaluation reads the last word."""
-    return f" It is a {colour} {shape}, so {answer}."
+def explained_answer(question: str, colour: str, shape: str, answer: str) -> str:
+    """The target of an explained yes/no answer, one step per clause: what the image shows, whether the
+    asked colour/shape is there, then the answer as the last word (evaluation reads the last word).
+
+    The answer is (asked colour/shape present) XOR (question negated). On balanced data neither half predicts
+    it alone, so a target that jumps from the image to the answer (" It is a black circle, so no.") gives
+    gradient descent nothing to start from: rank-8 adapters on SmolLM2-135M stayed at 50% with it. Here the
+    middle clause depends on the comparison alone, and the last word on two words already in the context
+    (its "a"/"no" and the question's "not"/"no"); the demo learns it to 100% (README, "How the demo learned
+    yes/no"; ``benchmarks/yes_no_targets.py``)."""
+    word, named = easy_vqa_asked(question)
+    there = "a" if word in (colour, shape) else "no"
+    return f" It is a {colour} {shape}, so there is {there} {named}: {answer}."
 
 
 def load_easy_vqa(split: str, problems: Problems, mode: str = "open", limit: int | None = None, seed: int = 0,
@@ -321,7 +342,7 @@ def load_easy_vqa(split: str, problems: Problems, mode: str = "open", limit: int
             continue
         meta: dict[str, Any] = {"kind": easy_vqa_kind(a), "answer": a, "image_id": iid}
         if mode == "open":
-            target = explained_answer(*facts[iid], a) if explain and a in EASY_VQA_YESNO else " " + a
+            target = explained_answer(q, *facts[iid], a) if explain and a in EASY_VQA_YESNO else " " + a
             out.append(Record(rid, chat_prompt(q), target, path, name, meta))
             continue
         choices = list(easy_vqa_candidates(a))

@@ -119,16 +119,13 @@ def perplexity(model: MergedLaVIN, tok: TokenizerLike, texts: Iterable[str], max
     return math.exp(nll / count)
 
 
-def _normalise(s: str) -> str:
-    return " ".join(s.strip().lower().rstrip(".").split())
-
-
 @torch.no_grad()
 def answer_accuracy(model: MergedLaVIN, tok: TokenizerLike, records: Sequence[Any], image_size: int,
                     max_new_tokens: int = 8) -> tuple[float, list[str]]:
-    """Greedy answers to ``records`` (prompt, image) compared with ``record.answer`` after lower-casing and
-    stripping spaces and a final period. Returns (accuracy, the decoded answers)."""
+    """Greedy answers to ``records`` (prompt, image), judged as ``lavin-edge eval`` judges open answers
+    (:func:`lavin_edge.evaluate.judge_open`). Returns (accuracy, the decoded answers)."""
     from lavin_edge.data.image import load_image
+    from lavin_edge.evaluate import judge_open
 
     if not records:
         raise ValueError("no evaluation records")
@@ -141,7 +138,7 @@ def answer_accuracy(model: MergedLaVIN, tok: TokenizerLike, records: Sequence[An
         out = model.generate_greedy(ex.input_ids, ex.image_pos, image, max_new_tokens, stops)
         text = tok.decode(out)  # type: ignore[attr-defined]
         answers.append(text)
-        hits += _normalise(text) == _normalise(r.answer)
+        hits += judge_open(r, text)[1]
     return hits / len(records), answers
 
 

