@@ -206,14 +206,18 @@ def easy_vqa_kind(answer: str) -> str:
 EASY_VQA_KINDS = ("yes/no", "yes/no:shape", "yes/no:color", "shape", "color")
 
 
+def _question_words(question: str) -> set[str]:
+    """An easy-vqa question's words ("Is there not a red shape?" -> {"is", "there", "not", "a", "red", "shape"})."""
+    return set(question.lower().rstrip("?").split())
+
+
 def easy_vqa_kinds_of(question: str, answer: str) -> set[str]:
     """The ``kinds`` filter names a question matches: its answer kind, and for yes/no questions whether they
     ask about a shape ("is there a circle?") or a colour ("is there a red shape?")."""
     kind = easy_vqa_kind(answer)
     if kind != "yes/no":
         return {kind}
-    words = set(question.lower().rstrip("?").split())
-    return {kind, "yes/no:shape" if words & set(EASY_VQA_SHAPES) else "yes/no:color"}
+    return {kind, "yes/no:shape" if _question_words(question) & set(EASY_VQA_SHAPES) else "yes/no:color"}
 
 
 def easy_vqa_candidates(answer: str) -> tuple[str, ...]:
@@ -250,7 +254,7 @@ def balance_answers(indices: Sequence[int], questions: Sequence[str], answers: S
 def easy_vqa_asked(question: str) -> tuple[str, str]:
     """(the colour or shape a yes/no question asks about, how the answer names it): ("red", "red shape")
     for "is there a red shape?", ("circle", "circle") for "is there not a circle?"."""
-    words = set(question.lower().rstrip("?").split())
+    words = _question_words(question)
     for c in EASY_VQA_COLORS:
         if c in words:
             return c, f"{c} shape"
@@ -262,7 +266,7 @@ def easy_vqa_asked(question: str) -> tuple[str, str]:
 
 def easy_vqa_negated(question: str) -> bool:
     """Whether a yes/no question is negated ("is there not a circle?", "is no red shape present?")."""
-    return bool(set(question.lower().rstrip("?").split()) & {"not", "no"})
+    return bool(_question_words(question) & {"not", "no"})
 
 
 def easy_vqa_image_facts(questions: Sequence[str], answers: Sequence[str], image_ids: Sequence[int]
