@@ -76,12 +76,14 @@ def test_demo_answers_yes_no_from_the_image(demo_env: dict[str, str]) -> None:
     for image, shape, colour in CASES:
         asked += [(image, f"is there a {shape}?", "yes"), (image, f"is there not a {colour} shape?", "no"),
                   (image, f"does the image contain a {other[shape]}?", "no")]
+    from lavin_edge.evaluate import YES_NO_END_RE  # read as `lavin-edge eval` reads it
+
     wrong = []
     for image, question, gold in asked:
         res = _chat(demo_env, image, question)
         assert res.returncode == 0, res.stderr[-2000:]
-        words = res.stdout.strip().rstrip(".").split()
-        if not words or words[-1].lower() != gold:
+        said = YES_NO_END_RE.search(res.stdout)
+        if said is None or said.group(1).lower() != gold:
             wrong.append((image, question, res.stdout.strip()))
     assert len(wrong) <= 1, wrong
 
