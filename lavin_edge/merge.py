@@ -57,7 +57,7 @@ def routing_table(model: LaVIN) -> torch.Tensor:
     try:
         h = model.modality_embedding(torch.arange(2, device=model.modality_embedding.weight.device))[:, None]
         cache = KVCache.allocate(llm.cfg, 2, 1, h.dtype, h.device)
-        llm.forward_embeds(h, cache, 0)
+        llm.forward_embeds(h, cache=cache)
         rows = []
         for layer, route in zip(llm.layers, cache.route, strict=True):
             if layer.adapter is None or route is None:

@@ -100,9 +100,9 @@ def test_kv_cache_decoding_equals_full_forward(tiny_model, byte_tok) -> None:
     tokens = torch.randint(0, 256, (2, 12))
     full = llm(tokens)
     cache = KVCache.allocate(llm.cfg, 2, 16, torch.float32)
-    parts = [llm(tokens[:, :5], cache, 0)]
+    parts = [llm(tokens[:, :5], cache=cache, start=0)]
     for t in range(5, 12):
-        parts.append(llm(tokens[:, t:t + 1], cache, cache.length))
+        parts.append(llm(tokens[:, t:t + 1], cache=cache, start=cache.length))
     stepped = torch.cat(parts, dim=1)
     assert (stepped - full).abs().max().item() < 1e-4
 
@@ -156,3 +156,15 @@ def test_no_position_attends_to_the_modality_token(byte_tok) -> None:
     assert torch.equal(model(batch), before)
     model.llm.isolate_first = False  # the plain causal mask lets the token leak in
     assert not torch.allclose(model(batch), before)
+
+
+def test_adapter_rank_is_checked_where_the_config_is_built() -> None:
+    """A rank the kernels cannot serve is refused when the recipe's AdapterConfig is built, not at chat time."""
+    from lavin_edge.config import MAX_ADAPTER_RANK, AdapterConfig
+
+    AdapterConfig(hidden=MAX_ADAPTER_RANK)
+    for hidden, groups in ((2 * MAX_ADAPTER_RANK, 2), (7, 2), (0, 2)):
+        with pytest.raises(ValueError, match="adapter_hidden"):
+            AdapterConfig(hidden=hidden, groups=groups)
+    with pytest.raises(ValueError, match="temperature"):
+        AdapterConfig(temperature=0.0)

@@ -94,6 +94,33 @@ class RoutedAdapter(nn.Module):
         return self.scale * u_w, self.scale * u_b
 
 
+class ModalityUp(nn.Module):
+    """One up-projection per modality: weight [2, D, r], bias [2, D] (index 0 text, 1 image)."""
+
+    def __init__(self, hidden: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(2, dim, hidden))
+        self.bias = nn.Parameter(torch.zeros(2, dim))
+
+    def forward(self, z: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        """z [B, T, r], modality [B] long -> [B, T, D]."""
+        u = self.weight[modality].to(z.dtype)
+        return torch.einsum("btr,bdr->btd", z, u) + self.bias[modality].to(z.dtype)[:, None]
+
+
+class FoldedAdapter(nn.Module):
+    """y = x + U_m (A x + a) + u_m: the LLM's routed adapter after ``merge``, with the (constant) routing of
+    modality m folded into one up-projection per modality (``RoutedAdapter.folded``)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, hidden)
+        self.up = ModalityUp(hidden, dim)
+
+    def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        return x + self.up(self.down(x), modality)
+
+
 class VisualProjection(nn.Module):
     """Visual tokens -> LLM embeddings: Linear(token_dim -> 128) -> SiLU -> Linear(128 -> D), xavier init.
 

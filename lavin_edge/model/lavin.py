@@ -8,7 +8,6 @@ Loss falls on the answer tokens and EOS only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +16,7 @@ from torch import nn
 
 from lavin_edge.config import LavinConfig
 from lavin_edge.model.adapter import VisualProjection
-from lavin_edge.model.llama import KVCache, Llama
+from lavin_edge.model.llama import Llama
 from lavin_edge.model.vision import build_vision_tower
 
 IMAGE_PREFIX = "Image: "
@@ -117,20 +116,6 @@ def embed_with_images(tok_embeddings: nn.Embedding, vision: nn.Module, visual_pr
     return h
 
 
-def greedy_tokens(logits: torch.Tensor, step: Callable[[int], torch.Tensor], max_new_tokens: int,
-                  stop_ids: set[int]) -> list[int]:
-    """The greedy loop shared by the training model and the merged runtime: ``logits`` are the prefill's
-    last-position logits, ``step(token)`` feeds one token and returns the next logits."""
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        nxt = int(logits[0, -1].argmax())
-        if nxt in stop_ids:
-            break
-        out.append(nxt)
-        logits = step(nxt)
-    return out
-
-
 class LaVIN(nn.Module):
     def __init__(self, cfg: LavinConfig) -> None:
         super().__init__()
@@ -197,17 +182,8 @@ class LaVIN(nn.Module):
     def generate_greedy(self, prompt_ids: list[int], image_pos: int, image: torch.Tensor | None,
                         max_new_tokens: int, stop_ids: set[int]) -> list[int]:
         """Greedy decoding with the KV cache; returns the new token ids (stop token excluded)."""
-        ids = torch.tensor([prompt_ids])
-        pos = torch.tensor([image_pos])
-        h = self.embed(ids, pos, None if image is None else image[None])
-        cache = KVCache.allocate(self.cfg.llm, 1, h.shape[1] + max_new_tokens, h.dtype, h.device)
-        logits = self.llm.forward_embeds(h, cache, 0, last_only=True)
-
-        def step(nxt: int) -> torch.Tensor:
-            e = self.llm.tok_embeddings(torch.tensor([[nxt]]))
-            return self.llm.forward_embeds(e, cache, cache.length, last_only=True)
-
-        return greedy_tokens(logits, step, max_new_tokens, stop_ids)
+        h = self.embed(torch.tensor([prompt_ids]), torch.tensor([image_pos]), None if image is None else image[None])
+        return self.llm.generate_greedy(h, None, max_new_tokens, stop_ids)
 
 
 def build_lavin(cfg: LavinConfig, device: torch.device | str = "cpu") -> LaVIN:

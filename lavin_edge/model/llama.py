@@ -1,12 +1,24 @@
-"""LLaMA decoder with a routed adapter on every attention input, a preallocated KV cache, and the
-LaVIN attention rule for a modality token at position 0.
+"""The one LLaMA definition: decoder, rotary embedding, attention, logits and greedy generation, shared by
+the training model (``lavin_edge.model.lavin``) and the merged model (``lavin_edge.model.merged``).
+
+Every attention input carries an adapter (docs/model-format.md):
+
+- while training, the routed adapter (``RoutedAdapter``), routed on position 0, which holds LaVIN's modality
+  token and which nobody but itself attends to (``isolate_first``), so each layer's routing is a function of
+  the modality alone;
+- after ``merge``, the folded adapter (``FoldedAdapter``): that constant routing folded into one
+  up-projection per modality, selected by the sequence's modality index. The modality token is gone; cache
+  slot i holds absolute position i + ``position_offset`` (1), so rotary angles, and hence logits, are those
+  of the training model.
 
 Weights use Meta's names and Meta's rotary layout (interleaved pairs (x[2i], x[2i+1])), so Meta
 checkpoints load as they are and Hugging Face ones after un-permuting q/k (see ``lavin_edge.io``).
+The serving runtime (``lavin_edge.runtime``) and its native decode step are tested against this model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lavin_edge.config import AdapterConfig, LlamaConfig
-from lavin_edge.model.adapter import RoutedAdapter
+from lavin_edge.model.adapter import FoldedAdapter, RoutedAdapter
 
 
 class RMSNorm(nn.Module):
@@ -126,21 +138,27 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """h = x + Attn(adapter(attn_norm(x))); out = h + FFN(ffn_norm(h)). The FFN has no adapter."""
 
-    def __init__(self, cfg: LlamaConfig, adapter: AdapterConfig | None) -> None:
+    def __init__(self, cfg: LlamaConfig, adapter: AdapterConfig | None, folded: bool = False) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
         self.adapter: nn.Module | None = None
-        if adapter is not None:
+        if adapter is not None and folded:
+            self.adapter = FoldedAdapter(cfg.dim, adapter.hidden)
+        elif adapter is not None:
             self.adapter = RoutedAdapter(cfg.dim, adapter.hidden, adapter.groups, adapter.temperature,
                                          adapter.dropout, adapter.scale)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, modality: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor, cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
         n = self.attention_norm(x)
-        if self.adapter is not None:
+        if isinstance(self.adapter, FoldedAdapter):
+            if modality is None:
+                raise ValueError("a merged model needs each sequence's modality (0 text, 1 image)")
+            n = self.adapter(n, modality)
+        elif self.adapter is not None:
             # Route on position 0 (the modality token); decode steps reuse the prefill's routing input.
             route = n[:, :1] if start == 0 else cache.route[layer]  # type: ignore[union-attr]
             if cache is not None and start == 0:
@@ -152,16 +170,24 @@ class Block(nn.Module):
 
 class Llama(nn.Module):
     """The decoder. ``forward_embeds`` takes embeddings so LaVIN can put the modality token and the
-    visual tokens in; ``forward`` takes token ids."""
+    visual tokens in; ``forward`` takes token ids.
 
-    def __init__(self, cfg: LlamaConfig, adapter: AdapterConfig | None = None,
-                 isolate_first: bool = True) -> None:
+    ``folded`` builds the merged model's layers (``FoldedAdapter``, no modality token: every call then
+    takes ``modality`` [B], and cache slot i is absolute position i + ``position_offset``)."""
+
+    def __init__(self, cfg: LlamaConfig, adapter: AdapterConfig | None = None, isolate_first: bool = True, *,
+                 folded: bool = False, position_offset: int = 0) -> None:
         super().__init__()
         cfg.validate()
+        if folded and adapter is None:
+            raise ValueError("folded adapters need an AdapterConfig")
         self.cfg = cfg
-        self.isolate_first = isolate_first and adapter is not None
+        self.folded = folded
+        self.position_offset = position_offset
+        # Only the routed adapters route on a modality token at position 0.
+        self.isolate_first = isolate_first and adapter is not None and not folded
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, adapter) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, adapter, folded) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if not self.tok_embeddings.weight.is_meta:
@@ -170,36 +196,78 @@ class Llama(nn.Module):
         self.gradient_checkpointing = False
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @property
+    def capacity(self) -> int:
+        """Positions that fit: the context plus LaVIN's modality token, less the slots the offset skips."""
+        return self.cfg.max_seq_len + 1 - self.position_offset
+
     def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0].device != device:
             self._rope = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len + 1, self.cfg.rope_theta, device)
         return self._rope
+
+    def rope_slice(self, start: int, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of cache slots start..start+t-1 (absolute positions shifted by ``position_offset``)."""
+        cos, sin = self.rope(device)
+        a = start + self.position_offset
+        return cos[a:a + t], sin[a:a + t]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.norm(h)
         w = self.tok_embeddings.weight if self.output is None else self.output.weight
         return F.linear(h, w.type_as(h))
 
-    def forward_embeds(self, h: torch.Tensor, cache: KVCache | None = None, start: int = 0,
-                       last_only: bool = False) -> torch.Tensor:
-        """h [B, T, D] at absolute positions start..start+T-1 -> logits [B, T, V] (or [B, 1, V])."""
+    def forward_embeds(self, h: torch.Tensor, modality: torch.Tensor | None = None, cache: KVCache | None = None,
+                       start: int = 0, last_only: bool = False) -> torch.Tensor:
+        """h [B, T, D] at cache slots start..start+T-1 -> logits [B, T, V] (or [B, 1, V]).
+        ``modality`` [B] (0 text, 1 image) selects the folded adapters' up-projection; the routed ones
+        ignore it (their modality is the token at position 0)."""
         t = h.shape[1]
-        if start + t > self.cfg.max_seq_len + 1:
-            raise ValueError(f"sequence of {start + t} positions exceeds the context of {self.cfg.max_seq_len}")
+        if start + t > self.capacity:
+            raise ValueError(f"sequence of {start + t} positions exceeds the context of {self.capacity}")
         if cache is not None and start + t > cache.capacity:
             raise ValueError(f"KV cache holds {cache.capacity} positions, {start + t} needed")
-        cos, sin = self.rope(h.device)
-        cos, sin = cos[start:start + t], sin[start:start + t]
+        if modality is not None:
+            modality = modality.to(h.device).long()
+        cos, sin = self.rope_slice(start, t, h.device)
         mask = attention_mask(t, start, self.isolate_first, h.device)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and cache is None:
-                h = checkpoint(layer, h, cos, sin, mask, None, i, start, use_reentrant=False)
+                h = checkpoint(layer, h, modality, cos, sin, mask, None, i, start, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, mask, cache, i, start)
+                h = layer(h, modality, cos, sin, mask, cache, i, start)
         if cache is not None:
             cache.length = start + t
         return self.logits(h[:, -1:] if last_only else h)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int = 0,
-                last_only: bool = False) -> torch.Tensor:
-        return self.forward_embeds(self.tok_embeddings(tokens), cache, start, last_only)
+    def forward(self, tokens: torch.Tensor, modality: torch.Tensor | None = None, cache: KVCache | None = None,
+                start: int = 0, last_only: bool = False) -> torch.Tensor:
+        return self.forward_embeds(self.tok_embeddings(tokens), modality, cache, start, last_only)
+
+    @torch.no_grad()
+    def generate_greedy(self, h: torch.Tensor, modality: torch.Tensor | None, max_new_tokens: int,
+                        stop_ids: set[int]) -> list[int]:
+        """Greedy decoding after the prompt embeddings h [1, T, D], with a KV cache; returns the new token
+        ids (the stop token excluded)."""
+        cache = KVCache.allocate(self.cfg, 1, h.shape[1] + max_new_tokens, h.dtype, h.device)
+        logits = self.forward_embeds(h, modality, cache, 0, last_only=True)
+
+        def step(nxt: int) -> torch.Tensor:
+            e = self.tok_embeddings(torch.tensor([[nxt]], device=h.device))
+            return self.forward_embeds(e, modality, cache, cache.length, last_only=True)
+
+        return greedy_tokens(logits, step, max_new_tokens, stop_ids)
+
+
+def greedy_tokens(logits: torch.Tensor, step: Callable[[int], torch.Tensor], max_new_tokens: int,
+                  stop_ids: set[int]) -> list[int]:
+    """The greedy loop: ``logits`` are the prefill's last-position logits, ``step(token)`` feeds one token and
+    returns the next logits."""
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        nxt = int(logits[0, -1].argmax())
+        if nxt in stop_ids:
+            break
+        out.append(nxt)
+        logits = step(nxt)
+    return out

@@ -18,10 +18,6 @@ class VisionTower(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def base_state_dict(self) -> dict[str, torch.Tensor]:
-        """Frozen weights only (what a vision checkpoint holds): everything but the adapters."""
-        return {k: v for k, v in self.state_dict().items() if ".adapter." not in f".{k}"}
-
 
 def build_vision_tower(cfg: VisionConfig, adapter: AdapterConfig | None) -> VisionTower:
     cfg.validate()

@@ -115,10 +115,3 @@ def convert_reference_state(ref: dict[str, torch.Tensor]) -> tuple[dict[str, tor
             v = v[..., 0]
         out[name] = v.float().contiguous()
     return out, ignored
-
-
-def load_reference_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """A reference ``checkpoint-*.pth`` (``{"model": state_dict, ...}`` or a bare state dict) -> our keys."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
-    return convert_reference_state(state)
