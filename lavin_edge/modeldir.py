@@ -91,9 +91,11 @@ def write_model_dir(out: str | Path, config: dict[str, Any], tensors: dict[str, 
                "tokenizer": write_tokenizer(tokenizer, tmp)}
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / TENSORS_FILE),
                   metadata={"format": FORMAT})
-        # safetensors creates the file 0600; model directories are shared like any other output.
+        # The temporary directory is created 0700 and safetensors writes 0600; model directories are shared like
+        # any other output.
         umask = os.umask(0)
         os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         os.chmod(tmp / TENSORS_FILE, 0o666 & ~umask)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
