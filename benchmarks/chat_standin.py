@@ -18,10 +18,10 @@ from lavin_edge.config import LavinConfig, preset
 from lavin_edge.io.checks import load_state_dict_strict
 from lavin_edge.io.llama_loaders import load_llm
 from lavin_edge.io.vision_loaders import load_vision
+from lavin_edge.kernels.gptq_format import pack_linear
 from lavin_edge.merge import merge_lavin, read_config, save_merged
 from lavin_edge.model.lavin import build_lavin
 from lavin_edge.quantize.gptq import rtn_quantize
-from lavin_edge.quantize.pack import pack_linear
 from lavin_edge.quantize.pipeline import LINEAR_NAMES, GPTQConfig, save_quantized
 
 

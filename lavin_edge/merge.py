@@ -5,27 +5,12 @@ token and attends only to itself, so its state at every layer depends on the mod
 it by running the two modality tokens through the LLM as one-token sequences, fold each layer's two
 experts into one up-projection per modality, and drop the router and the modality token.
 
-Merged model directory (``format: "lavin-edge-merged"``, ``format_version: 1``; also docs/model-format.md):
-
-- ``config.json``: ``format``, ``format_version``, ``lavin_config`` (LavinConfig.to_dict()),
-  ``position_offset`` (1: the absolute position of the first real token; cache slot i is position i + 1),
-  ``tokenizer`` (``{"file": "tokenizer.json"}`` for a copied file, ``{"gguf": "/abs/path.gguf"}`` for a GGUF
-  base's embedded vocab, ``{"builtin": "bytes"}`` for the byte tokenizer of tiny models, or ``null``),
-  ``routing_table`` ([layers][modality][expert], for the record),
-  ``source`` (where base and adapters came from). A quantized directory adds ``quantization_config``.
-- ``model.safetensors``: the LLM in Meta naming at the top level (``tok_embeddings.weight``,
-  ``layers.{i}.attention.wq.weight`` ..., ``norm.weight``, ``output.weight`` unless tied), each layer's
-  folded adapter as ``layers.{i}.adapter.down.weight [r, D]``, ``.down.bias [r]``, ``.up.weight [2, D, r]``,
-  ``.up.bias [2, D]`` (modality 0 text, 1 image); the vision tower with its per-token routed adapters under
-  ``vision.*``; the projection under ``visual_proj.*``.
-- the tokenizer file, when the base had one (``tokenizer.json`` or ``tokenizer.model``).
+The directory it writes (config.json, model.safetensors, the tokenizer, the completeness marker) is defined
+by ``lavin_edge.modeldir`` and docs/model-format.md.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +20,18 @@ from lavin_edge.config import LavinConfig
 from lavin_edge.model.lavin import LaVIN
 from lavin_edge.model.llama import KVCache
 from lavin_edge.model.merged import MergedLaVIN
+from lavin_edge.modeldir import (
+    FORMAT,
+    POSITION_OFFSET,
+    ModelDirError,
+    load_tensors,
+    read_config,
+    tokenizer_path,
+    write_model_dir,
+)
 
-FORMAT = "lavin-edge-merged"
-FORMAT_VERSION = 1
-POSITION_OFFSET = 1
-
-
-class ModelDirError(ValueError):
-    """A model directory that is not what the command expects (not merged, wrong version, quantized ...)."""
+__all__ = ["FORMAT", "ModelDirError", "file_state_dict", "load_merged", "load_trained", "merge_dir", "merge_lavin",
+           "module_state_dict", "read_config", "routing_table", "save_merged", "tokenizer_path"]
 
 
 @torch.no_grad()
@@ -105,90 +94,35 @@ def module_state_dict(file_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {k if k.startswith(("vision.", "visual_proj.")) else f"llm.{k}": v for k, v in file_sd.items()}
 
 
-def _tokenizer_entry(tokenizer: str | Path | None, out: Path) -> dict[str, str] | None:
-    if tokenizer is None:
-        return None
-    if str(tokenizer) == "bytes":  # the built-in byte tokenizer of the tiny test models
-        return {"builtin": "bytes"}
-    p = Path(tokenizer)
-    if p.suffix == ".gguf":
-        return {"gguf": str(p.resolve())}
-    if p.is_dir():
-        p = next((p / n for n in ("tokenizer.json", "tokenizer.model") if (p / n).exists()), p)
-    if p.name not in ("tokenizer.json", "tokenizer.model") or not p.is_file():
-        raise FileNotFoundError(f"{tokenizer}: not a tokenizer.json / tokenizer.model / .gguf")
-    shutil.copyfile(p, out / p.name)
-    return {"file": p.name}
-
-
-def tokenizer_path(model_dir: str | Path, config: dict[str, Any]) -> Path | None:
-    """Where the merged model's tokenizer lives (for ``lavin_edge.io.load_tokenizer``), or None."""
-    entry = config.get("tokenizer")
-    if not entry:
-        return None
-    if "builtin" in entry:
-        return Path(entry["builtin"])
-    return Path(entry["gguf"]) if "gguf" in entry else Path(model_dir) / entry["file"]
-
-
-def save_merged(model: MergedLaVIN, out_dir: str | Path, tokenizer: str | Path | None = None,
+def save_merged(model: MergedLaVIN, out_dir: str | Path, tokenizer: Any = None,
                 source: dict[str, Any] | None = None, routing: torch.Tensor | None = None,
-                extra: dict[str, Any] | None = None, tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write config.json + model.safetensors (+ the tokenizer). ``tensors`` replaces the state dict (the
-    quantizer passes its packed tensors); ``extra`` adds config keys (``quantization_config``)."""
-    from safetensors.torch import save_file
+                extra: dict[str, Any] | None = None, tensors: dict[str, torch.Tensor] | None = None,
+                extra_files: dict[str, str] | None = None, overwrite: bool = False) -> Path:
+    """Write the model directory (``lavin_edge.modeldir.write_model_dir``: all or nothing, marker last).
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    ``tokenizer``: a loaded tokenizer, a tokenizer path, ``"bytes"`` or None; ``tensors`` replaces the state dict
+    (the quantizer passes its packed tensors); ``extra`` adds config keys (``quantization_config``);
+    ``extra_files`` more files (``quantize_config.json``)."""
     cfg: dict[str, Any] = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
         "lavin_config": model.cfg.to_dict(),
         "position_offset": model.llm.position_offset,
-        "tokenizer": _tokenizer_entry(tokenizer, out),
         "routing_table": None if routing is None else routing.tolist(),
         "source": source or {},
         **(extra or {}),
     }
     sd = file_state_dict(model) if tensors is None else tensors
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": FORMAT})
-    # safetensors creates the file 0600; model directories are shared like any other output.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(out / "model.safetensors", 0o666 & ~umask)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    return out
-
-
-def read_config(model_dir: str | Path, allow_quantized: bool = True) -> dict[str, Any]:
-    """config.json of a merged directory; a clear error for anything else."""
-    d = Path(model_dir)
-    f = d / "config.json"
-    if not f.is_file():
-        raise ModelDirError(f"{d}: no config.json (not a model directory)")
-    cfg = json.loads(f.read_text())
-    if cfg.get("format") != FORMAT:
-        hint = " (it looks like trained adapters: run `lavin-edge merge` first)" if (
-            d / "adapters.safetensors").exists() else ""
-        raise ModelDirError(f"{d}: not a merged model (config.json format is {cfg.get('format')!r}, "
-                            f"expected {FORMAT!r}){hint}")
-    if cfg.get("format_version") != FORMAT_VERSION:
-        raise ModelDirError(f"{d}: format_version {cfg.get('format_version')!r} unsupported (expected 1)")
-    if not allow_quantized and "quantization_config" in cfg:
-        raise ModelDirError(f"{d}: already quantized ({cfg['quantization_config']})")
-    if not (d / "model.safetensors").is_file():
-        raise ModelDirError(f"{d}: model.safetensors missing")
-    return cfg
+    return write_model_dir(out_dir, cfg, sd, tokenizer, extra_files, overwrite)
 
 
 def load_merged(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[MergedLaVIN, dict[str, Any]]:
     """Load an unquantized merged directory -> (model in eval mode, config dict)."""
-    from safetensors.torch import load_file
-
     cfg = read_config(model_dir, allow_quantized=False)
     model = MergedLaVIN(LavinConfig.from_dict(cfg["lavin_config"]), int(cfg["position_offset"]))
-    sd = module_state_dict(load_file(str(Path(model_dir) / "model.safetensors")))
-    model.load_state_dict(sd, strict=True)
+    sd = module_state_dict(load_tensors(model_dir))
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ModelDirError(f"{model_dir}: the tensors do not match config.json ({str(e).splitlines()[0]})") from e
     return model.to(dtype).eval(), cfg
 
 
@@ -230,9 +164,21 @@ def load_trained(adapter_dir: str | Path, llm: str | Path | None = None, vision:
 
 
 def merge_dir(adapter_dir: str | Path, out_dir: str | Path, llm: str | Path | None = None,
-              vision: str | Path | None = None) -> Path:
-    """CLI entry: trained artifact dir -> merged model dir."""
+              vision: str | Path | None = None, overwrite: bool = False) -> Path:
+    """The ``merge`` step: trained artifact dir -> merged model dir, written all or nothing.
+
+    ``out_dir`` is checked before any model loads: it must not be or overlap the adapters or a base path, and
+    an existing one is refused unless ``overwrite``. The base's tokenizer is written as ``tokenizer.json`` (a
+    GGUF vocab is converted here, once) or ``tokenizer.model``."""
+    from lavin_edge.io.outdir import OutputDirError, check_output
+    from lavin_edge.io.tokenizer import load_tokenizer
+
+    try:
+        check_output(out_dir, overwrite=overwrite, inputs=(adapter_dir, llm, vision), what="merge output")
+    except OutputDirError as e:
+        raise ModelDirError(str(e)) from None
     model, meta, tok = load_trained(adapter_dir, llm, vision)
     merged, table = merge_lavin(model)
     source = {"adapters": str(Path(adapter_dir).resolve()), "base": meta["base"]}
-    return save_merged(merged, out_dir, tok, source, table)
+    return save_merged(merged, out_dir, None if tok is None else load_tokenizer(tok), source, table,
+                       overwrite=overwrite)

@@ -138,7 +138,7 @@ def test_bad_model_dirs(tmp_path: Path, model_dir: Path) -> None:
     res = run("--model", str(tmp_path / "nope"), "--prompt", "hi")
     assert res.exit_code == 2 and "not found" in res.stderr
     cfg = json.loads((model_dir / "config.json").read_text())
-    cfg["format_version"] = 2
+    cfg["format_version"] = 99  # a version this lavin-edge does not read
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     res = run("--model", str(tmp_path), "--prompt", "hi")
     assert res.exit_code == 2 and res.stderr.count("\n") == 1 and "format_version" in res.stderr

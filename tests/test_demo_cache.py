@@ -29,16 +29,14 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
         (out / "config.json").write_text(json.dumps({"weights": (Path(src) / "adapters.safetensors").read_text()}))
         builds.append("merge")
 
-    class FakeQuantize:
-        @staticmethod
-        def main(args: list[str], standalone_mode: bool) -> None:
-            out = Path(args[1])
-            out.mkdir(parents=True)
-            (out / "config.json").write_text((Path(args[0]) / "config.json").read_text())
-            builds.append("quantize")
+    def fake_quantize(src: Path, out: Path, *_: object, **__: object) -> None:
+        out = Path(out)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text((Path(src) / "config.json").read_text())
+        builds.append("quantize")
 
     monkeypatch.setattr("lavin_edge.merge.merge_dir", fake_merge)
-    monkeypatch.setattr("lavin_edge.commands.quantize.command", FakeQuantize)
+    monkeypatch.setattr("lavin_edge.quantize.step.quantize_dir", fake_quantize)
     return {"adapters": adapters, "builds": builds, "cache": tmp_path / "home" / ".cache" / "lavin-edge" / "demo"}
 
 

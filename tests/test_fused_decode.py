@@ -38,8 +38,8 @@ def _model(vocab: int | None = None, dim: int | None = None, seed: int = 0) -> L
 def _quantized_dir(model: LaVIN, root: Path, act_order: bool) -> Path:
     """GPTQ-packed LLM linears. ``act_order``: GPTQ with desc_act on a different random Hessian per linear, so
     q, k and v carry different permutations and the engine keeps them as separate parts (``_Concat``)."""
+    from lavin_edge.kernels.gptq_format import pack_linear
     from lavin_edge.quantize.gptq import gptq_quantize, rtn_quantize
-    from lavin_edge.quantize.pack import pack_linear
     from lavin_edge.quantize.pipeline import LINEAR_NAMES, GPTQConfig, save_quantized
 
     merged, table = merge_lavin(model)

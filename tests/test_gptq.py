@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from lavin_edge.kernels.gptq_format import dequantize_packed, pack_linear, unpack_linear
 from lavin_edge.quantize.gptq import (
     HessianAccumulator,
     asymmetric_target,
@@ -14,7 +15,6 @@ from lavin_edge.quantize.gptq import (
     output_error_vs_fp,
     rtn_quantize,
 )
-from lavin_edge.quantize.pack import dequantize_packed, pack_linear, unpack_linear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -184,12 +184,22 @@ def test_cli_merge_refusal_and_quantize(tmp_path, quantized) -> None:
     # Already quantized.
     res = runner.invoke(main, ["quantize", str(quantized[4]), str(tmp_path / "x")])
     assert res.exit_code != 0 and "already quantized" in res.output
-    # 64-wide tiny model, default group 128: refused before calibration.
-    res = runner.invoke(main, ["quantize", str(tmp_path / "m"), str(tmp_path / "x")])
-    assert res.exit_code != 0 and "not divisible by group size 128" in res.output
+    # 64-wide tiny model, group 128: refused before calibration, one line, exit 2.
+    res = runner.invoke(main, ["quantize", str(tmp_path / "m"), str(tmp_path / "x"), "--group-size", "128"])
+    assert res.exit_code == 2 and "not divisible by group size 128" in res.output
     assert not (tmp_path / "x").exists()
+    # The default group size: the largest of 128/64/32 dividing every input width (64 here), said.
+    res = runner.invoke(main, ["quantize", str(tmp_path / "m"), str(tmp_path / "q"), "--asym", "--calib-samples",
+                               "6", "--calib-len", "64", "--eval-texts", "3"])
+    assert res.exit_code == 0, res.output
+    assert "group size 64" in res.output
+    assert json.loads((tmp_path / "q" / "quantize_config.json").read_text())["group_size"] == 64
+    # An existing output is refused without --overwrite (exit 2, one line) and replaced with it.
+    res = runner.invoke(main, ["quantize", str(tmp_path / "m"), str(tmp_path / "q"), "--group-size", "32"])
+    assert res.exit_code == 2 and "already exists" in res.output and "--overwrite" in res.output
     res = runner.invoke(main, ["quantize", str(tmp_path / "m"), str(tmp_path / "q"), "--group-size", "32",
-                               "--asym", "--calib-samples", "6", "--calib-len", "64", "--eval-texts", "3"])
+                               "--asym", "--calib-samples", "6", "--calib-len", "64", "--eval-texts", "3",
+                               "--overwrite"])
     assert res.exit_code == 0, res.output
     assert "ppl_rise" in res.output
     qc = json.loads((tmp_path / "q" / "quantize_config.json").read_text())
@@ -206,9 +216,9 @@ def test_kernels_read_our_checkpoint(quantized) -> None:
     kernels = pytest.importorskip("lavin_edge.kernels", reason="lavin_edge.kernels not present")
     from test_gptq import _layer
 
+    from lavin_edge.kernels.gptq_format import dequantize_packed, pack_linear
     from lavin_edge.kernels.reference import dequantize_gptq
     from lavin_edge.quantize.gptq import gptq_quantize
-    from lavin_edge.quantize.pack import dequantize_packed, pack_linear
 
     _, _, packed, _, _, _ = quantized
     w_asym, H = _layer(n=64, k=128, seed=3)

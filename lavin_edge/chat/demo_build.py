@@ -8,34 +8,36 @@ the project's own ``merge`` and ``quantize`` (GPTQ, 4-bit, group 64, symmetric) 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
-import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from lavin_edge.chat.demo import MERGED_NAME, QUANTIZED_NAME
+from lavin_edge.modeldir import FORMAT_VERSION
 
 ADAPTERS_DIR = Path(__file__).resolve().parent / "demo_adapters"
-# The GPTQ settings of the demo: SmolLM2's 576 inputs are not divisible by 128.
-QUANTIZE_ARGS = ["--group-size", "64", "--sym", "--asym-calib", "0.25", "--calib-samples", "32", "--calib-len", "64",
-                 "--eval-texts", "0"]
+# The GPTQ settings of the demo (`lavin-edge quantize --group-size 64 --sym --asym-calib 0.25 --calib-samples 32
+# --calib-len 64 --eval-texts 0`): SmolLM2's 576 inputs are not divisible by 128.
+# (``lavin_edge.quantize.step.QuantizeOptions`` fields; a plain dict so that chat, which checks the fingerprint
+# at every start, need not import the quantizer.)
+QUANTIZE_OPTIONS = {"group_size": 64, "sym": True, "asym_calib": 0.25, "calib_samples": 32, "calib_len": 64,
+                    "eval_texts": 0}
 # Written beside merged/ and quantized/ once both exist: what they were built from.
 STAMP_NAME = "demo_source.json"
 
 
 def shipped_fingerprint() -> str:
-    """sha256 over the shipped adapter files and the quantize settings: a cached demo built from anything
-    else (an older release's adapters, other GPTQ settings) is stale."""
+    """sha256 over the shipped adapter files, the quantize settings and the model-dir format version: a cached
+    demo built from anything else (an older release's adapters, other GPTQ settings, an older format) is stale."""
     h = hashlib.sha256()
     for name in ("adapters.safetensors", "config.json"):
         h.update(name.encode())
         h.update((ADAPTERS_DIR / name).read_bytes())
-    h.update(json.dumps(QUANTIZE_ARGS).encode())
+    h.update(json.dumps(QUANTIZE_OPTIONS, sort_keys=True).encode())
+    h.update(f"format_version {FORMAT_VERSION}".encode())
     return h.hexdigest()
 
 
@@ -49,10 +51,10 @@ def built_fingerprint(root: Path) -> str | None:
 
 def build_demo(root: Path, echo: Callable[[str], None] = print, fresh: bool = False) -> Path:
     """merge + quantize the shipped adapters into ``root/merged`` and ``root/quantized``; returns the
-    quantized dir. Each result is written to a temporary dir and renamed, so an interrupted build leaves
+    quantized dir. Both steps write all or nothing (``lavin_edge.modeldir``), so an interrupted build leaves
     nothing half-written behind. What exists is kept unless ``fresh`` or its stamp names other adapters."""
-    from lavin_edge.commands.quantize import command as quantize_command
-    from lavin_edge.merge import merge_dir
+    from lavin_edge import merge
+    from lavin_edge.quantize import step
 
     if not (ADAPTERS_DIR / "adapters.safetensors").is_file():
         raise FileNotFoundError(f"the demo adapters are missing from this install ({ADAPTERS_DIR})")
@@ -67,28 +69,13 @@ def build_demo(root: Path, echo: Callable[[str], None] = print, fresh: bool = Fa
         (root / STAMP_NAME).unlink(missing_ok=True)
     if not (merged / "config.json").is_file():
         echo(f"building the demo model (once) in {root}: merging the shipped adapters into SmolLM2 + EfficientNet")
-        _atomic_dir(merged, lambda tmp: merge_dir(ADAPTERS_DIR, tmp, llm="smollm2-135m", vision="efficientnet-lite0"))
+        merge.merge_dir(ADAPTERS_DIR, merged, llm="smollm2-135m", vision="efficientnet-lite0", overwrite=True)
     if not (quantized / "config.json").is_file():
         echo("GPTQ-quantizing the merged LLM to 4 bits (group 64), calibrated on easy-vqa and text")
-        # The build's report goes to stderr: `chat --prompt` promises stdout holds only the answer.
-        with contextlib.redirect_stdout(sys.stderr):
-            _atomic_dir(quantized, lambda tmp: quantize_command.main([str(merged), str(tmp), *QUANTIZE_ARGS],
-                                                                     standalone_mode=False))
+        # The build's report goes through echo (stderr for chat: `chat --prompt` promises stdout holds only the answer).
+        step.quantize_dir(merged, quantized, step.QuantizeOptions(**QUANTIZE_OPTIONS), overwrite=True, echo=echo)
     if stamp != fingerprint:
         tmp = root / f".{STAMP_NAME}.tmp"
         tmp.write_text(json.dumps({"fingerprint": fingerprint, "adapters": str(ADAPTERS_DIR)}, indent=2) + "\n")
         os.replace(tmp, root / STAMP_NAME)
     return quantized
-
-
-def _atomic_dir(final: Path, write: Callable[[Path], object]) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        shutil.rmtree(tmp)
-        write(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

@@ -19,7 +19,6 @@ rotary uses one complex multiply for q and k together, and everything runs under
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -32,12 +31,12 @@ import torch.nn.functional as F
 
 from lavin_edge.chat.sampling import GenerationConfig, Sampler, StopStringStream
 from lavin_edge.config import LavinConfig
-from lavin_edge.merge import ModelDirError  # one error type for every model-dir problem
+from lavin_edge.kernels.gptq_format import GPTQTensors, residual_w4
+from lavin_edge.modeldir import ModelDirError, load_model_dir, stored_head, take_linear
 
 __all__ = ["ContextError", "Engine", "GenerationResult", "GenerationStats", "ModelDirError"]
 
 SMALL_WEIGHTS = 1 << 22  # weights below which a decode GEMV stays on one thread (4M: 2 MB at 4 bits)
-MERGED_FORMAT = "lavin-edge-merged"  # quantized dirs keep it and add quantization_config (lavin_edge.merge)
 TEXT, IMAGE = 0, 1
 
 
@@ -68,41 +67,6 @@ class DenseLinear(LinearOp):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
-
-
-@dataclass
-class GPTQTensors:
-    """One linear in the standard GPTQ layout (see ``lavin_edge.quantize.pack``)."""
-
-    qweight: torch.Tensor  # int32 [K/8, N]
-    qzeros: torch.Tensor  # int32 [G, N/8]
-    scales: torch.Tensor  # fp16 [G, N]
-    g_idx: torch.Tensor  # int32 [K]
-    checkpoint_format: str = "gptq"
-    group_size: int = 128
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.scales.shape[1], self.qweight.shape[0] * 8
-
-    def dequantize(self) -> torch.Tensor:
-        from lavin_edge.quantize.pack import dequantize_packed
-
-        return dequantize_packed({"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales,
-                                  "g_idx": self.g_idx}, 4, self.checkpoint_format)
-
-    @staticmethod
-    def concat(parts: list[GPTQTensors]) -> GPTQTensors | None:
-        """Stack linears along N (one matmul for q|k|v) when that is exact: same K, same g_idx, same format,
-        and every N a multiple of 8 (qzeros packs 8 columns per int32). None when not possible."""
-        first = parts[0]
-        for p in parts:
-            if (p.qweight.shape[0] != first.qweight.shape[0] or p.checkpoint_format != first.checkpoint_format
-                    or p.scales.shape[1] % 8 or not torch.equal(p.g_idx, first.g_idx)):
-                return None
-        return GPTQTensors(torch.cat([p.qweight for p in parts], 1), torch.cat([p.qzeros for p in parts], 1),
-                           torch.cat([p.scales for p in parts], 1), first.g_idx, first.checkpoint_format,
-                           first.group_size)
 
 
 class W4Linear(LinearOp):
@@ -141,15 +105,6 @@ class W4Linear(LinearOp):
         self._c.w4_gemm(*self._fast, x.data_ptr(), m, x.stride(0) if m > 1 else self.n_in, y.data_ptr(),
                         self.n_out, self._threads if m == 1 else self._threads_big)
         return y
-
-
-def _rtn_gptq(w: torch.Tensor, group_size: int) -> GPTQTensors:
-    """Round-to-nearest 4-bit (symmetric, the GPTQ grid) of an fp weight, packed in the GPTQ layout."""
-    from lavin_edge.quantize.gptq import rtn_quantize
-    from lavin_edge.quantize.pack import pack_linear
-
-    t = pack_linear(rtn_quantize(w, 4, group_size, True), 4, "gptq")
-    return GPTQTensors(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], "gptq", group_size)
 
 
 def make_linear(w: torch.Tensor | GPTQTensors, kernels: Any) -> LinearOp:
@@ -221,70 +176,6 @@ class Layer:
 
 
 # ------------------------------------------------------------------------------------------- loading
-
-def _read_config(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise ModelDirError(f"{path}: model directory not found")
-    if not path.is_dir():
-        raise ModelDirError(f"{path}: not a directory (expected a merged or quantized model dir)")
-    cfg_path = path / "config.json"
-    if not cfg_path.exists():
-        raise ModelDirError(f"{path}: no config.json (not a lavin-edge model dir)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelDirError(f"{cfg_path}: not valid JSON ({e})") from e
-    fmt = cfg.get("format") if isinstance(cfg, dict) else None
-    if fmt != MERGED_FORMAT:
-        hint = " (trained adapters: run `lavin-edge merge` first)" if (path / "adapters.safetensors").exists() else ""
-        raise ModelDirError(f"{path}: config.json format {fmt!r} is not a servable lavin-edge model "
-                            f"(expected {MERGED_FORMAT!r}){hint}")
-    version = cfg.get("format_version")
-    if version != 1:
-        raise ModelDirError(f"{path}: format_version {version!r} is not supported by this lavin-edge "
-                            "(supports 1); re-run merge/quantize with this version")
-    return cfg
-
-
-def _lavin_config(cfg: dict[str, Any]) -> LavinConfig:
-    try:
-        return LavinConfig.from_dict(cfg["lavin_config"])
-    except (KeyError, TypeError) as e:
-        raise ModelDirError(f"config.json does not describe a LaVIN model ({e})") from e
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ModelDirError(f"{path}: no .safetensors files")
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            out.update(load_file(str(f)))
-        except (SafetensorError, OSError) as e:
-            raise ModelDirError(f"{f}: unreadable safetensors file ({e})") from e
-    return out
-
-
-def _quant_settings(cfg: dict[str, Any]) -> dict[str, Any]:
-    q = cfg.get("quantization_config") or {}
-    if q and int(q.get("bits", 4)) != 4:
-        raise ModelDirError(f"quantization_config bits={q.get('bits')}: only 4-bit GPTQ is served")
-    return {"checkpoint_format": q.get("checkpoint_format", "gptq"), "group_size": int(q.get("group_size", 128))}
-
-
-def _take_linear(sd: Mapping[str, torch.Tensor], name: str, q: dict[str, Any]) -> torch.Tensor | GPTQTensors:
-    if f"{name}.weight" in sd:
-        return sd[f"{name}.weight"]
-    keys = [f"{name}.{s}" for s in ("qweight", "qzeros", "scales", "g_idx")]
-    missing = [k for k in keys if k not in sd]
-    if missing:
-        raise ModelDirError(f"tensor {name}.weight (or its GPTQ tensors {missing}) missing from the model")
-    return GPTQTensors(*(sd[k] for k in keys), q["checkpoint_format"], q["group_size"])  # type: ignore[arg-type]
-
 
 def _fuse(parts: list[torch.Tensor | GPTQTensors], kernels: Any) -> LinearOp:
     """One op for several linears sharing the input (q|k|v, gate|up)."""
@@ -409,24 +300,21 @@ class Engine:
             self.embed = sd["tok_embeddings.weight"].contiguous()
             self.norm = NormAdapter.rmsnorm(sd["norm.weight"], llm.norm_eps, self.kernels)
             out = sd.get("output.weight") if not llm.tie_embeddings else None
-            head = _take_linear(sd, "output", quant) if (out is not None or "output.qweight" in sd) else self.embed
+            head = take_linear(sd, "output", quant) if (out is not None or "output.qweight" in sd) else self.embed
             if isinstance(head, torch.Tensor):
                 head = head.float()
-            # An fp32 vocab x dim head is the largest read of a small model's decode step (SmolLM2: 113 MB of
-            # ~180 MB). With the kernels it runs as two 4-bit passes: RTN of W, then RTN of the residual
-            # W - W4(W) (group 64), ~8-bit accuracy for 1/4 of the fp32 bytes. A single 4-bit pass flipped a
-            # third of SmolLM2's top-1 predictions; the residual pass brings it back (see the bench notes).
-            # head_w4=False keeps it exact fp32.
-            # int32 packing of the zero points needs a vocab that is a multiple of 8.
+            # With the kernels the head runs as its 4-bit value + residual (docs/model-format.md, "lm_head"):
+            # stored by quantize, or computed here for a directory without it (a merged fp dir). head_w4=False
+            # keeps it exact fp32. int32 packing of the zero points needs a vocab that is a multiple of 8.
             packable = isinstance(head, torch.Tensor) and head.shape[0] % 8 == 0
             self.head_w4 = (self.kernels is not None and packable) if head_w4 is None else head_w4
             if self.head_w4 and isinstance(head, torch.Tensor):
                 if self.kernels is None:
                     raise ModelDirError("head_w4 needs the kernels backend")
-                gs = next((g for g in (64, 32) if self.dim % g == 0), -1)
-                hi = _rtn_gptq(head, gs)
-                lo = _rtn_gptq(head - hi.dequantize(), gs)
-                self.lm_head: LinearOp = _Sum([W4Linear(hi, self.kernels), W4Linear(lo, self.kernels)])
+                parts = stored_head(sd, quant)
+                if parts is None:
+                    parts = residual_w4(head, next((g for g in (64, 32) if self.dim % g == 0), -1))
+                self.lm_head: LinearOp = _Sum([W4Linear(p, self.kernels) for p in parts])
             else:
                 self.lm_head = make_linear(head, self.kernels)
             self.layers = [self._layer(sd, i, quant) for i in range(llm.n_layers)]
@@ -453,21 +341,8 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", max_context: int | None = None,
              head_w4: bool | None = None) -> Engine:
-        from lavin_edge.io.tokenizer import ByteTokenizer, load_tokenizer
-        from lavin_edge.merge import tokenizer_path
-
-        path = Path(path)
-        raw = _read_config(path)
-        cfg = _lavin_config(raw)
-        try:
-            tok_file = tokenizer_path(path, raw)
-            # No tokenizer entry: the byte tokenizer, the only one a model can have without a vocab file.
-            tok = ByteTokenizer() if tok_file is None else load_tokenizer(tok_file)
-        except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
-            raise ModelDirError(f"{path}: tokenizer: {e}") from e
-        sd = _load_tensors(path)
-        return cls(cfg, sd, _quant_settings(raw), backend, max_context, tok, int(raw.get("position_offset", 1)),
-                   head_w4)
+        md = load_model_dir(path)
+        return cls(md.lavin, md.tensors, md.quant, backend, max_context, md.tokenizer, md.position_offset, head_w4)
 
     def _layer(self, sd: Mapping[str, torch.Tensor], i: int, quant: dict[str, Any]) -> Layer:
         p = f"layers.{i}."
@@ -478,7 +353,7 @@ class Engine:
                                 "[2, D, r] (routing folded per modality): not a merged model")
         attn_in = NormAdapter(sd[p + "attention_norm.weight"].float(), ad["down.weight"], ad["down.bias"],
                               ad["up.weight"], ad["up.bias"], self.cfg.llm.norm_eps, self.kernels)
-        lin = {n: _take_linear(sd, p + n, quant) for n in ("attention.wq", "attention.wk", "attention.wv",
+        lin = {n: take_linear(sd, p + n, quant) for n in ("attention.wq", "attention.wk", "attention.wv",
                                                             "attention.wo", "feed_forward.w1", "feed_forward.w2",
                                                             "feed_forward.w3")}
         cache_shape = (1, self.n_kv, self.max_context, self.hd)

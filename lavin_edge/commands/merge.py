@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 
@@ -12,18 +14,21 @@ import click
               "adapters were trained on, as recorded in their config.json.")
 @click.option("--vision", "vision", default=None, help="Base vision tower (e.g. efficientnet-lite0, a CLIP .pt); "
               "default: as recorded.")
-def command(adapters: str, out: str, llm: str | None, vision: str | None) -> None:
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUT if it exists (the old one stays in place until the new one is complete).")
+def command(adapters: str, out: str, llm: str | None, vision: str | None, overwrite: bool) -> None:
     """Fold the LLM routers of ADAPTERS (the output of `lavin-edge train`) into OUT.
 
     Each LLM layer's two experts become one up-projection per modality (the routing of position 0 depends
     only on the modality); the modality token leaves the runtime and its KV cache. The vision tower keeps
-    its per-token routing."""
-    from lavin_edge.merge import ModelDirError, merge_dir
+    its per-token routing. OUT is written all or nothing: an interrupted run leaves the previous OUT (or none)."""
+    from lavin_edge.merge import merge_dir
 
     try:
-        path = merge_dir(adapters, out, llm, vision)
-    except (ModelDirError, ValueError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from None
+        path = merge_dir(adapters, out, llm, vision, overwrite=overwrite)
+    except (ValueError, FileNotFoundError) as e:  # ModelDirError, a base that does not load
+        click.echo(f"error: {e}", err=True)  # one line, exit 2: bad input, not a crash
+        sys.exit(2)
     import json
 
     cfg = json.loads((path / "config.json").read_text())

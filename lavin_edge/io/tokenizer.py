@@ -56,6 +56,7 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, path: str | Path) -> None:
         import sentencepiece as spm
 
+        self.path = Path(path)
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
         self.vocab_size = int(self.sp.vocab_size())
         self.bos_id, self.eos_id = int(self.sp.bos_id()), int(self.sp.eos_id())
@@ -90,13 +91,30 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
+    def special_ids(self) -> dict[str, object]:
+        """The ids a saved ``tokenizer.json`` does not carry: what ``from_file(path, ids)`` takes back."""
+        return {"bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id, "stop_ids": sorted(self.stop_ids)}
+
+    def save(self, path: str | Path) -> dict[str, object]:
+        """Write ``tokenizer.json`` (vocab, merges, pre-tokenizer, decoder, special tokens); returns
+        ``special_ids()`` for the caller to record beside it."""
+        self.tok.save(str(path))
+        return self.special_ids()
+
     @classmethod
-    def from_file(cls, path: str | Path) -> HFTokenizer:
-        """``tokenizer.json``; BOS/EOS from ``tokenizer_config.json`` / ``config.json`` beside it when present."""
+    def from_file(cls, path: str | Path, ids: dict[str, object] | None = None) -> HFTokenizer:
+        """``tokenizer.json``. BOS/EOS/PAD/stop ids: ``ids`` when given (as ``special_ids()`` wrote them), else
+        from ``tokenizer_config.json`` / ``config.json`` beside it, else well-known token names."""
         from tokenizers import Tokenizer as _Tok
 
         path = Path(path)
         tok = _Tok.from_file(str(path))
+        if ids is not None:
+            try:
+                stops = {int(i) for i in ids["stop_ids"]}  # type: ignore[attr-defined]
+                return cls(tok, int(ids["bos_id"]), int(ids["eos_id"]), int(ids["pad_id"]), stops)  # type: ignore[arg-type]
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}: bad special token ids {ids!r} ({e})") from e
         special = _special_ids_from_dir(path.parent, tok)
         bos, eos, pad = special.get("bos"), special.get("eos"), special.get("pad")
         if bos is None or eos is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .gptq_format import unpack_nibbles_cols, unpack_nibbles_rows, zero_offset
+from . import gptq_format
 
 ACT_BLOCK = 32  # rows per int8 activation block in the native W4 kernels
 
@@ -26,19 +26,11 @@ def dequantize_gptq(
     group_size: int | None = 128,
     checkpoint_format: str = "gptq",
 ) -> torch.Tensor:
-    """GPTQ tensors -> dense fp32 ``W`` [N, K]: ``W[n, k] = s[g(k), n] * (q[k, n] - z[g(k), n])``.
-
-    ``g(k) = g_idx[k]`` when given, else ``k // group_size``. ``checkpoint_format`` "gptq" (v1)
-    stores zero - 1; "gptq_v2" stores the zero.
-    """
+    """GPTQ tensors -> dense fp32 ``W`` [N, K]: the format module's one dequantizer (``gptq_format.dequantize``),
+    with ``group_size`` resolved as the kernels do (-1/None/0: one group over K)."""
     k = qweight.shape[0] * 8
-    n = qweight.shape[1]
-    gs = resolve_group_size(group_size, k)
-    q = unpack_nibbles_rows(qweight).float()  # [K, N]
-    z = unpack_nibbles_cols(qzeros, n).float() + zero_offset(checkpoint_format)  # [G, N]
-    gi = g_idx.long() if g_idx is not None else torch.arange(k, device=qweight.device) // gs
-    w = scales.float()[gi] * (q - z[gi])  # [K, N]
-    return w.t().contiguous()
+    return gptq_format.dequantize(qweight, qzeros, scales, g_idx, resolve_group_size(group_size, k),
+                                  checkpoint_format)
 
 
 def w4_matmul_reference(

@@ -1,1 +1,2 @@
-"""GPTQ 4-bit quantization of the merged model's LLM linears (see docs/quantization.md)."""
+"""GPTQ 4-bit quantization of a merged LaVIN: the algorithm (``gptq``), the layer-by-layer driver
+(``pipeline``), quality checks (``quality``), the HF export (``export``) and the step (``step.quantize_dir``)."""

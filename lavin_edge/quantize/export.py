@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lavin_edge.quantize.pack import pack_cols, unpack_cols
+from lavin_edge.kernels.gptq_format import pack_nibbles_cols, unpack_nibbles_cols
 
 _HF = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
        "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
@@ -58,7 +58,7 @@ def export_hf_gptq(quant_dir: str | Path, out_dir: str | Path, allow_adapters: b
                 p = _meta_to_hf_rows(heads, heads * hd)
                 t["qweight"] = t["qweight"][:, p].contiguous()
                 t["scales"] = t["scales"][:, p].contiguous()
-                t["qzeros"] = pack_cols(unpack_cols(t["qzeros"])[:, p].contiguous())
+                t["qzeros"] = pack_nibbles_cols(unpack_nibbles_cols(t["qzeros"], heads * hd)[:, p].contiguous())
             for s, v in t.items():
                 hf[f"{dst}.{s}"] = v
     out.mkdir(parents=True, exist_ok=True)

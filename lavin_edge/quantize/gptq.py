@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lavin_edge.kernels import gptq_format
+
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
 SUPPORTED_BITS = (2, 3, 4, 8)
 
@@ -58,18 +60,9 @@ def grid_params(w: torch.Tensor, bits: int, sym: bool, mse: float = 0.0, grid: i
     the GPTQ paper's code) the range is shrunk by p = 1, 0.99, ... down to 1 - maxshrink per row, keeping the p
     with the smallest sum |q(w) - w|^mse: clipping a few outliers buys finer steps for all other weights."""
     maxq = 2**bits - 1
-    zero_t = torch.zeros(w.shape[0], device=w.device)
-    xmin = torch.minimum(w.min(1).values, zero_t)
-    xmax = torch.maximum(w.max(1).values, zero_t)
-    if sym:
-        xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = torch.where(xmin < 0, -xmax, xmin)
-    both0 = (xmin == 0) & (xmax == 0)
-    xmin = torch.where(both0, torch.full_like(xmin, -1.0), xmin)
-    xmax = torch.where(both0, torch.full_like(xmax, 1.0), xmax)
-    scale = (xmax - xmin) / maxq
-    zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-xmin / scale)
+    scale, zero = gptq_format.grid(w, sym, maxq)
     if mse > 0:
+        xmin, xmax = gptq_format.grid_range(w, sym)
         # All shrink factors at once ([P, N, g]); ties keep the larger range, as the reference's strict "<".
         p = 1 - torch.arange(int(maxshrink * grid), dtype=w.dtype, device=w.device)[:, None] / grid
         s1 = (p * xmax - p * xmin) / maxq

@@ -7,9 +7,10 @@ a layer the linears are quantized in execution order (true sequential): {wq, wk,
 and one Hessian), then wo, then {w1, w3}, then w2, each group's Hessian built from inputs that already pass
 through the quantized earlier groups. Only one Hessian lives at a time.
 
-Quantized directory: the merged layout (``lavin_edge.merge``) with each LLM linear's ``.weight`` replaced by
-``.qweight``, ``.qzeros``, ``.scales``, ``.g_idx`` (``lavin_edge.quantize.pack``), ``quantization_config``
-in config.json, and ``quantize_config.json`` in the standard GPTQ form.
+Quantized directory (``lavin_edge.modeldir``, docs/model-format.md): the merged layout with each LLM linear's
+``.weight`` replaced by ``.qweight``, ``.qzeros``, ``.scales``, ``.g_idx`` (``lavin_edge.kernels.gptq_format``),
+the lm_head's 4-bit form (``output.hi.*``, ``output.lo.*``), ``quantization_config`` and ``lm_head_w4`` in
+config.json, and ``quantize_config.json`` in the standard GPTQ form.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lavin_edge.config import LavinConfig
-from lavin_edge.merge import FORMAT, file_state_dict, module_state_dict, read_config, save_merged
+from lavin_edge.kernels.gptq_format import FORMATS, PACKED_SUFFIXES, dequantize_packed, pack_linear, residual_w4
+from lavin_edge.merge import FORMAT, file_state_dict, module_state_dict, save_merged
 from lavin_edge.model.llama import attention_mask
 from lavin_edge.model.merged import MergedLaVIN
+from lavin_edge.modeldir import HEAD_PARTS, ModelDirError, load_model_dir
 from lavin_edge.quantize.gptq import (
     SUPPORTED_GROUP_SIZES,
     HessianAccumulator,
@@ -37,7 +39,6 @@ from lavin_edge.quantize.gptq import (
     output_error_vs_fp,
     rtn_quantize,
 )
-from lavin_edge.quantize.pack import FORMATS, dequantize_packed, pack_linear
 
 # Execution order inside a block; names in one group read the same input (one Hessian).
 SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (
@@ -47,7 +48,6 @@ SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (
     ("feed_forward.w2",),
 )
 LINEAR_NAMES = tuple(n for g in SEQUENTIAL_GROUPS for n in g)
-PACKED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 
 class CalibrationError(ValueError):
@@ -338,51 +338,75 @@ def quantize_model(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQCon
 
 # ----------------------------------------------------------------------------- files
 
+def head_w4_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The lm_head's served 4-bit form: value + residual, two symmetric RTN passes (``gptq_format.residual_w4``)
+    of the fp head (``output.weight``, or the embeddings when tied), as ``output.hi.*`` + ``output.lo.*``, and its
+    ``lm_head_w4`` config entry. An fp32 vocab x dim head is the largest read of a small model's decode step
+    (SmolLM2: 113 MB of ~180 MB); one 4-bit pass flipped a third of SmolLM2's top-1 predictions, the residual
+    pass brings it back (~8-bit accuracy for 1/4 of the fp32 bytes). None when the vocab is not a multiple of
+    8 (qzeros packs 8 columns per int32): chat then serves the fp head."""
+    head = tensors.get("output.weight", tensors["tok_embeddings.weight"])
+    if head.shape[0] % 8:
+        return {}, None
+    dim = head.shape[1]
+    gs = next((g for g in (64, 32) if dim % g == 0), -1)
+    parts = residual_w4(head.float(), gs)
+    out = {f"{prefix}.{k}": v for prefix, t in zip(HEAD_PARTS, parts, strict=True) for k, v in t.as_dict().items()}
+    return out, {"parts": list(HEAD_PARTS), "group_size": gs, "checkpoint_format": "gptq", "bits": 4,
+                 "method": "rtn value + rtn residual, symmetric"}
+
+
 def save_quantized(model: MergedLaVIN, packed: dict[str, torch.Tensor], merged_config: dict[str, Any],
-                   qcfg: GPTQConfig, out_dir: str | Path, tokenizer: str | Path | None = None,
-                   report: QuantizeReport | None = None) -> Path:
-    """Write the quantized directory: the merged layout with packed LLM linears."""
+                   qcfg: GPTQConfig, out_dir: str | Path, tokenizer: Any = None,
+                   report: QuantizeReport | dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write the quantized directory, all or nothing: the merged layout with packed LLM linears, the lm_head's
+    4-bit form, ``quantize_config.json`` and ``quantize_report.json``."""
     quantized = {k.rsplit(".", 1)[0] for k in packed}
     tensors = {k: v for k, v in file_state_dict(model).items() if k.rsplit(".", 1)[0] not in quantized}
     tensors.update(packed)
+    head, head_cfg = head_w4_tensors(tensors)
+    tensors.update(head)
     qc = qcfg.quantization_config()
     source = dict(merged_config.get("source") or {})
     source["quantized_from"] = merged_config.get("_dir")
     table = merged_config.get("routing_table")
-    out = save_merged(model, out_dir, tokenizer, source, None if table is None else torch.tensor(table),
-                      extra={"quantization_config": qc}, tensors=tensors)
-    (out / "quantize_config.json").write_text(json.dumps(qc, indent=2) + "\n")
+    files = {"quantize_config.json": json.dumps(qc, indent=2) + "\n"}
     if report is not None:
-        (out / "quantize_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    return out
-
-
-def _read_quantized(model_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
-    cfg = read_config(model_dir)
-    if "quantization_config" not in cfg:
-        raise ValueError(f"{model_dir}: not quantized (no quantization_config in config.json)")
-    return cfg, load_file(str(Path(model_dir) / "model.safetensors"))
+        rep = report.to_dict() if isinstance(report, QuantizeReport) else report
+        files["quantize_report.json"] = json.dumps(rep, indent=2) + "\n"
+    extra: dict[str, Any] = {"quantization_config": qc}
+    if head_cfg is not None:
+        extra["lm_head_w4"] = head_cfg
+    return save_merged(model, out_dir, tokenizer, source, None if table is None else torch.tensor(table),
+                       extra=extra, tensors=tensors, extra_files=files, overwrite=overwrite)
 
 
 def load_quantized_as_fp(model_dir: str | Path, dtype: torch.dtype = torch.float32
                          ) -> tuple[MergedLaVIN, dict[str, Any]]:
     """The dequantized reference model of a quantized directory (weights = scale * (q - zero), fp16 scales):
     what quality checks measure and what the chat engine falls back to without kernels."""
-    cfg, sd = _read_quantized(model_dir)
-    qc = cfg["quantization_config"]
-    fmt, bits = qc.get("checkpoint_format", "gptq"), int(qc["bits"])
+    md = load_model_dir(model_dir)
+    cfg, sd = md.config, md.tensors
+    if not md.quantized:
+        raise ModelDirError(f"{model_dir}: not quantized (no quantization_config in config.json)")
+    fmt = md.quant["checkpoint_format"]
+    head = set(HEAD_PARTS)
     dense: dict[str, torch.Tensor] = {}
-    prefixes = {k.rsplit(".", 1)[0] for k in sd if k.endswith(".qweight")}
+    prefixes = {k.rsplit(".", 1)[0] for k in sd if k.endswith(".qweight")} - head
     for p in prefixes:
-        parts = {s: sd[f"{p}.{s}"] for s in PACKED_SUFFIXES}
-        dense[f"{p}.weight"] = dequantize_packed(parts, bits, fmt)
-    dense.update({k: v for k, v in sd.items() if k.rsplit(".", 1)[0] not in prefixes})
-    model = MergedLaVIN(LavinConfig.from_dict(cfg["lavin_config"]), int(cfg["position_offset"]))
+        dense[f"{p}.weight"] = dequantize_packed({s: sd[f"{p}.{s}"] for s in PACKED_SUFFIXES}, 4, fmt)
+    dense.update({k: v for k, v in sd.items() if k.rsplit(".", 1)[0] not in prefixes | head})
+    model = MergedLaVIN(md.lavin, md.position_offset)
     model.load_state_dict(module_state_dict(dense), strict=True)
     return model.to(dtype).eval(), cfg
 
 
-__all__ = ["FORMAT", "CalibSample", "CalibrationError", "GPTQConfig", "QuantizeReport", "check_calibration",
-           "load_quantized_as_fp", "quantize_model", "save_quantized"]
+def auto_group_size(model: MergedLaVIN) -> int:
+    """The largest of 128, 64, 32 that divides the input width of every LLM linear (-1 when none does)."""
+    layer = model.llm.layers[0]
+    widths = {_get(layer, name).weight.shape[1] for name in LINEAR_NAMES}
+    return next((g for g in (128, 64, 32) if all(k % g == 0 for k in widths)), -1)
+
+
+__all__ = ["FORMAT", "CalibSample", "CalibrationError", "GPTQConfig", "QuantizeReport", "auto_group_size",
+           "check_calibration", "head_w4_tensors", "load_quantized_as_fp", "quantize_model", "save_quantized"]
