@@ -58,9 +58,10 @@ def _example_image() -> Path:
 # ----------------------------------------------------------------------------------------- demo rows
 
 def _demo_row(model_dir: str, backend: str, new_tokens: int, question: str, image: str | None) -> dict[str, Any]:
-    from lavin_edge.chat.engine import IMAGE, TEXT, Engine, GenerationStats
     from lavin_edge.chat.sampling import GenerationConfig
     from lavin_edge.chat.session import ChatSession
+    from lavin_edge.modality import IMAGE, TEXT
+    from lavin_edge.runtime import Engine, GenerationStats
 
     eng = Engine.load(model_dir, backend=backend)
     sess = ChatSession(eng, GenerationConfig(max_new_tokens=new_tokens))
@@ -186,9 +187,10 @@ def _llama7b_row(new_tokens: int, prompt_tokens: int, max_context: int, llm: dic
                  probe_bytes: int | None = None) -> dict[str, Any]:
     """Decode on random 4-bit weights of LLaMA-7B's shape (``llm``: another LlamaConfig as a dict, for tests)
     against the bandwidth limit."""
-    from lavin_edge.chat.engine import TEXT, Engine, GenerationStats
     from lavin_edge.chat.sampling import GenerationConfig
     from lavin_edge.config import LavinConfig, LlamaConfig, preset
+    from lavin_edge.modality import TEXT
+    from lavin_edge.runtime import Engine, GenerationStats
 
     threads = torch.get_num_threads()
     read_bw = _probe_read_bw(threads, probe_bytes)  # first, before the model takes memory
