@@ -69,7 +69,7 @@ class ChatSession:
     # -- sequence ------------------------------------------------------------------------------------
     def _prefix(self) -> tuple[list[int], int]:
         tok = self.engine.tokenizer
-        if self.visual is None:
+        if not self.has_image:
             return [tok.bos_id] + tok.encode(TEXT_PREFIX), NO_IMAGE
         ids = [tok.bos_id] + tok.encode(IMAGE_PREFIX)
         return ids + [tok.pad_id] * self.visual.shape[0], len(ids)

@@ -42,6 +42,7 @@ class Backend:
     name = ""
     runs_w4 = False
     isa: str | None = None  # the native kernels' instruction set, None: ops run in PyTorch
+    device = torch.device("cpu")  # where the model's state (KV cache, rotary table) is allocated
 
     def linear(self, w: Weight) -> LinearOp:
         if isinstance(w, torch.Tensor):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lavin_edge.config import LavinConfig
-from lavin_edge.modality import TEXT, has_image
+from lavin_edge.modality import IMAGE, TEXT, has_image
 from lavin_edge.runtime.backends import select_backend
 from lavin_edge.runtime.loader import ModelDirError, build_weights, read_model_dir
 
@@ -59,18 +59,20 @@ class Engine:
         w = build_weights(cfg, sd, quant, self.backend_impl, head_w4)
         self.embed, self.norm, self.lm_head, self.head_w4 = w.embed, w.norm, w.lm_head, w.head_w4
         self.layers, self.vision, self.visual_proj = w.layers, w.vision, w.visual_proj
+        dev = self.backend_impl.device
         cache_shape = (1, self.n_kv, self.max_context, self.hd)
-        self.kv_cache = [(torch.zeros(cache_shape), torch.zeros(cache_shape)) for _ in self.layers]
+        self.kv_cache = [(torch.zeros(cache_shape, device=dev), torch.zeros(cache_shape, device=dev))
+                         for _ in self.layers]
         # Rotary as complex numbers for runtime slot p = absolute position p + offset.
         inv = 1.0 / llm.rope_theta ** (torch.arange(0, self.hd, 2, dtype=torch.float64) / self.hd)
         pos = torch.arange(position_offset, position_offset + self.max_context, dtype=torch.float64)
         ang = torch.outer(pos, inv)
-        self.rope = torch.polar(torch.ones_like(ang), ang).to(torch.complex64)  # [ctx, hd/2]
+        self.rope = torch.polar(torch.ones_like(ang), ang).to(dev, torch.complex64)  # [ctx, hd/2]
         self.length = 0
         self.history: list[int] = []  # token ids in the cache (visual slots hold their placeholder ids)
         self.modality = TEXT
         # Per-row modality for the fused adapter kernel: a row range of one of these, never reallocated.
-        self.row_modality = [torch.full((self.max_context,), m, dtype=torch.int32) for m in (0, 1)]
+        self.row_modality = [torch.full((self.max_context,), m, dtype=torch.int32, device=dev) for m in (TEXT, IMAGE)]
         # The decode step in one native call when the backend has one; None: decode_step_reference.
         self.native_decode = self.backend_impl.native_decode(self)
 
