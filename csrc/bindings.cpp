@@ -1,10 +1,17 @@
 // pybind11 module lavin_edge._C.
 //
 // Tensors cross as raw addresses (tensor.data_ptr()) plus sizes: no torch headers, no copies.
-// The Python wrapper (lavin_edge/kernels/__init__.py) validates dtype, device, contiguity and
-// shapes and owns every buffer; this file re-checks the arithmetic relations between the
-// sizes it receives (so a wrong call raises ValueError instead of reading out of bounds) and
-// releases the GIL around the kernels.
+// The Python wrapper (lavin_edge/kernels/) validates dtype, device, contiguity and shapes and
+// owns every buffer; this file re-checks the arithmetic relations between the sizes it
+// receives (so a wrong call raises ValueError instead of reading out of bounds) and releases
+// the GIL around the kernels.
+//
+// Prepared weights cross as descriptors built once at prepare time: `W4Weights` (a W4 linear in
+// the tiled layout of kernels.h) and `NormAdapterWeights` (RMSNorm gain + folded routed adapter).
+// Their sizes are checked when they are built; the per-call entry points (`w4_gemm`,
+// `llm_adapter`) and the `DecodeStack` take them as they are, so one prepared linear serves both
+// the per-op path and the one-call decode step. The descriptor holds addresses only: the
+// caller keeps the tensors alive for as long as the descriptor is used.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -130,19 +137,32 @@ W4Prepared checked_w4(const char* what, uintptr_t qw, int64_t qw_bytes, uintptr_
   return p;
 }
 
-void py_w4_gemm(const std::string& isa_name, uintptr_t qw, int64_t qw_bytes, uintptr_t scales, int64_t scales_numel,
-                uintptr_t zeros, int64_t zeros_numel, uintptr_t perm, int64_t perm_numel, int64_t n, int64_t np,
-                int64_t k, int64_t kp, int64_t groups, uintptr_t x, int64_t m, int64_t ldx, uintptr_t y, int64_t ldy,
-                int threads) {
+// Descriptor of one prepared W4 linear (lavin_edge.kernels.w4.TiledW4.native).
+struct W4Weights {
+  W4Prepared w;
+  int64_t nbytes = 0;  // packed weights + scales + zeros: what one product reads
+};
+
+W4Weights make_w4_weights(uintptr_t qw, int64_t qw_bytes, uintptr_t scales, int64_t scales_numel, uintptr_t zeros,
+                          int64_t zeros_numel, uintptr_t perm, int64_t perm_numel, int64_t n, int64_t np, int64_t k,
+                          int64_t kp, int64_t groups) {
+  W4Weights d;
+  d.w = checked_w4("W4Weights", qw, qw_bytes, scales, scales_numel, zeros, zeros_numel, perm, perm_numel, n, np, k,
+                   kp, groups);
+  d.nbytes = qw_bytes + 2 * scales_numel + zeros_numel;
+  return d;
+}
+
+void py_w4_gemm(const std::string& isa_name, const W4Weights& weights, uintptr_t x, int64_t m, int64_t ldx,
+                uintptr_t y, int64_t ldy, int threads) {
   const Isa isa = parse_isa(isa_name);
+  const W4Prepared& w = weights.w;
   require(m > 0, "w4_gemm: m must be positive");
-  const W4Prepared w = checked_w4("w4_gemm", qw, qw_bytes, scales, scales_numel, zeros, zeros_numel, perm, perm_numel,
-                                  n, np, k, kp, groups);
-  require(ldx >= k && ldy >= n, "w4_gemm: row strides smaller than the rows");
+  require(ldx >= w.k && ldy >= w.n, "w4_gemm: row strides smaller than the rows");
   require(x && y, "w4_gemm: null pointer");
-  std::vector<int8_t> q(static_cast<size_t>(m * kp));
-  std::vector<float> d(static_cast<size_t>(m * (kp / kBlock)));
-  std::vector<float> gsum(static_cast<size_t>(m * groups));
+  std::vector<int8_t> q(static_cast<size_t>(m * w.kp));
+  std::vector<float> d(static_cast<size_t>(m * (w.kp / kBlock)));
+  std::vector<float> gsum(static_cast<size_t>(m * w.groups));
   const int nt = resolve_threads(threads);
   {
     py::gil_scoped_release nogil;
@@ -191,16 +211,38 @@ void py_w4_repack(uintptr_t qweight, int64_t qweight_numel, int64_t n, int64_t k
 
 // ---- adapters ----------------------------------------------------------------------------------
 
-void py_llm_adapter(const std::string& isa_name, uintptr_t x, uintptr_t y, int64_t rows, int64_t dim, int64_t rank,
-                    uintptr_t g, uintptr_t A, uintptr_t a, uintptr_t U, uintptr_t u, uintptr_t row_modality,
-                    double eps, int threads) {
+// Descriptor of one prepared RMSNorm + folded routed adapter (lavin_edge.kernels.adapters.PreparedNormAdapter):
+// g [dim], A [rank][dim], a [rank], U [2][dim][rank], u [2][dim], fp32.
+struct NormAdapterWeights {
+  DecodeNorm norm{};
+  int64_t dim = 0;
+  float eps = 0.0f;
+};
+
+NormAdapterWeights make_norm_adapter_weights(uintptr_t g, uintptr_t A, uintptr_t a, uintptr_t U, uintptr_t u,
+                                             int64_t dim, int64_t rank, double eps) {
+  require(dim > 0, "NormAdapterWeights: dim must be positive");
+  require(rank > 0 && rank <= 64, "NormAdapterWeights: rank must be in [1, 64]");
+  require(eps > 0.0, "NormAdapterWeights: eps must be positive");
+  require(g && A && a && U && u, "NormAdapterWeights: null pointer");
+  NormAdapterWeights d;
+  d.norm = DecodeNorm{ptr<const float>(g), ptr<const float>(A), ptr<const float>(a), ptr<const float>(U),
+                      ptr<const float>(u), rank};
+  d.dim = dim;
+  d.eps = static_cast<float>(eps);
+  return d;
+}
+
+void py_llm_adapter(const std::string& isa_name, const NormAdapterWeights& weights, uintptr_t x, uintptr_t y,
+                    int64_t rows, uintptr_t row_modality, int threads) {
   const Isa isa = parse_isa(isa_name);
-  require(rows > 0 && dim > 0, "llm_adapter: rows and dim must be positive");
-  require(rank > 0 && rank <= 64, "llm_adapter: rank must be in [1, 64]");
+  require(rows > 0, "llm_adapter: rows must be positive");
+  require(x && y && row_modality, "llm_adapter: null pointer");
   const int32_t* mod = ptr<const int32_t>(row_modality);
   require(all_in_range(mod, rows, 0, 2), "llm_adapter: modality must be 0 or 1");
-  LlmAdapterArgs p{ptr<const float>(x), ptr<float>(y), rows, dim, rank, ptr<const float>(g), ptr<const float>(A),
-                   ptr<const float>(a), ptr<const float>(U), ptr<const float>(u), mod, static_cast<float>(eps)};
+  const DecodeNorm& n = weights.norm;
+  LlmAdapterArgs p{ptr<const float>(x), ptr<float>(y), rows, weights.dim, n.rank, n.g, n.A, n.a, n.U, n.u, mod,
+                   weights.eps};
   const int nt = resolve_threads(threads);
   py::gil_scoped_release nogil;
   llm_adapter_fn(isa)(p, nt);
@@ -228,34 +270,28 @@ void py_vit_adapter(const std::string& isa_name, uintptr_t x, uintptr_t y, int64
 
 // ---- whole-decoder decode step ----------------------------------------------------------------
 
-// A norm as a tuple (g, A, a, U, u, rank) of addresses.
-DecodeNorm decode_norm(const py::tuple& t) {
-  require(t.size() == 6, "decode: a norm is (g, A, a, U, u, rank)");
-  DecodeNorm n{ptr<const float>(t[0].cast<uintptr_t>()), ptr<const float>(t[1].cast<uintptr_t>()),
-               ptr<const float>(t[2].cast<uintptr_t>()), ptr<const float>(t[3].cast<uintptr_t>()),
-               ptr<const float>(t[4].cast<uintptr_t>()), t[5].cast<int64_t>()};
-  require(n.g && n.A && n.a && n.U && n.u, "decode: null norm/adapter pointer");
-  require(n.rank > 0 && n.rank <= 64, "decode: adapter rank must be in [1, 64]");
-  return n;
-}
+// One W4 part of a decode-step linear (lavin_edge.kernels.decode.linear_part): a prepared W4 linear, the first
+// output column it writes, whether it adds into columns an earlier part wrote, and its GEMV thread count.
+struct LinearPart {
+  W4Weights weights;
+  int64_t out_offset = 0;
+  bool accumulate = false;
+  int threads = 1;
+};
 
-// A linear as a list of parts, each (qw, qw_bytes, scales, scales_numel, zeros, zeros_numel, perm, perm_numel, n,
-// np, k, kp, groups, out_offset, accumulate, threads); checked to map k_in inputs onto exactly n_out outputs.
-std::vector<DecodeLinearPart> decode_linear(const char* what, const py::list& parts, int64_t k_in, int64_t n_out) {
+// A linear as a list of parts, checked to map k_in inputs onto exactly n_out outputs.
+std::vector<DecodeLinearPart> decode_linear(const char* what, const std::vector<LinearPart>& parts, int64_t k_in,
+                                            int64_t n_out) {
   const std::string w(what);
   require(!parts.empty(), w + ": no parts");
   std::vector<DecodeLinearPart> out;
   int64_t covered = 0;
-  for (const auto& item : parts) {
-    const auto t = item.cast<py::tuple>();
-    require(t.size() == 16, w + ": a part has 16 fields");
-    auto u = [&](size_t i) { return t[i].cast<uintptr_t>(); };
-    auto v = [&](size_t i) { return t[i].cast<int64_t>(); };
+  for (const auto& part : parts) {
     DecodeLinearPart p;
-    p.w = checked_w4(what, u(0), v(1), u(2), v(3), u(4), v(5), u(6), v(7), v(8), v(9), v(10), v(11), v(12));
-    p.out_offset = v(13);
-    p.accumulate = t[14].cast<bool>();
-    p.threads = resolve_threads(static_cast<int>(v(15)));
+    p.w = part.weights.w;
+    p.out_offset = part.out_offset;
+    p.accumulate = part.accumulate;
+    p.threads = resolve_threads(part.threads);
     require(p.w.k == k_in, w + ": part input size does not match the model");
     require(p.out_offset >= 0 && p.out_offset + p.w.n <= n_out, w + ": part outputs outside the linear");
     if (p.accumulate) {
@@ -283,11 +319,13 @@ class PyDecodeStack {
     stack_ = std::make_unique<DecodeStack>(shape_, w4_gemm_fn(i), llm_adapter_fn(i), resolve_threads(threads));
   }
 
-  void add_layer(const py::tuple& attn_in, const py::tuple& ffn_norm, const py::list& wqkv, const py::list& wo,
-                 const py::list& w13, const py::list& w2, uintptr_t k_cache, uintptr_t v_cache) {
+  void add_layer(const NormAdapterWeights& attn_in, const NormAdapterWeights& ffn_norm,
+                 const std::vector<LinearPart>& wqkv, const std::vector<LinearPart>& wo,
+                 const std::vector<LinearPart>& w13, const std::vector<LinearPart>& w2, uintptr_t k_cache,
+                 uintptr_t v_cache) {
     const DecodeShape& s = shape_;
     require(k_cache && v_cache, "decode: null cache pointer");
-    DecodeLayer l{decode_norm(attn_in), decode_norm(ffn_norm),
+    DecodeLayer l{decode_norm("decode attn_in", attn_in), decode_norm("decode ffn_norm", ffn_norm),
                   decode_linear("decode wqkv", wqkv, s.dim, (s.n_heads + 2 * s.n_kv) * s.head_dim),
                   decode_linear("decode wo", wo, s.n_heads * s.head_dim, s.dim),
                   decode_linear("decode w13", w13, s.dim, 2 * s.ffn), decode_linear("decode w2", w2, s.ffn, s.dim),
@@ -296,10 +334,10 @@ class PyDecodeStack {
   }
 
   // An empty head list: step() stops after the final norm and writes the normed state [dim].
-  void set_head(const py::tuple& norm, const py::list& head) {
+  void set_head(const NormAdapterWeights& norm, const std::vector<LinearPart>& head) {
     std::vector<DecodeLinearPart> parts;
     if (!head.empty()) parts = decode_linear("decode head", head, shape_.dim, shape_.vocab);
-    stack_->set_head(decode_norm(norm), parts);
+    stack_->set_head(decode_norm("decode head norm", norm), parts);
     has_head_ = true;
   }
 
@@ -315,6 +353,14 @@ class PyDecodeStack {
   int64_t n_layers() const { return stack_->n_layers(); }
 
  private:
+  // A norm of this stack: its width and eps must be the model's (the stack applies one eps to every norm).
+  DecodeNorm decode_norm(const char* what, const NormAdapterWeights& n) const {
+    const std::string w(what);
+    require(n.dim == shape_.dim, w + ": norm width does not match the model");
+    require(n.eps == shape_.eps, w + ": norm eps does not match the stack's");
+    return n.norm;
+  }
+
   DecodeShape shape_;
   std::unique_ptr<DecodeStack> stack_;
   bool has_head_ = false;
@@ -338,10 +384,17 @@ void check_cuda(const std::string& err) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lavin-edge native kernels (CPU: scalar/AVX2/AVX-512 VNNI; CUDA when built with nvcc)";
   m.def("cpu_features", &py_cpu_features, "CPU features the kernels dispatch on, plus best_isa and build info");
-  m.def("w4_gemm", &py_w4_gemm, "W4 GEMM on the prepared layout (see csrc/kernels.h)", py::arg("isa"), py::arg("qw"),
-        py::arg("qw_bytes"), py::arg("scales"), py::arg("scales_numel"), py::arg("zeros"), py::arg("zeros_numel"),
-        py::arg("perm"), py::arg("perm_numel"), py::arg("n"), py::arg("np"), py::arg("k"), py::arg("kp"),
-        py::arg("groups"), py::arg("x"), py::arg("m"), py::arg("ldx"), py::arg("y"), py::arg("ldy"),
+  py::class_<W4Weights>(m, "W4Weights",
+                        "A prepared W4 linear in the tiled layout of csrc/kernels.h: addresses and sizes, checked "
+                        "once here; the caller keeps the tensors alive")
+      .def(py::init(&make_w4_weights), py::arg("qw"), py::arg("qw_bytes"), py::arg("scales"), py::arg("scales_numel"),
+           py::arg("zeros"), py::arg("zeros_numel"), py::arg("perm"), py::arg("perm_numel"), py::arg("n"),
+           py::arg("np"), py::arg("k"), py::arg("kp"), py::arg("groups"))
+      .def_property_readonly("n", [](const W4Weights& d) { return d.w.n; })
+      .def_property_readonly("k", [](const W4Weights& d) { return d.w.k; })
+      .def_property_readonly("nbytes", [](const W4Weights& d) { return d.nbytes; });
+  m.def("w4_gemm", &py_w4_gemm, "y = x W^T on a prepared W4 linear (x [m][ldx] fp32, y [m][ldy] fp32)",
+        py::arg("isa"), py::arg("weights"), py::arg("x"), py::arg("m"), py::arg("ldx"), py::arg("y"), py::arg("ldy"),
         py::arg("threads") = 0);
   m.def("w4_repack", &py_w4_repack, "Repack GPTQ qweight into the prepared tiled layout", py::arg("qweight"),
         py::arg("qweight_numel"), py::arg("n"), py::arg("k"), py::arg("perm"), py::arg("perm_numel"), py::arg("np"),
@@ -351,13 +404,29 @@ PYBIND11_MODULE(_C, m) {
         py::arg("qweight"), py::arg("qweight_numel"), py::arg("qzeros"), py::arg("qzeros_numel"), py::arg("scales"),
         py::arg("scales_numel"), py::arg("g_idx"), py::arg("g_idx_numel"), py::arg("n"), py::arg("k"),
         py::arg("groups"), py::arg("group_size"), py::arg("zero_offset"), py::arg("y"), py::arg("threads") = 0);
-  m.def("llm_adapter", &py_llm_adapter, "Fused RMSNorm + folded routed adapter (fp32)", py::arg("isa"), py::arg("x"),
-        py::arg("y"), py::arg("rows"), py::arg("dim"), py::arg("rank"), py::arg("g"), py::arg("A"), py::arg("a"),
-        py::arg("U"), py::arg("u"), py::arg("row_modality"), py::arg("eps"), py::arg("threads") = 0);
+  py::class_<NormAdapterWeights>(m, "NormAdapterWeights",
+                                 "A prepared RMSNorm + folded routed adapter (fp32 g, A, a, U, u addresses), checked "
+                                 "once here; the caller keeps the tensors alive")
+      .def(py::init(&make_norm_adapter_weights), py::arg("g"), py::arg("A"), py::arg("a"), py::arg("U"), py::arg("u"),
+           py::arg("dim"), py::arg("rank"), py::arg("eps"))
+      .def_property_readonly("dim", [](const NormAdapterWeights& d) { return d.dim; })
+      .def_property_readonly("rank", [](const NormAdapterWeights& d) { return d.norm.rank; })
+      .def_property_readonly("eps", [](const NormAdapterWeights& d) { return d.eps; });
+  m.def("llm_adapter", &py_llm_adapter, "Fused RMSNorm + folded routed adapter on prepared weights (fp32)",
+        py::arg("isa"), py::arg("weights"), py::arg("x"), py::arg("y"), py::arg("rows"), py::arg("row_modality"),
+        py::arg("threads") = 0);
   m.def("vit_adapter", &py_vit_adapter, "Per-token routed ViT adapter (fp32)", py::arg("isa"), py::arg("x"),
         py::arg("y"), py::arg("rows"), py::arg("dim"), py::arg("rank"), py::arg("A"), py::arg("a"), py::arg("R"),
         py::arg("rb"), py::arg("B"), py::arg("b"), py::arg("Dw"), py::arg("d"), py::arg("temperature"),
         py::arg("scale"), py::arg("threads") = 0);
+  py::class_<LinearPart>(m, "LinearPart", "One W4 part of a DecodeStack linear (see decode_linear)")
+      .def(py::init([](const W4Weights& w, int64_t out_offset, bool accumulate, int threads) {
+             return LinearPart{w, out_offset, accumulate, threads};
+           }),
+           py::arg("weights"), py::arg("out_offset") = 0, py::arg("accumulate") = false, py::arg("threads") = 1)
+      .def_readonly("out_offset", &LinearPart::out_offset)
+      .def_readonly("accumulate", &LinearPart::accumulate)
+      .def_readonly("threads", &LinearPart::threads);
   py::class_<PyDecodeStack>(m, "DecodeStack",
                             "One batch-1 decode step of the whole decoder per call (csrc/decode.cpp); holds "
                             "raw addresses, so the caller keeps every tensor alive")

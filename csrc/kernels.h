@@ -1,6 +1,6 @@
 // Shared declarations of the lavin-edge CPU kernels.
 //
-// Every kernel takes raw pointers: the Python wrapper (lavin_edge/kernels/__init__.py) has
+// Every kernel takes raw pointers: the Python wrappers (lavin_edge/kernels/) have
 // already checked dtype, device, contiguity and shapes, and bindings.cpp re-checks the
 // shapes it is given before calling in here. Nothing in this file allocates or validates.
 #pragma once
@@ -104,7 +104,7 @@ void vit_adapter_avx512(const VitAdapterArgs& p, int threads);
 // ---------------------------------------------------------------------------------------
 // One decode step of the whole decoder (batch 1, one new position) in a single call.
 //
-// The Python engine (lavin_edge/chat/engine.py, Engine._step) is the readable reference: per
+// The Python runtime (lavin_edge/runtime/model.py, Engine.decode_step_reference) is the readable reference: per
 // layer, x += Wo attn(rope(Wqkv adapter(norm(x)))); x += W2 (silu(W1 n) * W3 n) with
 // n = norm(x). Calling its ~20 ops per layer from Python costs ~150 us per layer, more than the
 // GEMVs of a small model; here the same ops run back to back on preallocated buffers.

@@ -32,7 +32,8 @@ def test_run_chat_bench_json_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     from lavin_edge.chat import demo
 
     monkeypatch.setattr(demo, "demo_roots", lambda: [tmp_path / "none"])
-    res = bench.run_chat_bench(json_out=True, fp_model=str(d), new_tokens=4, with_7b=False, print_results=False)
+    res = bench.run_chat_bench(json_out=True, fp_model=str(d), new_tokens=4, with_7b=False, print_results=False,
+                               with_startup=False)
     rows = {r["model"].split(":")[0]: r for r in res["rows"]}
     fp = rows["demo fp (merged)"]
     assert fp.get("skipped") is None, fp
@@ -43,6 +44,18 @@ def test_run_chat_bench_json_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert q["decode_tok_s"] is None and "demo model not built" in q["skipped"]
     lc = rows["SmolLM2-135M-Instruct Q4_1 GGUF (base, text only)"]
     assert lc["backend"] == "llama.cpp" and (lc.get("skipped") or lc["decode_tok_s"] > 0)
+
+
+def test_startup_row_times_a_one_shot_chat(tmp_path: Path) -> None:
+    """The startup row runs `lavin-edge chat` once in a fresh process and reports its process and wall time."""
+    merged, table = merge_lavin(trained_like(3))
+    d = save_merged(merged, tmp_path / "m", None, {}, table)
+    row = bench.startup_row(str(d), str(bench._example_image()), "What shape is in the image?", threads=1)
+    assert row.get("skipped") is None, row
+    assert 0 < row["startup_user_s"] <= row["startup_cpu_s"] and row["startup_sys_s"] >= 0
+    assert row["startup_wall_s"] > 0 and isinstance(row["answer"], str)
+    bad = bench.startup_row(str(tmp_path / "missing"), str(bench._example_image()), "Q?")
+    assert "chat failed" in bad["skipped"] and "not found" in bad["skipped"]
 
 
 TINY_LLM = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=300, max_seq_len=128)

@@ -11,11 +11,11 @@ from click.testing import CliRunner
 from PIL import Image
 from test_engine import trained_like
 
-from lavin_edge.chat.engine import Engine
 from lavin_edge.chat.sampling import GenerationConfig
 from lavin_edge.chat.session import ChatSession
 from lavin_edge.cli import main
 from lavin_edge.merge import merge_lavin, save_merged
+from lavin_edge.runtime import Engine
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lavin_edge.chat.engine import TEXT, ContextError, Engine, ModelDirError
 from lavin_edge.chat.sampling import GenerationConfig
 from lavin_edge.config import LavinConfig, preset
 from lavin_edge.io.tokenizer import ByteTokenizer
 from lavin_edge.merge import merge_lavin, save_merged
-from lavin_edge.model.lavin import IMAGE, LaVIN, build_lavin, encode_example
+from lavin_edge.modality import IMAGE, TEXT
+from lavin_edge.model.lavin import LaVIN, build_lavin, encode_example
+from lavin_edge.runtime import ContextError, Engine, ModelDirError
 
 
 def trained_like(seed: int = 0, llm: str = "tiny", vision: str = "tiny", cfg: LavinConfig | None = None) -> LaVIN:
@@ -122,7 +123,7 @@ def test_bad_model_dirs(tmp_path: Path, tiny_dir: Path) -> None:
 def test_auto_backend_warns_without_extension(tiny_dir: Path) -> None:
     from lavin_edge import kernels
 
-    if kernels._C is not None:
+    if kernels.extension() is not None:
         pytest.skip("extension built: auto uses it")
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
@@ -156,7 +157,7 @@ def tiny_quant_dir(tiny_model: LaVIN, tiny_dir: Path, tmp_path_factory: pytest.T
 def _kernels_or_skip() -> None:
     from lavin_edge import kernels
 
-    if kernels._C is None:
+    if kernels.extension() is None:
         pytest.skip("lavin_edge._C not built")
 
 
@@ -164,11 +165,15 @@ def test_kernels_backend_on_fp_model_matches_torch(tiny_dir: Path) -> None:
     """Dense linears + the fused RMSNorm/adapter kernel + the per-token ViT kernel agree with plain PyTorch."""
     _kernels_or_skip()
     from lavin_edge.model.adapter import RoutedAdapter
+    from lavin_edge.runtime.vision import KernelRoutedAdapter
 
     ref = Engine.load(tiny_dir, backend="torch")
     eng = Engine.load(tiny_dir, backend="kernels", head_w4=False)
     adapters = [m for m in eng.vision.modules() if isinstance(m, RoutedAdapter)]
-    assert adapters and all("forward" in vars(m) for m in adapters)  # routed through the per-token kernel
+    wrapped = [m.adapter for m in eng.vision.modules() if isinstance(m, KernelRoutedAdapter)]
+    # Every adapter routed through the per-token kernel, the reference's stays plain PyTorch.
+    assert adapters and len(wrapped) == len(adapters) and all(any(a is w for w in wrapped) for a in adapters)
+    assert not any(isinstance(m, KernelRoutedAdapter) for m in ref.vision.modules())
     image = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(3))
     ids, pos = _prompt(True)
     out = []
@@ -202,7 +207,7 @@ def test_quantized_engine_matches_dequantized_reference(tiny_quant_dir: Path) ->
 
 def test_quantized_top1_agreement_with_fp(tiny_dir: Path, tiny_quant_dir: Path) -> None:
     """Next-token top-1 agreement of the quantized engine with the fp merged engine on held-out prompts."""
-    from lavin_edge.chat.engine import top1_agreement
+    from lavin_edge.runtime.compare import top1_agreement
 
     fp = Engine.load(tiny_dir, backend="torch")
     q = Engine.load(tiny_quant_dir, backend="auto")
@@ -226,7 +231,7 @@ def test_demo_model_top1_agreement() -> None:
         fdir = demo_model_dir(quantized=False)
     except DemoModelMissing as e:
         pytest.skip(str(e))
-    from lavin_edge.chat.engine import top1_agreement
+    from lavin_edge.runtime.compare import top1_agreement
 
     fp = Engine.load(fdir, backend="torch")
     q = Engine.load(qdir, backend="auto")

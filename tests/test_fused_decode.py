@@ -1,5 +1,5 @@
-"""The one-call native decode step (lavin_edge.chat.fused_decode, csrc/decode.cpp) against the engine's per-op
-PyTorch loop (``Engine._step`` with ``fused_decode = None``), its reference.
+"""The one-call native decode step (lavin_edge.runtime.native_decode, csrc/decode.cpp) against the engine's per-op
+PyTorch loop (``Engine.decode_step_reference``, what runs with ``native_decode = None``), its reference.
 
 Both paths quantize activations to int8 before each W4 GEMV, so a last-bit difference upstream (the attention
 sums run in a different order than SDPA's) can move one activation across a rounding boundary. Measured
@@ -16,13 +16,14 @@ import pytest
 import torch
 from test_engine import trained_like
 
-from lavin_edge.chat.engine import TEXT, Engine
 from lavin_edge.config import preset
 from lavin_edge.merge import merge_lavin, read_config, save_merged
-from lavin_edge.model.lavin import IMAGE, LaVIN
+from lavin_edge.modality import IMAGE, TEXT
+from lavin_edge.model.lavin import LaVIN
+from lavin_edge.runtime import Engine
 
 pytestmark = pytest.mark.skipif(
-    __import__("lavin_edge.kernels", fromlist=["_C"])._C is None, reason="lavin_edge._C not built")
+    __import__("lavin_edge.kernels", fromlist=["extension"]).extension() is None, reason="lavin_edge._C not built")
 
 
 def _model(vocab: int | None = None, dim: int | None = None, seed: int = 0) -> LaVIN:
@@ -37,7 +38,7 @@ def _model(vocab: int | None = None, dim: int | None = None, seed: int = 0) -> L
 
 def _quantized_dir(model: LaVIN, root: Path, act_order: bool) -> Path:
     """GPTQ-packed LLM linears. ``act_order``: GPTQ with desc_act on a different random Hessian per linear, so
-    q, k and v carry different permutations and the engine keeps them as separate parts (``_Concat``)."""
+    q, k and v carry different permutations and the engine keeps them as separate parts (``ConcatLinear``)."""
     from lavin_edge.kernels.gptq_format import pack_linear
     from lavin_edge.quantize.gptq import gptq_quantize, rtn_quantize
     from lavin_edge.quantize.pipeline import LINEAR_NAMES, GPTQConfig, save_quantized
@@ -62,14 +63,14 @@ def _quantized_dir(model: LaVIN, root: Path, act_order: bool) -> Path:
 
 def _teacher_forced(eng: Engine, fused: bool, prompt: torch.Tensor, tokens: list[int], modality: int
                     ) -> torch.Tensor:
-    keep = eng.fused_decode
-    eng.fused_decode = keep if fused else None
+    keep = eng.native_decode
+    eng.native_decode = keep if fused else None
     try:
         eng.reset(modality)
         eng.forward(prompt)
         return torch.stack([eng.forward(eng.embed[torch.tensor([t])].float()) for t in tokens])
     finally:
-        eng.fused_decode = keep
+        eng.native_decode = keep
 
 
 def _compare(eng: Engine, n_prompt: int, n_steps: int, modality: int, seed: int = 0) -> tuple[float, float]:
@@ -91,14 +92,14 @@ def plain_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def act_order_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # vocab 264: a multiple of 8, so the engine packs the tied head as two W4 passes (``_Sum``), run natively.
+    # vocab 264: a multiple of 8, so the engine packs the tied head as two W4 passes (``SumLinear``), run natively.
     return _quantized_dir(_model(vocab=264, seed=1), tmp_path_factory.mktemp("fd_act"), act_order=True)
 
 
 @pytest.mark.parametrize("modality", [TEXT, IMAGE])
 def test_fused_step_matches_reference_loop(plain_dir: Path, modality: int) -> None:
     eng = Engine.load(plain_dir, backend="kernels")
-    fd = eng.fused_decode
+    fd = eng.native_decode
     assert fd is not None
     assert fd.head is not None  # vocab 259 cannot be packed: the fp head runs after the native layers
     rel, agree = _compare(eng, 9, 24, modality)
@@ -108,10 +109,10 @@ def test_fused_step_matches_reference_loop(plain_dir: Path, modality: int) -> No
 
 def test_fused_step_with_act_order_parts_and_w4_head(act_order_dir: Path) -> None:
     eng = Engine.load(act_order_dir, backend="kernels")
-    from lavin_edge.chat.engine import _Concat, _Sum
+    from lavin_edge.runtime.ops import ConcatLinear, SumLinear
 
-    assert isinstance(eng.layers[0].wqkv, _Concat) and isinstance(eng.lm_head, _Sum)
-    assert eng.fused_decode is not None and eng.fused_decode.head is None
+    assert isinstance(eng.layers[0].wqkv, ConcatLinear) and isinstance(eng.lm_head, SumLinear)
+    assert eng.native_decode is not None and eng.native_decode.head is None
     rel, agree = _compare(eng, 5, 24, IMAGE, seed=3)
     assert rel < 2e-2, rel
     assert agree >= 0.9, agree
@@ -123,7 +124,7 @@ def test_fused_step_long_context_parallel_heads(tmp_path: Path) -> None:
     torch.set_num_threads(2)  # before loading: the stack takes its thread count at build time
     try:
         eng = Engine.load(_quantized_dir(_model(dim=256, seed=2), tmp_path, act_order=False), backend="kernels")
-        assert eng.fused_decode is not None
+        assert eng.native_decode is not None
         rel, agree = _compare(eng, 1030, 4, TEXT, seed=4)
     finally:
         torch.set_num_threads(threads)
@@ -139,37 +140,42 @@ def test_greedy_generation_identical_tokens(plain_dir: Path) -> None:
     ids = list(range(40, 60))
     out = []
     for fused in (False, True):
-        keep = eng.fused_decode
-        eng.fused_decode = keep if fused else None
+        keep = eng.native_decode
+        eng.native_decode = keep if fused else None
         eng.reset(TEXT)
         out.append(eng.generate(ids, GenerationConfig(max_new_tokens=16), stop_ids=set()).ids)
-        eng.fused_decode = keep
+        eng.native_decode = keep
     assert out[0] == out[1]
     assert len(out[0]) == 16
 
 
 def test_torch_backend_has_no_fused_step(plain_dir: Path) -> None:
-    assert Engine.load(plain_dir, backend="torch").fused_decode is None
+    assert Engine.load(plain_dir, backend="torch").native_decode is None
 
 
 def test_stack_rejects_mismatched_shapes(plain_dir: Path) -> None:
     """The native stack checks every part against the model's sizes and every step's position."""
-    from lavin_edge.chat.fused_decode import linear_parts, norm_args
+    from lavin_edge.kernels.decode import new_decode_stack
+    from lavin_edge.runtime.native_decode import linear_parts, norm_args
 
     eng = Engine.load(plain_dir, backend="kernels")
-    C, lyr, keep = eng.kernels._C, eng.layers[0], []
+    lyr, keep = eng.layers[0], []
     rope = torch.view_as_real(eng.rope).contiguous()
-    stack = C.DecodeStack(eng.kernels.backend(), eng.dim, eng.n_heads, eng.n_kv, eng.hd, lyr.w13.n_out // 2,
-                          eng.max_context, eng.dim, 1e-5, rope.data_ptr(), 1)
+    stack = new_decode_stack(eng.backend_impl.isa, eng.dim, eng.n_heads, eng.n_kv, eng.hd, lyr.w13.n_out // 2,
+                             eng.max_context, eng.dim, eng.norm.eps, rope, 1)
     norms = (norm_args(lyr.attn_in, keep), norm_args(lyr.ffn_norm, keep))
     wqkv, wo, w13, w2 = (linear_parts(op, keep) for op in (lyr.wqkv, lyr.wo, lyr.w13, lyr.w2))
-    caches = (lyr.k_cache.data_ptr(), lyr.v_cache.data_ptr())
+    caches = (eng.kv_cache[0][0].data_ptr(), eng.kv_cache[0][1].data_ptr())
     with pytest.raises(ValueError, match="decode wo"):
         stack.add_layer(*norms, wqkv, w13, w13, w2, *caches)  # w13 where wo belongs
     with pytest.raises(ValueError, match="decode wqkv: parts do not cover"):
         stack.add_layer(*norms, wo, wo, w13, w2, *caches)  # [D -> D] where [D -> (h + 2 kv) hd] belongs
     with pytest.raises(ValueError, match="no parts"):
         stack.add_layer(*norms, [], wo, w13, w2, *caches)
+    other_eps = new_decode_stack(eng.backend_impl.isa, eng.dim, eng.n_heads, eng.n_kv, eng.hd, lyr.w13.n_out // 2,
+                                 eng.max_context, eng.dim, 2 * eng.norm.eps, rope, 1)
+    with pytest.raises(ValueError, match="eps"):
+        other_eps.add_layer(*norms, wqkv, wo, w13, w2, *caches)
     stack.add_layer(*norms, wqkv, wo, w13, w2, *caches)
     x, out = torch.zeros(eng.dim), torch.zeros(eng.dim)
     with pytest.raises(ValueError, match="set_head"):

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import lavin_edge.kernels as K
+from lavin_edge.kernels import dispatch as D
 from lavin_edge.kernels import gptq_format as F
 from lavin_edge.kernels import reference as R
 
@@ -27,7 +28,7 @@ NATIVE = [b for b in K.available_backends() if b != "torch"]
 needs_native = pytest.mark.skipif(not NATIVE, reason="lavin_edge._C not built")
 cuda = pytest.mark.cuda
 needs_gpu = pytest.mark.skipif(
-    not (torch.cuda.is_available() and K._C is not None and K._C.cuda_compiled),
+    not (torch.cuda.is_available() and K.extension() is not None and K.extension().cuda_compiled),
     reason="needs a CUDA GPU and the CUDA kernels",
 )
 
@@ -206,19 +207,19 @@ def test_w4_bad_inputs() -> None:
 
 @needs_native
 def test_w4_binding_rechecks_sizes() -> None:
-    """The C++ side refuses inconsistent sizes instead of reading out of bounds."""
+    """The C++ side refuses inconsistent sizes when a descriptor is built instead of reading out of bounds."""
     _, d, gs = make_gptq(32, 128, 32, True, "gptq")
     p = K.prepare_w4(d["qweight"], d["qzeros"], d["scales"], d["g_idx"], gs)
+    tl = p.tiled
     x = torch.randn(1, 128)
     y = torch.empty(1, 32)
     args = dict(
-        isa="scalar",
-        qw=p.qw.data_ptr(),
-        qw_bytes=p.qw.numel(),
-        scales=p.scales.data_ptr(),
-        scales_numel=p.scales.numel(),
-        zeros=p.zeros.data_ptr(),
-        zeros_numel=p.zeros.numel(),
+        qw=tl.qw.data_ptr(),
+        qw_bytes=tl.qw.numel(),
+        scales=tl.scales.data_ptr(),
+        scales_numel=tl.scales.numel(),
+        zeros=tl.zeros.data_ptr(),
+        zeros_numel=tl.zeros.numel(),
         perm=p.perm.data_ptr(),
         perm_numel=p.perm.numel(),
         n=32,
@@ -226,13 +227,11 @@ def test_w4_binding_rechecks_sizes() -> None:
         k=128,
         kp=128,
         groups=4,
-        x=x.data_ptr(),
-        m=1,
-        ldx=128,
-        y=y.data_ptr(),
-        ldy=32,
     )
-    K._C.w4_gemm(**args)
+    C = K.extension()
+    w = C.W4Weights(**args)
+    assert (w.n, w.k, w.nbytes) == (32, 128, p.nbytes)
+    C.w4_gemm("scalar", w, x.data_ptr(), 1, 128, y.data_ptr(), 32)
     torch.testing.assert_close(y, p.matmul(x))
     for key, val, msg in [
         ("k", 256, "kp"),
@@ -240,16 +239,44 @@ def test_w4_binding_rechecks_sizes() -> None:
         ("groups", 3, "groups"),
         ("np", 48, "np"),
         ("perm_numel", 5, "perm"),
-        ("isa", "sse9", "unknown isa"),
         ("scales_numel", 1, "scales"),
     ]:
         with pytest.raises(ValueError, match=msg):
-            K._C.w4_gemm(**{**args, key: val})
+            C.W4Weights(**{**args, key: val})
+    with pytest.raises(ValueError, match="unknown isa"):
+        C.w4_gemm("sse9", w, x.data_ptr(), 1, 128, y.data_ptr(), 32)
+    with pytest.raises(ValueError, match="row strides"):
+        C.w4_gemm("scalar", w, x.data_ptr(), 1, 64, y.data_ptr(), 32)
     for where, value in ((0, 1000), (-1, -1), (-1, 128)):  # first / last entry, below / at the bound
         bad_perm = p.perm.clone()
         bad_perm[where] = value
         with pytest.raises(ValueError, match="perm entry"):
-            K._C.w4_gemm(**{**args, "perm": bad_perm.data_ptr()})
+            C.W4Weights(**{**args, "perm": bad_perm.data_ptr()})
+
+
+@needs_native
+def test_prepared_w4_and_norm_descriptors_match_checked_calls() -> None:
+    """The runtime's unchecked per-op calls on the prepared descriptors give the checked wrappers' results."""
+    _, d, gs = make_gptq(48, 256, 32, True, "gptq")
+    p = K.prepare_w4(d["qweight"], d["qzeros"], d["scales"], d["g_idx"], gs)
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(p.gemm_rows(x, NATIVE[0], 1), p.matmul(x), rtol=0, atol=0)
+    wide = torch.randn(1, 512)  # a column slice of a wider row (the SwiGLU half) with m = 1
+    torch.testing.assert_close(p.gemm_rows(wide[:, :256], NATIVE[0], 1), p.matmul(wide[:, :256].contiguous()))
+    prm = llm_params(64, 8)
+    na = K.prepare_norm_adapter(eps=1e-6, **prm)
+    assert (na.native.dim, na.native.rank) == (64, 8)
+    xa = torch.randn(5, 64)
+    for m in (0, 1):
+        ref = R.llm_adapter_reference(xa[None], modality=torch.tensor([m]), eps=1e-6, **prm)[0]
+        got = na.apply_rows(xa, torch.full((5,), m, dtype=torch.int32), NATIVE[0], 1)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(na.reference(xa, m), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="rank"):
+        K.prepare_norm_adapter(eps=1e-6, **llm_params(32, 65))
+    with pytest.raises(ValueError, match="modality"):
+        K.extension().llm_adapter(NATIVE[0], na.native, xa.data_ptr(), torch.empty_like(xa).data_ptr(), 5,
+                                  torch.full((5,), 2, dtype=torch.int32).data_ptr(), 1)
 
 
 # ---- adapters ---------------------------------------------------------------------------------
@@ -360,9 +387,9 @@ def test_adapter_bad_inputs() -> None:
 
 
 def test_fallback_without_extension_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(K, "_C", None)
-    monkeypatch.setattr(K, "_IMPORT_ERROR", "simulated")
-    monkeypatch.setattr(K, "_WARNED", False)
+    monkeypatch.setattr(D, "_C", None)
+    monkeypatch.setattr(D, "_IMPORT_ERROR", "simulated")
+    monkeypatch.setattr(D, "_WARNED", False)
     monkeypatch.delenv("LAVIN_EDGE_KERNELS", raising=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -437,8 +464,9 @@ def test_w4_cpp_repack_matches_torch_repack(n: int, k: int, act_order: bool) -> 
     _, d, gs = make_gptq(n, k, 32 if k % 32 == 0 else -1, act_order, "gptq", seed=k)
     p = K.prepare_w4(d["qweight"], d["qzeros"], d["scales"], d["g_idx"], gs)
     pt = K.prepare_w4(d["qweight"], d["qzeros"], d["scales"], d["g_idx"], gs, backend="torch")
-    assert torch.equal(p.qw, pt.qw) and torch.equal(p.scales, pt.scales) and torch.equal(p.zeros, pt.zeros)
+    a, b = p.tiled, pt.tiled
+    assert torch.equal(a.qw, b.qw) and torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros)
     q = F.unpack_nibbles_rows(d["qweight"])
     if p.perm is not None:
         q = q[p.perm.long()]
-    assert torch.equal(p.qw, K.repack_tiled_reference(q, p.kp, p.np_))
+    assert torch.equal(a.qw, K.repack_tiled_reference(q, a.kp, a.np_))

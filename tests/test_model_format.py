@@ -20,13 +20,14 @@ import torch
 from click.testing import CliRunner
 from test_engine import trained_like
 
-from lavin_edge.chat.engine import Engine, make_linear
 from lavin_edge.config import preset
 from lavin_edge.kernels import gptq_format as F
 from lavin_edge.kernels.reference import dequantize_gptq
 from lavin_edge.merge import merge_lavin, save_merged
 from lavin_edge.modeldir import FORMAT_VERSION, HEAD_PARTS, ModelDirError, load_model_dir, read_config
 from lavin_edge.quantize.pipeline import LINEAR_NAMES, GPTQConfig, load_quantized_as_fp, save_quantized
+from lavin_edge.runtime import Engine
+from lavin_edge.runtime.backends import ReferenceBackend
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,7 +87,7 @@ def test_v1_zero_nibble_0xF_reads_as_16_on_every_path(tmp_path: Path) -> None:
     # The runtime's torch backend: the fused q|k|v weight.
     eng = Engine.load(qdir, backend="torch")
     assert torch.equal(eng.layers[0].wqkv.weight[:64], want)
-    assert torch.equal(make_linear(gt, None).weight, want)
+    assert torch.equal(ReferenceBackend().linear(gt).weight, want)
     # The W4 kernels: prepare_w4 + matmul.
     if _native():
         from lavin_edge import kernels as K

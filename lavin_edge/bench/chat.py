@@ -8,6 +8,8 @@ Rows (each measured in a fresh subprocess, so peak RSS is that row's alone):
   extension: decode tok/s against the memory-bandwidth limit, i.e. read bandwidth measured in the same
   process divided by the bytes one decode step must read (4-bit linears + scales/zeros, the 4-bit
   lm_head, the KV cache at the mean decode length);
+- startup: a one-shot ``lavin-edge chat --image ... --prompt ...`` on the built demo (4-bit) as a fresh process,
+  the way a user runs it: its process time (user + sys CPU of the child) and wall time, load included;
 - llama.cpp (llama-cpp-python), where installed: the SmolLM2 GGUF with the same prompt text and token count,
   and a LLaMA-7B-shaped GGUF with random Q4_0 weights (``random_gguf``, written once to the cache) with the
   7B row's prompt ids and token count, against the bandwidth limit measured the same way.
@@ -58,9 +60,10 @@ def _example_image() -> Path:
 # ----------------------------------------------------------------------------------------- demo rows
 
 def _demo_row(model_dir: str, backend: str, new_tokens: int, question: str, image: str | None) -> dict[str, Any]:
-    from lavin_edge.chat.engine import IMAGE, TEXT, Engine, GenerationStats
     from lavin_edge.chat.sampling import GenerationConfig
     from lavin_edge.chat.session import ChatSession
+    from lavin_edge.modality import IMAGE, TEXT
+    from lavin_edge.runtime import Engine, GenerationStats
 
     eng = Engine.load(model_dir, backend=backend)
     sess = ChatSession(eng, GenerationConfig(max_new_tokens=new_tokens))
@@ -93,6 +96,36 @@ def _load(image: str, eng: Any) -> torch.Tensor:
     from lavin_edge.data.image import load_image
 
     return load_image(image, eng.cfg.vision.image_size)
+
+
+# ----------------------------------------------------------------------------------------- startup row
+
+def startup_row(model_dir: str, image: str, question: str, timeout: float = 600.0, threads: int | None = None
+                ) -> dict[str, Any]:
+    """Process time of one ``lavin-edge chat --model DIR --image IMAGE --prompt QUESTION`` run in a fresh
+    interpreter (imports, model load, image, prefill, decode, exit): user + sys CPU seconds of the child and
+    its wall time. ``answer`` is what it printed."""
+    import resource
+
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "lavin_edge.cli", "chat", "--model", model_dir, "--image", image, "--prompt",
+           question] + (["--threads", str(threads)] if threads else [])
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"timed out after {timeout:.0f} s"}
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if out.returncode != 0:
+        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"skipped": f"chat failed: {tail}"}
+    user, sys_s = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    return {"startup_cpu_s": round(user + sys_s, 2), "startup_user_s": round(user, 2),
+            "startup_sys_s": round(sys_s, 2), "startup_wall_s": round(wall, 2), "answer": out.stdout.strip()}
 
 
 # ----------------------------------------------------------------------------------------- 7B row
@@ -186,9 +219,10 @@ def _llama7b_row(new_tokens: int, prompt_tokens: int, max_context: int, llm: dic
                  probe_bytes: int | None = None) -> dict[str, Any]:
     """Decode on random 4-bit weights of LLaMA-7B's shape (``llm``: another LlamaConfig as a dict, for tests)
     against the bandwidth limit."""
-    from lavin_edge.chat.engine import TEXT, Engine, GenerationStats
     from lavin_edge.chat.sampling import GenerationConfig
     from lavin_edge.config import LavinConfig, LlamaConfig, preset
+    from lavin_edge.modality import TEXT
+    from lavin_edge.runtime import Engine, GenerationStats
 
     threads = torch.get_num_threads()
     read_bw = _probe_read_bw(threads, probe_bytes)  # first, before the model takes memory
@@ -290,7 +324,7 @@ def _gguf_path() -> str | None:
 def run_chat_bench(json_out: bool = False, fp_model: str | None = None, q_model: str | None = None,
                    new_tokens: int = 64, threads: int | None = None, question: str = DEFAULT_QUESTION,
                    image: str | None = None, with_7b: bool = True, with_llamacpp: bool = True,
-                   print_results: bool = True, timeout: float = 900.0) -> dict[str, Any]:
+                   print_results: bool = True, timeout: float = 900.0, with_startup: bool = True) -> dict[str, Any]:
     """Run every row and return ``{"rows": [...], "threads", "new_tokens", "question"}``; prints a table
     (or one JSON object with ``json_out``). A row that cannot run carries ``skipped`` with the reason
     and null figures."""
@@ -300,9 +334,11 @@ def run_chat_bench(json_out: bool = False, fp_model: str | None = None, q_model:
     image = image or str(_example_image())
     rows: list[dict[str, Any]] = []
 
-    def add(model: str, backend: str, spec: dict[str, Any] | None, skip: str | None = None) -> None:
+    def add(model: str, backend: str, spec: dict[str, Any] | None, skip: str | None = None,
+            res: dict[str, Any] | None = None) -> None:
         row: dict[str, Any] = {"model": model, "backend": backend}
-        res = {"skipped": skip} if skip else _run_row_subprocess({**spec, "threads": threads}, timeout)  # type: ignore[dict-item]
+        if res is None:
+            res = {"skipped": skip} if skip else _run_row_subprocess({**spec, "threads": threads}, timeout)  # type: ignore[dict-item]
         for k in KEYS[2:]:
             row[k] = res.get(k)
         row.update({k: v for k, v in res.items() if k not in row})
@@ -317,6 +353,14 @@ def run_chat_bench(json_out: bool = False, fp_model: str | None = None, q_model:
             continue
         add(f"{label}: {d}", backend, {"kind": "demo", "dir": d, "backend": backend, "new_tokens": new_tokens,
                                        "question": question, "image": image})
+    if with_startup:
+        label = "startup: one-shot `lavin-edge chat` on the demo 4-bit"
+        try:
+            d = q_model or str(demo_model_dir(quantized=True))
+        except DemoModelMissing as e:
+            add(label, "auto", None, str(e))
+        else:
+            add(f"{label}: {d}", "auto", None, res=startup_row(d, image, question, timeout, threads))
     if with_7b:
         add("llama-7b-shaped, random 4-bit GPTQ g128 (+4-bit lm_head)", "kernels",
             {"kind": "llama7b", "new_tokens": min(new_tokens, 32), "prompt_tokens": 16, "max_context": 128})
@@ -373,6 +417,9 @@ def format_table(result: dict[str, Any]) -> str:
                      f"{f(r.get('roofline_tok_s')):>9} {f(r.get('pct_of_roofline')):>6}")
         if r.get("skipped"):
             lines.append(f"    skipped: {r['skipped']}")
+        if r.get("startup_cpu_s") is not None:
+            lines.append(f"    process time {r['startup_cpu_s']:.2f} s (user {r['startup_user_s']:.2f} + sys "
+                         f"{r['startup_sys_s']:.2f}), wall {r['startup_wall_s']:.2f} s, answer {r['answer']!r}")
         if r.get("read_bw_gbs"):
             lines.append(f"    read bandwidth {r['read_bw_gbs']} GB/s, {r['weight_bytes_per_token'] / 1e9:.2f} GB "
                          f"weights + {r['kv_bytes_per_token'] / 1e6:.0f} MB KV per token")

@@ -60,9 +60,10 @@ def measure_read_bandwidth(threads: int, nbytes: int, min_seconds: float = 0.5) 
     chunks = 16
     buf = torch.ones(nbytes // 8, dtype=torch.int64)
     per = buf.numel() // chunks
-    if K._C is not None:
+    ext = K.extension()
+    if ext is not None:
         calls = [
-            functools.partial(K._C.read_bandwidth, buf[i * per].data_ptr(), per * 8, threads) for i in range(chunks)
+            functools.partial(ext.read_bandwidth, buf[i * per].data_ptr(), per * 8, threads) for i in range(chunks)
         ]
     else:  # pragma: no cover - without the extension torch's sum is the probe
         calls = [functools.partial(torch.sum, buf[i * per : (i + 1) * per]) for i in range(chunks)]

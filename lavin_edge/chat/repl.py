@@ -12,8 +12,8 @@ import resource
 import sys
 from typing import TextIO
 
-from lavin_edge.chat.engine import ContextError, GenerationResult
 from lavin_edge.chat.session import ChatSession
+from lavin_edge.runtime import ContextError, GenerationResult
 
 HELP = "commands: /image PATH (swap the image), /reset (clear the history), /exit"
 

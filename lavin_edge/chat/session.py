@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from lavin_edge.chat.engine import IMAGE, TEXT, ContextError, Engine, GenerationResult, GenerationStats
 from lavin_edge.chat.sampling import GenerationConfig
+from lavin_edge.modality import IMAGE, NO_IMAGE, TEXT, has_image
 from lavin_edge.model.lavin import IMAGE_PREFIX, TEXT_PREFIX
+from lavin_edge.runtime import ContextError, Engine, GenerationResult, GenerationStats
 
 
 def chat_prompt(question: str) -> str:
@@ -40,6 +41,11 @@ class ChatSession:
     image_path: str | None = None
     vision_s: float = 0.0  # time the last image took through the tower (part of the next TTFT)
 
+    @property
+    def has_image(self) -> bool:
+        """Whether the conversation is about an image (its visual tokens lead every prompt)."""
+        return self.visual is not None
+
     # -- state ---------------------------------------------------------------------------------------
     def set_image(self, path: str | Path) -> None:
         """Load, preprocess and encode an image (``lavin_edge.data.image.ImageError`` on a bad file).
@@ -58,13 +64,13 @@ class ChatSession:
     def reset(self) -> None:
         """Forget the conversation (the image stays)."""
         self.turns.clear()
-        self.engine.reset(IMAGE if self.visual is not None else TEXT)
+        self.engine.reset(IMAGE if self.has_image else TEXT)
 
     # -- sequence ------------------------------------------------------------------------------------
     def _prefix(self) -> tuple[list[int], int]:
         tok = self.engine.tokenizer
-        if self.visual is None:
-            return [tok.bos_id] + tok.encode(TEXT_PREFIX), -1
+        if not self.has_image:
+            return [tok.bos_id] + tok.encode(TEXT_PREFIX), NO_IMAGE
         ids = [tok.bos_id] + tok.encode(IMAGE_PREFIX)
         return ids + [tok.pad_id] * self.visual.shape[0], len(ids)
 
@@ -114,7 +120,7 @@ class ChatSession:
         notices (history trimmed)."""
         eng = self.engine
         ids, image_pos, notices = self.build(question)
-        modality = IMAGE if self.visual is not None else TEXT
+        modality = IMAGE if self.has_image else TEXT
         # Reuse the cache up to the longest common prefix with what it holds (same modality only).
         common = 0
         if eng.modality == modality:
@@ -129,9 +135,11 @@ class ChatSession:
         else:
             eng.rewind(common)
         new_ids = ids[common:]
-        new_pos = image_pos - common if image_pos >= common else -1
+        # The visual tokens are refed whole or not at all (kept in the cache), see above.
+        new_pos = image_pos - common if has_image(image_pos) and image_pos >= common else NO_IMAGE
         stats = GenerationStats(vision_s=self.vision_s)
         self.vision_s = 0.0
-        result = eng.generate(new_ids, self.gen, new_pos, self.visual if new_pos >= 0 else None, on_text, stats)
+        result = eng.generate(new_ids, self.gen, new_pos, self.visual if has_image(new_pos) else None, on_text,
+                              stats)
         self.turns.append(Turn(question, result.ids, result.text))
         return result, notices

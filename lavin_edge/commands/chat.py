@@ -52,11 +52,11 @@ def command(model_dir: str | None, image: str | None, prompt: str | None, json_o
     import torch
 
     from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir
-    from lavin_edge.chat.engine import ContextError, Engine, ModelDirError
     from lavin_edge.chat.repl import answer_once, run_repl
     from lavin_edge.chat.sampling import GenerationConfig
     from lavin_edge.chat.session import ChatSession
     from lavin_edge.data.image import ImageError, load_image
+    from lavin_edge.runtime import ContextError, Engine, ModelDirError
 
     if threads:
         torch.set_num_threads(threads)

@@ -93,7 +93,7 @@ _HF_TOP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.wei
 _HF_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
-def _hf_files(path: Path) -> list[Path]:
+def hf_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -122,7 +122,7 @@ def load_hf_llama(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple
     """Load a Hugging Face LLaMA directory (``config.json`` + single or sharded safetensors)."""
     path = Path(path)
     cfg = hf_config_to_llama(json.loads((path / "config.json").read_text()))
-    raw = read_safetensors(_hf_files(path))
+    raw = read_safetensors(hf_files(path))
     if cfg.tie_embeddings and "lm_head.weight" in raw:
         # Some exporters write the tied head anyway; harmless only if it really is the embedding.
         if not torch.equal(raw["lm_head.weight"], raw.get("model.embed_tokens.weight", torch.empty(0))):

@@ -98,7 +98,7 @@ def load_hf_clip_vision(path: str | Path, dtype: torch.dtype = torch.float32, he
     (transposed) when the checkpoint has one; a bare ``CLIPVisionModel`` has none, so ``proj`` is absent and
     the caller loads with ``proj`` allowed missing (LaVIN never uses it).
     """
-    from lavin_edge.io.llama_loaders import _hf_files, read_safetensors
+    from lavin_edge.io.llama_loaders import hf_files, read_safetensors
 
     path = Path(path)
     hf = json.loads((path / "config.json").read_text())
@@ -106,7 +106,7 @@ def load_hf_clip_vision(path: str | Path, dtype: torch.dtype = torch.float32, he
     act = vc.get("hidden_act", "quick_gelu")
     if act != "quick_gelu":
         raise CheckpointError(f"{path}: hidden_act {act!r}; our ViT implements CLIP's quick_gelu only")
-    raw = read_safetensors(_hf_files(path))
+    raw = read_safetensors(hf_files(path))
     p = "vision_model."
     sd: dict[str, torch.Tensor] = {}
     other: dict[str, torch.Tensor] = {}

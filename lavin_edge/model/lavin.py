@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lavin_edge.config import LavinConfig
+from lavin_edge.modality import IMAGE, TEXT  # noqa: F401  (defined in lavin_edge.modality; kept importable here)
 from lavin_edge.model.adapter import VisualProjection
 from lavin_edge.model.llama import Llama
 from lavin_edge.model.vision import build_vision_tower
@@ -22,7 +23,6 @@ from lavin_edge.model.vision import build_vision_tower
 IMAGE_PREFIX = "Image: "
 TEXT_PREFIX = "Image: N/A"
 IGNORE_INDEX = -100
-TEXT, IMAGE = 0, 1
 
 
 class TokenizerLike:

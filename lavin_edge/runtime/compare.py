@@ -1,0 +1,41 @@
+"""Comparing two engines' next-token predictions (the quality checks of quantized against fp models)."""
+
+from __future__ import annotations
+
+import torch
+
+from lavin_edge.modality import modality_of
+from lavin_edge.runtime.model import Engine
+
+
+def top1_agreement(ref: Engine, other: Engine, prompts: list[tuple[list[int], int, torch.Tensor | None]],
+                   answer_tokens: int = 8, all_positions: bool = False) -> float:
+    """Top-1 agreement of ``other``'s next-token predictions with ``ref``'s on ``prompts`` ((ids, image_pos,
+    image or None) each).
+
+    Default: where the model answers. ``ref`` greedily continues each prompt (up to ``answer_tokens``, stop
+    token included); both engines then read prompt + that continuation in one pass (teacher forcing) and
+    their argmax is compared at every position that predicts an answer token. ``all_positions`` compares
+    every prompt position instead (harsher: inside a prompt the next token is often a near tie)."""
+    from lavin_edge.chat.sampling import GenerationConfig
+
+    same = total = 0
+    for ids, pos, image in prompts:
+        mod = modality_of(pos)
+        seq, first, last = ids, 0, len(ids)
+        if not all_positions:
+            ref.reset(mod)
+            visual = ref.encode_image(image) if image is not None else None
+            res = ref.generate(ids, GenerationConfig(max_new_tokens=answer_tokens), pos, visual)
+            stop = [ref.history[-1]] if res.stats.stop_reason == "eos" else []
+            seq = ids + res.ids + stop
+            first, last = len(ids) - 1, len(seq) - 1
+        preds = []
+        for e in (ref, other):
+            e.reset(mod)
+            visual = e.encode_image(image) if image is not None else None
+            logits = e.forward(e.embed_prompt(seq, pos, visual), last_only=False)
+            preds.append(logits[first:last].argmax(-1))
+        same += int((preds[0] == preds[1]).sum())
+        total += preds[0].numel()
+    return same / max(total, 1)

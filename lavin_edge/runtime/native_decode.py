@@ -1,0 +1,97 @@
+"""The whole decode step in one native call (``DecodeStack``, csrc/decode.cpp).
+
+``Model.decode_step_reference`` is the reference: ~20 PyTorch ops and kernel calls per layer. On a small
+model each costs more in Python dispatch than its arithmetic, so when every linear of the model runs on the
+extension's W4 kernel the CPU backend hands the step to ``DecodeStack``, which runs the same ops (norm +
+folded adapter, q|k|v, rotary, cache write, GQA attention, o, norm, gate|up, SwiGLU, down, final norm, head)
+back to back in C++ on preallocated buffers. It takes the ops' prepared descriptors (``W4Linear.prepared``,
+``NormAdapter.prepared``), the same objects the per-op path calls.
+
+The stack keeps raw addresses of the model's tensors (weights, KV cache, rotary table), so this object
+holds references to all of them for as long as it lives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lavin_edge.kernels.decode import linear_part, native_decode_available, new_decode_stack, norm_descriptor
+from lavin_edge.runtime.ops import ConcatLinear, LinearOp, NormAdapter, SumLinear, W4Linear
+
+
+def linear_parts(op: LinearOp, keep: list[Any]) -> list[Any] | None:
+    """The stack's parts for one linear, or None when any piece does not run on the tiled W4 kernel (an fp
+    weight, a dense-fallback layout, the torch backend)."""
+    if isinstance(op, W4Linear):
+        if op.native is None or op.isa == "torch":
+            return None
+        keep.append(op.prepared)
+        # The GEMV's own thread choice (one thread below SMALL_WEIGHTS): measured on 2 cores, giving every
+        # SmolLM2 GEMV both threads inside the stack was no faster.
+        return [linear_part(op.prepared, 0, False, op.threads_gemv)]
+    if isinstance(op, (ConcatLinear, SumLinear)):
+        out: list[Any] = []
+        offset = 0
+        summed = isinstance(op, SumLinear)
+        for i, sub in enumerate(op.ops):
+            if not isinstance(sub, W4Linear) or linear_parts(sub, keep) is None:
+                return None
+            out.append(linear_part(sub.prepared, 0 if summed else offset, summed and i > 0, sub.threads_gemv))
+            offset += sub.n_out
+        return out
+    return None
+
+
+def norm_args(norm: NormAdapter, keep: list[Any]) -> Any:
+    """The stack's descriptor for a norm, or None when it does not run on the kernel."""
+    if norm.isa is None:
+        return None
+    keep.append(norm.prepared)
+    return norm_descriptor(norm.prepared)
+
+
+class NativeDecode:
+    """``step(h, pos, modality)`` -> logits [vocab], the same as the reference step up to float rounding.
+    ``head`` is None when the stack runs the head too, else the op applied here to the normed state (an fp
+    head the kernels do not cover, e.g. a vocabulary that W4 cannot pack)."""
+
+    def __init__(self, stack: Any, dim: int, vocab: int, head: LinearOp | None, keep: list[Any]) -> None:
+        self.stack, self.dim, self.vocab, self.head, self.keep = stack, dim, vocab, head, keep
+
+    def step(self, h: torch.Tensor, pos: int, modality: int) -> torch.Tensor:
+        x = torch.empty(self.dim)
+        x.copy_(h.reshape(-1))  # the stack overwrites x with the last hidden state
+        out = torch.empty(self.vocab if self.head is None else self.dim)
+        self.stack.step(x.data_ptr(), pos, modality, out.data_ptr())
+        return out if self.head is None else self.head(out[None])[0]
+
+
+def build_native_decode(model: Any, isa: str) -> NativeDecode | None:
+    """A NativeDecode over ``model``'s layers (a ``lavin_edge.runtime.model.Model``) on the native ``isa``, or
+    None when some op is not on the extension's kernels."""
+    if not native_decode_available():
+        return None
+    keep: list[Any] = []
+    rope = torch.view_as_real(model.rope).contiguous()
+    keep.append(rope)
+    head = linear_parts(model.lm_head, keep)
+    head_norm = norm_args(model.norm, keep)
+    if head_norm is None:
+        return None
+    first = model.layers[0]
+    vocab = model.lm_head.n_out
+    stack = new_decode_stack(isa, model.dim, model.n_heads, model.n_kv, model.hd, first.w13.n_out // 2,
+                             model.max_context, vocab, model.norm.eps, rope, torch.get_num_threads())
+    for lyr, (k_cache, v_cache) in zip(model.layers, model.kv_cache, strict=True):
+        pieces = [linear_parts(op, keep) for op in (lyr.wqkv, lyr.wo, lyr.w13, lyr.w2)]
+        norms = [norm_args(n, keep) for n in (lyr.attn_in, lyr.ffn_norm)]
+        if any(p is None for p in pieces) or any(n is None for n in norms):
+            return None
+        for cache in (k_cache, v_cache):
+            if not cache.is_contiguous() or cache.dtype != torch.float32:
+                return None
+            keep.append(cache)
+        stack.add_layer(*norms, *pieces, k_cache.data_ptr(), v_cache.data_ptr())
+    stack.set_head(head_norm, head or [])
+    return NativeDecode(stack, model.dim, vocab, None if head else model.lm_head, keep)
