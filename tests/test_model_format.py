@@ -36,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _native() -> bool:
     from lavin_edge import kernels
 
-    return kernels._C is not None
+    return kernels.extension() is not None
 
 
 def _rtn_packed(merged, gs: int = 32) -> dict[str, torch.Tensor]:
