@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import lavin_edge.chat.demo_build as demo_build
-from lavin_edge.chat.demo import ENV_VAR, demo_model_dir
+from lavin_edge.chat.demo import ENV_VAR, DemoModelMissing, demo_model_dir
 
 
 @pytest.fixture
@@ -77,11 +77,15 @@ def test_hand_built_demo_dir_is_used_as_is(fake: dict, tmp_path: Path, monkeypat
     assert fake["builds"] == []
 
 
-def test_without_build_a_stale_cache_is_still_served(fake: dict) -> None:
-    """Read-only callers (bench, tests) take what is there; only `chat` (build=True) rebuilds."""
+def test_without_build_a_stale_cache_is_passed_over(fake: dict) -> None:
+    """Read-only callers (bench, tests) never get a demo built from other adapters or by another lavin-edge (its
+    format may no longer load): they are told to build it; only `chat` (build=True) rebuilds."""
     demo_model_dir(build=True)
-    (fake["adapters"] / "adapters.safetensors").write_bytes(b"weights v2")
     assert _built_from(demo_model_dir()) == "weights v1"
+    (fake["adapters"] / "adapters.safetensors").write_bytes(b"weights v2")
+    with pytest.raises(DemoModelMissing):
+        demo_model_dir()
+    assert fake["builds"] == ["merge", "quantize"]
 
 
 def test_a_stale_cache_is_not_served_when_the_demo_dir_is_elsewhere(fake: dict, tmp_path: Path,

@@ -62,14 +62,12 @@ def demo_model_dir(quantized: bool = True, build: bool = False) -> Path:
     or ~/.cache/lavin-edge/demo, and a demo there that was built from other adapters (its stamp differs, or
     the cache has none) is rebuilt; otherwise raises DemoModelMissing saying how to build it. A demo under
     the other roots, or one without a stamp under $LAVIN_EDGE_DEMO_DIR, was built by hand and is used as is;
-    one under the other roots that was built automatically from other adapters is passed over."""
+    one that was built automatically from other adapters or by another lavin-edge (its stamp differs) is passed
+    over, so a stale cache is never served."""
     name = QUANTIZED_NAME if quantized else MERGED_NAME
-    shipped = None
-    if build:
-        from lavin_edge.chat.demo_build import ADAPTERS_DIR, built_fingerprint, shipped_fingerprint
+    from lavin_edge.chat.demo_build import ADAPTERS_DIR, built_fingerprint, shipped_fingerprint
 
-        if (ADAPTERS_DIR / "adapters.safetensors").is_file():
-            shipped = shipped_fingerprint()
+    shipped = shipped_fingerprint() if (ADAPTERS_DIR / "adapters.safetensors").is_file() else None
     auto = _auto_root()
     stale = False
     for root in demo_roots():
@@ -78,15 +76,15 @@ def demo_model_dir(quantized: bool = True, build: bool = False) -> Path:
             continue
         if shipped is not None:
             stamp = built_fingerprint(root)
-            if root == auto:
+            if build and root == auto:
                 in_cache = not os.environ.get(ENV_VAR)
                 if stamp != shipped and (stamp is not None or in_cache):
                     stale = True
                     break  # rebuilt below
             elif stamp is not None and stamp != shipped:
-                continue  # built automatically from other adapters (the cache, when $LAVIN_EDGE_DEMO_DIR is set)
+                continue  # built automatically from other adapters or by another lavin-edge: never served
         return d
-    if shipped is not None:
+    if build and shipped is not None:
         import sys
 
         from lavin_edge.chat.demo_build import build_demo
