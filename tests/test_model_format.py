@@ -288,6 +288,9 @@ def test_output_overlapping_the_input_is_refused(tmp_path: Path) -> None:
     adapters.mkdir()
     res = CliRunner().invoke(main, ["merge", str(adapters), str(adapters / "out")])
     assert res.exit_code == 2 and "overlaps" in res.stderr
+    # An existing output: refused before anything loads (quantize: tests/test_quantize.py).
+    res = CliRunner().invoke(main, ["merge", str(adapters), str(m)])
+    assert res.exit_code == 2 and "already exists" in res.stderr and "--overwrite" in res.stderr
     assert "--overwrite" in CliRunner().invoke(main, ["merge", "--help"]).output
     help_q = CliRunner().invoke(main, ["quantize", "--help"]).output
     assert "--overwrite" in help_q and "auto" in help_q
