@@ -208,6 +208,11 @@ def test_gguf_tokenizer_as_tokenizer_json_encodes_the_same(tmp_path: Path) -> No
     assert isinstance(tok, HFTokenizer)
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids, tok.vocab_size) == (
         gguf.bos_id, gguf.eos_id, gguf.pad_id, gguf.stop_ids, gguf.vocab_size)
+    # The file alone, inside a model dir, reads the same ids from its config.json.
+    (tmp_path / "config.json").write_text(json.dumps({"tokenizer": entry}))
+    alone = load_tokenizer(tmp_path / "tokenizer.json")
+    assert (alone.bos_id, alone.eos_id, alone.pad_id, alone.stop_ids) == (gguf.bos_id, gguf.eos_id, gguf.pad_id,
+                                                                          gguf.stop_ids)
     texts = [
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nWhat shape is in the "
         "image?<|im_end|>\n<|im_start|>assistant\nIt is a circle.<|im_end|>\n<|endoftext|>",
@@ -289,6 +294,9 @@ def test_output_overlapping_the_input_is_refused(tmp_path: Path) -> None:
     adapters.mkdir()
     res = CliRunner().invoke(main, ["merge", str(adapters), str(adapters / "out")])
     assert res.exit_code == 2 and "overlaps" in res.stderr
+    # An existing output: refused before anything loads (quantize: tests/test_quantize.py).
+    res = CliRunner().invoke(main, ["merge", str(adapters), str(m)])
+    assert res.exit_code == 2 and "already exists" in res.stderr and "--overwrite" in res.stderr
     assert "--overwrite" in CliRunner().invoke(main, ["merge", "--help"]).output
     help_q = CliRunner().invoke(main, ["quantize", "--help"]).output
     assert "--overwrite" in help_q and "auto" in help_q

@@ -109,6 +109,8 @@ class HFTokenizer(Tokenizer):
 
         path = Path(path)
         tok = _Tok.from_file(str(path))
+        if ids is None:  # inside a lavin-edge model dir: the ids its config.json records (lavin_edge.modeldir)
+            ids = _ids_from_model_config(path)
         if ids is not None:
             try:
                 stops = {int(i) for i in ids["stop_ids"]}  # type: ignore[attr-defined]
@@ -126,6 +128,17 @@ class HFTokenizer(Tokenizer):
             if i is not None:
                 stops.add(i)
         return cls(tok, bos, eos, pad, stops)
+
+
+def _ids_from_model_config(path: Path) -> dict[str, object] | None:
+    """The ``tokenizer`` entry of a lavin-edge model dir's config.json when it names ``path`` and its ids."""
+    try:
+        entry = json.loads((path.parent / "config.json").read_text()).get("tokenizer")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(entry, dict) and entry.get("file") == path.name and "bos_id" in entry:
+        return entry
+    return None
 
 
 def _special_ids_from_dir(d: Path, tok) -> dict[str, int]:  # noqa: ANN001
