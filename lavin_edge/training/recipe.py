@@ -112,6 +112,8 @@ class Locator:
             headers = self._header_lines(f"[[{table}]]" if table == "data" else f"[{table}]")
             if index < len(headers):
                 line = self._find_key(key, headers[index]) if key else headers[index]
+            elif not headers:  # an inline table: `eval = {type = "easy-vqa", ...}`
+                line = self._find_key(table, 0)
         return f"{self.path}:{line + 1}" if line is not None else str(self.path)
 
 
