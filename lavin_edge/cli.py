@@ -83,6 +83,10 @@ def _debug_requested(args: Sequence[str]) -> bool:
 
 def report_error(e: BaseException, debug: bool) -> int:
     """Print ``e`` per the convention above; returns the exit code."""
+    if isinstance(e, BrokenPipeError):
+        # The reader went away (`lavin-edge chat ... | head -1`): nothing to report, and nothing more to write.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python's final flush of stdout must not fail again
+        return EXIT_INTERNAL
     if debug and not isinstance(e, click.UsageError):
         traceback.print_exception(e, file=sys.stderr)
     if isinstance(e, KeyboardInterrupt) or (isinstance(e, click.Abort) and isinstance(e.__context__,

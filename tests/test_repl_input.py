@@ -91,3 +91,23 @@ def test_terminal_up_arrow_recalls_the_previous_question(model_dir: Path) -> Non
                  if '"question"' in line]
     assert questions == ["hello there", "hello there"], text
     assert proc.returncode == 0
+
+
+def test_animated_image_warns_on_stderr_in_chat(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                ) -> None:
+    import warnings
+
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from lavin_edge.cli import main
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # chat replaces it; restored after
+    gif = tmp_path / "anim.gif"
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    res = CliRunner().invoke(main, ["chat", "--model", str(model_dir), "--image", str(gif), "--prompt", "What?",
+                                    "--backend", "torch", "--max-new-tokens", "2"])
+    assert res.exit_code == 0, res.output
+    assert "warning:" in res.stderr and "animated image (3 frames): using its first frame" in res.stderr
+    assert "animated" not in res.stdout  # stdout stays the answer only
