@@ -85,6 +85,14 @@ def test_resume_refuses_settings_that_differ(tmp_path: Path) -> None:
     assert "resumed from" in res.stderr and "lr 0.005" in res.stderr
 
 
+def test_shipped_demo_adapters_are_complete() -> None:
+    """merge refuses a run dir without the completeness marker: the packaged demo adapters carry one (write it
+    again with lavin_edge.io.outdir.write_marker after replacing their files)."""
+    from lavin_edge.chat.demo_build import ADAPTERS_DIR
+
+    require_complete(ADAPTERS_DIR)
+
+
 def test_resume_of_nothing_and_of_a_file(tmp_path: Path) -> None:
     recipe = _recipe(tmp_path / "r.toml", tmp_path / "none")
     assert "holds no run" in _one_line_error(_train(str(recipe), "--resume"))
