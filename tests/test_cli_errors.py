@@ -92,6 +92,8 @@ def test_eval_limit_must_be_positive(run_dir: Path, limit: str) -> None:
 def test_eval_data_lists_the_valid_names(run_dir: Path) -> None:
     err = _one_line(_invoke("eval", str(run_dir), "--data", "imagenet"), 2)
     assert "'easy-vqa'" in err and "'easy-vqa-mc'" in err and "ScienceQA root" in err
+    err = _one_line(_invoke("eval", str(run_dir), "--data", "easy-vqa", "--json", "/no/such/dir/r.json"), 2)
+    assert "--json" in err  # refused before the evaluation, not after it
 
 
 @pytest.mark.parametrize("kind", ["empty", "merged", "quantized", "missing", "incomplete"])

@@ -49,6 +49,8 @@ def command(model_dir: str, data: str, split: str, limit: int | None, method: st
         raise click.BadParameter(f"{data!r} is neither {' nor '.join(repr(n) for n in EASY_VQA_NAMES)} nor a "
                                  "ScienceQA root (a directory with problems.json, pid_splits.json and images/)",
                                  param_hint="--data")
+    if json_out and not Path(json_out).resolve().parent.is_dir():
+        raise click.BadParameter(f"the directory of {json_out} does not exist", param_hint="--json")
     if threads:
         torch.set_num_threads(threads)
     problems = Problems()
