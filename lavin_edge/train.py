@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -401,27 +402,39 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, dry_run: bool, log: A
         rngs = _gather(rng, info)
         if not info.is_main:
             return
+        out.mkdir(parents=True, exist_ok=True)
+        _write_step("clean")
+        rundir.remove_stale_temps(out)
+        staged: list[tuple[Path, Path]] = []
+        try:  # every new file under a temporary name first: meanwhile the previous checkpoint stays complete
+            _write_step("stage adapters")
+            staged.append(ckpt.stage_adapters(model.trainable_state_dict(), out, {"step": str(at_step)}))
+            _write_step("stage config")
+            staged.append(ckpt.stage_json({**meta, "step": at_step}, out / ckpt.CONFIG))
+            _write_step("stage trainer_state")
+            staged.append(ckpt.stage_trainer_state({
+                "step": at_step, "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(), "rng": rngs,
+                "skipped_steps": skipped, "losses": losses, "world_size": info.world_size,
+                "global_batch": global_batch}, out))
+            _write_step("stage log")
+            staged.append(rundir.stage_log(out, pending_log))
+            if final:
+                from lavin_edge.training.plot import plot_loss
+
+                _write_step("stage plot")
+                staged.append((plot_loss(list(range(1, len(losses) + 1)), losses, out / ".loss.tmp.png"),
+                               out / "loss.png"))
+        except BaseException:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+            raise
         _write_step("unmark")
         rundir.begin_save(out)
-        _write_step("adapters")
-        ckpt.save_adapters(model.trainable_state_dict(), out, {"step": str(at_step)})
-        _write_step("config")
-        ckpt.save_json({**meta, "step": at_step}, out / ckpt.CONFIG)
-        _write_step("trainer_state")
-        ckpt.save_trainer_state({"step": at_step, "optimizer": optimizer.state_dict(),
-                                 "scheduler": sched.state_dict(), "rng": rngs, "skipped_steps": skipped,
-                                 "losses": losses, "world_size": info.world_size,
-                                 "global_batch": global_batch}, out)
-        _write_step("log")
-        with open(out / "train_log.jsonl", "a") as f:
-            f.write("".join(pending_log))
+        for tmp, dest in staged:
+            _write_step(f"replace {dest.name}")
+            os.replace(tmp, dest)
         pending_log.clear()
         (out / "eval.json").unlink(missing_ok=True)  # an evaluation of an earlier step
-        if final:
-            from lavin_edge.training.plot import plot_loss
-
-            _write_step("plot")
-            plot_loss(list(range(1, len(losses) + 1)), losses, out / "loss.png")
         _write_step("marker")
         rundir.end_save(out, at_step, finished=at_step >= end_step)
 

@@ -11,7 +11,8 @@ import click
 
 EPILOG = ("The run dir (--out) must not exist or be empty, unless --resume (continue it, with its own settings) or "
           "--overwrite (delete it and start over). It is complete when it holds lavin-edge-complete.json, written "
-          "last at each save: a run killed mid-save is refused by --resume, merge and eval, never half-read. Every "
+          "last at each save: a run killed mid-save keeps its previous checkpoint or is refused by --resume, merge "
+          "and eval, never half-read. Every "
           "option and recipe key is checked before any model loads; bad input is one line on stderr, exit 2.")
 
 

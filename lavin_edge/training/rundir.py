@@ -1,12 +1,13 @@
 """``train``'s run directory: refused when it already holds something (unless ``--resume`` or ``--overwrite``),
 and saved so that a kill at any moment leaves either a complete checkpoint or one that is refused.
 
-A save (:func:`begin_save` ... :func:`end_save`) first removes the completeness marker of
-``lavin_edge.io.outdir``, then replaces the files (each one atomically), then writes the marker again, last.
-A run dir without the marker is refused by ``train --resume``, ``merge`` and ``eval``; one with it holds
-adapters, config and trainer state of one and the same step. ``train_log.jsonl`` is part of the saved state:
-it is appended at each save (it lists the steps up to the checkpoint, so a resumed run does not log the
-lost steps twice)."""
+A save first writes every new file under a temporary name (the previous checkpoint stays complete meanwhile),
+then removes the completeness marker of ``lavin_edge.io.outdir`` (:func:`begin_save`), renames the new files
+into place and writes the marker again, last (:func:`end_save`). A run dir without the marker is refused by
+``train --resume``, ``merge`` and ``eval``; one with it holds adapters, config and trainer state of one and
+the same step. A kill during the renames (a few system calls) leaves a refused dir; anywhere else, the
+previous or the new checkpoint. ``train_log.jsonl`` is part of the saved state: rewritten at each save with
+the steps up to the checkpoint, so a resumed run does not log the lost steps twice."""
 
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ from typing import Any
 from lavin_edge.io.outdir import COMPLETE_MARKER, OutputDirError, require_complete, write_marker
 from lavin_edge.training import checkpoint as ckpt
 
-__all__ = ["RESUMABLE_KEYS", "begin_save", "check_run_dir", "clear_run_dir", "end_save"]
+__all__ = ["RESUMABLE_KEYS", "begin_save", "check_run_dir", "clear_run_dir", "end_save", "remove_stale_temps",
+           "stage_log"]
+
+LOG = "train_log.jsonl"
 
 # Settings a resumed run may change: they do not alter what the saved optimizer, schedule and data order mean.
 RESUMABLE_KEYS = frozenset({"max_steps", "save_every", "log_every", "progress", "threads", "num_workers", "eval",
@@ -103,6 +107,23 @@ def clear_run_dir(out: str | Path) -> None:
             shutil.rmtree(p)
         else:
             p.unlink()
+
+
+def remove_stale_temps(out: str | Path) -> None:
+    """Temporary files a killed save left behind (``.NAME.*.tmp``); the marker does not list them, so removing
+    them keeps a complete dir complete."""
+    out = Path(out)
+    if out.is_dir():
+        for p in out.iterdir():
+            if p.is_file() and p.name.startswith(".") and ".tmp" in p.name:
+                p.unlink(missing_ok=True)
+
+
+def stage_log(out: str | Path, new_lines: list[str]) -> tuple[Path, Path]:
+    """(staged temporary file, final path) of ``train_log.jsonl``: its saved lines plus ``new_lines``."""
+    path = Path(out) / LOG
+    old = path.read_bytes() if path.is_file() else b""
+    return ckpt.stage(path, lambda p: Path(p).write_bytes(old + "".join(new_lines).encode())), path
 
 
 def begin_save(out: str | Path) -> None:
