@@ -25,10 +25,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--report", default="benchmarks/train_demo.json")
     ap.add_argument("--resume", action="store_true", help="Continue bit-exactly from the checkpoint in --out.")
+    ap.add_argument("--overwrite", action="store_true", help="Delete the run in --out and start over.")
     args = ap.parse_args()
     cfg = load_recipe(args.recipe, {"out_dir": args.out, "threads": args.threads})
     t0 = time.perf_counter()
-    res = train(cfg, resume=args.resume)
+    res = train(cfg, resume=args.resume, overwrite=args.overwrite)
     assert res is not None
     total = time.perf_counter() - t0
     ev = res.eval or {}

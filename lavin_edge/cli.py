@@ -1,9 +1,26 @@
 """The ``lavin-edge`` command line. Each subcommand lives in ``lavin_edge.commands.<name>`` and is
-imported only when it runs, so ``lavin-edge --help`` stays fast."""
+imported only when it runs, so ``lavin-edge --help`` stays fast.
+
+One error convention for every command (README, "Errors and outputs"):
+
+- bad input or usage (a wrong option, a missing or unusable file, a recipe or model dir that cannot be
+  used): one line ``error: ...`` on stderr, exit code 2;
+- anything else (a bug, an environment failure): one line ``error: internal error ...`` with a hint to rerun
+  with ``--debug``, exit code 1;
+- Ctrl-C: one line, exit code 130;
+- the Python traceback only with ``--debug`` or ``LAVIN_EDGE_DEBUG=1`` (the exit codes stay the same).
+"""
 
 from __future__ import annotations
 
 import importlib
+import json
+import os
+import sys
+import tomllib
+import traceback
+from collections.abc import Sequence
+from typing import Any
 
 import click
 
@@ -18,6 +35,82 @@ SUBCOMMANDS = {
     "info": "Model structure and parameter counts (built on the meta device: no weights needed).",
 }
 
+EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+DEBUG_ENV = "LAVIN_EDGE_DEBUG"
+
+# OSErrors about a path the user named: bad input. Other OSErrors (a full disk, an I/O error) are not.
+_USER_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
+
+
+def _raised_in_project(e: BaseException) -> bool:
+    """Whether the innermost frame of ``e``'s traceback is lavin-edge code (a deliberate ``raise`` with a
+    message about the input), not a library it called."""
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return str(tb.tb_frame.f_globals.get("__name__", "")).startswith("lavin_edge")
+
+
+def is_bad_input(e: BaseException) -> bool:
+    """Bad input, by exception: click's usage errors and ``ClickException``s (a command's own one-line
+    message), a user path that is missing or unusable, the project's ``ValueError`` subclasses
+    (ModelDirError, CheckpointError, OutputDirError, ContextError, ImageError, DataError, RecipeError, ...),
+    any ``ValueError`` raised by lavin-edge code itself, and unparsable JSON/TOML files."""
+    if isinstance(e, (click.ClickException, *_USER_PATH_ERRORS)):
+        return True
+    if isinstance(e, ValueError):
+        parse_error = isinstance(e, (json.JSONDecodeError, tomllib.TOMLDecodeError))
+        return type(e).__module__.startswith("lavin_edge") or parse_error or _raised_in_project(e)
+    return False
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()) or "(no message)"
+
+
+def _debug_requested(args: Sequence[str]) -> bool:
+    if os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    for tok in args:  # global options come before the subcommand
+        if tok == "--debug":
+            return True
+        if not tok.startswith("-"):
+            return False
+    return False
+
+
+def report_error(e: BaseException, debug: bool) -> int:
+    """Print ``e`` per the convention above; returns the exit code."""
+    if isinstance(e, BrokenPipeError):
+        # The reader went away (`lavin-edge chat ... | head -1`): nothing to report, and nothing more to write.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python's final flush of stdout must not fail again
+        return EXIT_INTERNAL
+    if debug and not isinstance(e, click.UsageError):
+        traceback.print_exception(e, file=sys.stderr)
+    if isinstance(e, KeyboardInterrupt) or (isinstance(e, click.Abort) and isinstance(e.__context__,
+                                                                                     KeyboardInterrupt)):
+        click.echo("error: interrupted", err=True)
+        return EXIT_INTERRUPTED
+    if isinstance(e, click.Abort):
+        click.echo("error: aborted", err=True)
+        return EXIT_INTERNAL
+    if isinstance(e, click.UsageError):
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        click.echo(f"error: {_one_line(e.format_message())}{hint}", err=True)
+        return EXIT_BAD_INPUT
+    if isinstance(e, click.ClickException):
+        click.echo(f"error: {_one_line(e.format_message())}", err=True)
+        # A command's own ClickException is a message about its input unless it chose another code.
+        return EXIT_BAD_INPUT if e.exit_code == 1 else e.exit_code
+    if is_bad_input(e):
+        click.echo(f"error: {_one_line(str(e))}", err=True)
+        return EXIT_BAD_INPUT
+    hint = "" if debug else f" (rerun with --debug or {DEBUG_ENV}=1 for the traceback)"
+    click.echo(f"error: internal error: {type(e).__name__}: {_one_line(str(e))}{hint}", err=True)
+    return EXIT_INTERNAL
+
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -31,10 +124,28 @@ class LazyGroup(click.Group):
         cmd.short_help = SUBCOMMANDS[name]
         return cmd
 
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        """Click's standalone handling, replaced by :func:`report_error` (one line, exit codes 2/1/130)."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except SystemExit:
+            raise
+        except BaseException as e:  # noqa: BLE001 - the one place where every error is reported
+            sys.exit(report_error(e, _debug_requested(argv)))
+        sys.exit(rv if isinstance(rv, int) else 0)
+
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lavin-edge")
-def main() -> None:
+@click.option("--debug", is_flag=True, help=f"Print the Python traceback of an error (also: {DEBUG_ENV}=1); "
+              "by default an error is one line on stderr (exit 2: bad input, 1: internal error, 130: Ctrl-C).")
+def main(debug: bool) -> None:
     """lavin-edge: LaVIN vision-language assistants, trained cheap and served fast.
 
     Pipeline: base checkpoints -> train (adapters) -> merge -> quantize -> chat / eval / bench.

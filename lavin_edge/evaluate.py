@@ -17,6 +17,7 @@ which method was used.
 from __future__ import annotations
 
 import re
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -145,7 +146,7 @@ def evaluate_records(model: LaVIN, tok: Any, records: list[Record], method: str 
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(records, unit="q", dynamic_ncols=True)
+        it = tqdm(records, unit="q", dynamic_ncols=True, file=sys.stderr, desc="eval")
     with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
         for rec in it:
             try:
@@ -207,8 +208,9 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def run_eval_spec(model: LaVIN, tok: Any, spec: dict[str, Any], dtype: torch.dtype = torch.float32,
-                  log: Callable[..., Any] = print) -> dict[str, Any]:
-    """The recipe's ``[eval]`` table: a data source table plus ``method``, ``max_new_tokens``, ``limit``."""
+                  log: Callable[..., Any] = print, progress: bool = False) -> dict[str, Any]:
+    """The recipe's ``[eval]`` table: a data source table plus ``method``, ``max_new_tokens``, ``limit``.
+    ``progress``: a progress bar on stderr."""
     spec = dict(spec)
     method = spec.pop("method", "generate")
     max_new = int(spec.pop("max_new_tokens", 24))
@@ -224,6 +226,6 @@ def run_eval_spec(model: LaVIN, tok: Any, spec: dict[str, Any], dtype: torch.dty
         import easy_vqa
 
         cands = list(easy_vqa.get_answers())
-    result = evaluate_records(model, tok, records, method, max_new, cands, dtype, problems)
+    result = evaluate_records(model, tok, records, method, max_new, cands, dtype, problems, progress)
     log(format_table(result))
     return result

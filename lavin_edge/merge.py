@@ -135,6 +135,7 @@ def load_trained(adapter_dir: str | Path, llm: str | Path | None = None, vision:
     (``llm``/``vision``). Returns (model in eval mode, the artifact's config.json, tokenizer path or None)."""
     import dataclasses
 
+    from lavin_edge.io.outdir import require_complete
     from lavin_edge.training.base import BaseSpec, build_base
     from lavin_edge.training.checkpoint import load_adapters, load_artifact_config
 
@@ -146,6 +147,7 @@ def load_trained(adapter_dir: str | Path, llm: str | Path | None = None, vision:
         raise ModelDirError(f"{d}: already merged")
     if "lavin_config" not in meta or "base" not in meta:
         raise ModelDirError(f"{d}: config.json lacks lavin_config/base (not a `lavin-edge train` artifact)")
+    require_complete(d, what="adapters dir")  # a run killed mid-save: refused, never half-read
     cfg = LavinConfig.from_dict(meta["lavin_config"])
     base = BaseSpec(**meta["base"])
     base = dataclasses.replace(base, **{k: str(v) for k, v in (("llm", llm), ("vision", vision)) if v is not None})

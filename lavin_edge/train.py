@@ -1,4 +1,4 @@
-"""The training loop: LaVIN's adapters on a frozen base (DESIGN.md section 1), one process or many under
+"""The training loop: LaVIN's adapters on a frozen base (README), one process or many under
 ``torchrun`` (DDP; NCCL on GPU, gloo on CPU).
 
 Design points:
@@ -11,6 +11,9 @@ Design points:
   continue bit-exactly; RNG states are saved per rank.
 - Non-finite losses/gradients: the update is skipped (grads dropped), the step still counts, and the
   number of skipped steps is logged and printed.
+- Every setting is checked before anything loads (``lavin_edge.training.recipe``); the run dir is refused
+  when it holds a run, unless ``resume`` or ``overwrite``, and each save leaves it complete or refused
+  (``lavin_edge.training.rundir``).
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import signal
 import sys
 import time
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +43,10 @@ from lavin_edge.data import LavinDataset, Problems, collate_items, load_source
 from lavin_edge.model.adapter import RoutedAdapter, VisualProjection
 from lavin_edge.model.lavin import IGNORE_INDEX, Batch, LaVIN
 from lavin_edge.training import checkpoint as ckpt
+from lavin_edge.training import rundir
 from lavin_edge.training.base import DTYPES, BaseSpec, base_configs, build_base
 from lavin_edge.training.distributed import DistInfo, all_reduce_sum, setup, teardown
+from lavin_edge.training.recipe import Locator, check_recipe, read_toml
 from lavin_edge.training.schedule import WarmupCosine, build_optimizer, scaled_lr
 
 
@@ -87,14 +92,18 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads (CPU)
     num_workers: int = 0
     progress: bool = True
-    eval: dict[str, Any] | None = None  # held-out evaluation at the end (lavin_edge.evaluate.run_eval_spec)
+    # Held-out evaluation at the end (lavin_edge.evaluate.run_eval_spec); false or None: none.
+    eval: dict[str, Any] | bool | None = None
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown recipe key(s) {unknown}; known: {sorted(names)}")
+    def fields(cls) -> dict[str, str]:
+        """Field name -> annotation (what :func:`check_recipe` checks values against)."""
+        return {f.name: str(f.type) for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], locator: Locator | None = None) -> TrainConfig:
+        """Checked (names, types, ranges, files): RecipeError names the key's file and line, or its flag."""
+        check_recipe(d, cls.fields(), locator)
         d = dict(d)
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
@@ -103,13 +112,17 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def validate(self) -> None:
+        check_recipe(self.to_dict(), self.fields())
+
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a TOML recipe; ``overrides`` (CLI flags that were given) win over its values."""
-    with open(path, "rb") as f:
-        d = tomllib.load(f)
-    d.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return TrainConfig.from_dict(d)
+    """Read a TOML recipe; ``overrides`` (CLI flags that were given) win over its values. Everything is
+    checked here, before any model loads."""
+    d, text = read_toml(path)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    d.update(given)
+    return TrainConfig.from_dict(d, Locator(path, text, {k: rundir.flag_of(k) for k in given}))
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -280,19 +293,30 @@ def _micro_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
     return token_loss_sum(model(batch), batch.labels)
 
 
-def train(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, echo: Any = print) -> TrainResult | None:
-    """Run a recipe. Returns None for ``dry_run`` (prints counts and a memory estimate, trains nothing)."""
+def _write_step(what: str) -> None:
+    """Called before each write of a save: the seam of the kill-at-every-write-step test."""
+
+
+def train(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, echo: Any = print,
+          overwrite: bool = False) -> TrainResult | None:
+    """Run a recipe. Returns None for ``dry_run`` (prints counts and a memory estimate, trains nothing).
+
+    The run dir ``cfg.out_dir`` must be absent or empty, unless ``resume`` (continue its run, with the same
+    settings) or ``overwrite`` (delete it once the model and data have loaded, and start over)."""
+    cfg.validate()
+    rundir.check_run_dir(cfg.out_dir, cfg.to_dict(), resume, overwrite)
     info = setup(cfg.device)
     log = echo if info.is_main else (lambda *a, **k: None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg, info, resume, dry_run, log)
+        return _train(cfg, info, resume, dry_run, log, overwrite)
     finally:
         teardown(info)
 
 
-def _train(cfg: TrainConfig, info: DistInfo, resume: bool, dry_run: bool, log: Any) -> TrainResult | None:
+def _train(cfg: TrainConfig, info: DistInfo, resume: bool, dry_run: bool, log: Any, overwrite: bool
+           ) -> TrainResult | None:
     out = Path(cfg.out_dir)
     dtype = resolve_dtype(cfg.base_dtype, info.device)
     spec = BaseSpec(cfg.llm, cfg.vision, cfg.tokenizer, cfg.base_seed)
@@ -372,24 +396,56 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, dry_run: bool, log: A
             "tokenizer": _abs(tok_spec) if tok_spec else None, "recipe": cfg.to_dict(),
             "params": model.count_parameters()}
 
-    def save(at_step: int, rng: dict[str, Any]) -> None:
+    pending_log: list[str] = []  # train_log.jsonl lines since the last save (the log is part of the saved state)
+
+    def save(at_step: int, rng: dict[str, Any], final: bool = False) -> None:
         rngs = _gather(rng, info)
         if not info.is_main:
             return
-        ckpt.save_adapters(model.trainable_state_dict(), out, {"step": str(at_step)})
-        ckpt.save_json({**meta, "step": at_step}, out / ckpt.CONFIG)
-        ckpt.save_trainer_state({"step": at_step, "optimizer": optimizer.state_dict(),
-                                 "scheduler": sched.state_dict(), "rng": rngs, "skipped_steps": skipped,
-                                 "losses": losses, "world_size": info.world_size,
-                                 "global_batch": global_batch}, out)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_step("clean")
+        rundir.remove_stale_temps(out)
+        staged: list[tuple[Path, Path]] = []
+        try:  # every new file under a temporary name first: meanwhile the previous checkpoint stays complete
+            _write_step("stage adapters")
+            staged.append(ckpt.stage_adapters(model.trainable_state_dict(), out, {"step": str(at_step)}))
+            _write_step("stage config")
+            staged.append(ckpt.stage_json({**meta, "step": at_step}, out / ckpt.CONFIG))
+            _write_step("stage trainer_state")
+            staged.append(ckpt.stage_trainer_state({
+                "step": at_step, "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(), "rng": rngs,
+                "skipped_steps": skipped, "losses": losses, "world_size": info.world_size,
+                "global_batch": global_batch}, out))
+            _write_step("stage log")
+            staged.append(rundir.stage_log(out, pending_log))
+            if final:
+                from lavin_edge.training.plot import plot_loss
+
+                _write_step("stage plot")
+                staged.append((plot_loss(list(range(1, len(losses) + 1)), losses, out / ".loss.tmp.png"),
+                               out / "loss.png"))
+        except BaseException:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+            raise
+        _write_step("unmark")
+        rundir.begin_save(out)
+        for tmp, dest in staged:
+            _write_step(f"replace {dest.name}")
+            os.replace(tmp, dest)
+        pending_log.clear()
+        (out / "eval.json").unlink(missing_ok=True)  # an evaluation of an earlier step
+        _write_step("marker")
+        rundir.end_save(out, at_step, finished=at_step >= end_step)
 
     if info.is_main:
+        if overwrite:
+            rundir.clear_run_dir(out)  # the model and data loaded: the old run can go
         out.mkdir(parents=True, exist_ok=True)
         counts = ds.counts()
         log(f"trainable params {meta['params']['trainable_params']:,} | samples {counts['total']} "
             f"({counts.get('with_image', 0)} with image, {counts.get('text_only', 0)} text-only) | "
             f"global batch {global_batch} | lr {peak_lr:.3g} | steps {step}->{end_step} of {plan.total_steps}")
-    log_file = open(out / "train_log.jsonl", "a") if info.is_main else None  # noqa: SIM115
     bar = _progress(cfg.progress and info.is_main, step, end_step)
     old_handler = signal.signal(signal.SIGTERM, _raise_interrupt) if _in_main_thread() else None
     t0 = time.perf_counter()
@@ -415,10 +471,9 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, dry_run: bool, log: A
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", sps=f"{sps:.1f}", skipped=skipped)
                 bar.update(1)
-            if log_file is not None and (step % cfg.log_every == 0 or step == end_step):
-                log_file.write(json.dumps({"step": step, "loss": loss_val, "lr": lr, "samples_per_s": sps,
-                                           "elapsed_s": elapsed, "skipped_steps": skipped}) + "\n")
-                log_file.flush()
+            if info.is_main and (step % cfg.log_every == 0 or step == end_step):
+                pending_log.append(json.dumps({"step": step, "loss": loss_val, "lr": lr, "samples_per_s": sps,
+                                               "elapsed_s": elapsed, "skipped_steps": skipped}) + "\n")
             if cfg.save_every and step % cfg.save_every == 0 and step < end_step:
                 save(step, rng_state())
         step_rng = rng_state()
@@ -429,31 +484,42 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, dry_run: bool, log: A
     finally:
         if bar is not None:
             bar.close()
-        if log_file is not None:
-            log_file.close()
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
     wall = time.perf_counter() - t0
     # Under torchrun, Ctrl-C reaches every worker (same process group), so all ranks get here together.
-    save(step, step_rng)
+    save(step, step_rng, final=True)
     result = TrainResult(out, step, skipped, losses, wall, samples / max(wall, 1e-9), interrupted,
                          len(problems.bad), model=model)
     if info.is_main:
-        from lavin_edge.training.plot import plot_loss
-
-        plot_loss(list(range(1, len(losses) + 1)), losses, out / "loss.png")
         log(f"done: {step} steps, {skipped} skipped (non-finite), {wall:.1f} s, {result.samples_per_s:.2f} "
             f"samples/s, {len(problems.bad)} bad record(s) skipped -> {out}")
         if problems.bad:
             log(problems.summary())
-        if cfg.eval and not interrupted:
-            from lavin_edge.evaluate import run_eval_spec
-
-            model.eval()
-            result.eval = run_eval_spec(model, tok, cfg.eval, dtype=dtype, log=log)
-            ckpt.save_json(result.eval, out / "eval.json")
+        if isinstance(cfg.eval, dict) and not interrupted:
+            result.eval = _final_eval(model, tok, cfg, dtype, out, step, log)
+            result.interrupted = result.eval is None
     if interrupted and not info.is_main:
         sys.exit(130)
+    return result
+
+
+def _final_eval(model: LaVIN, tok: Any, cfg: TrainConfig, dtype: torch.dtype, out: Path, step: int, log: Any
+                ) -> dict[str, Any] | None:
+    """The recipe's held-out evaluation (progress on stderr); None when Ctrl-C stopped it (the run is saved)."""
+    from lavin_edge.evaluate import run_eval_spec
+
+    assert isinstance(cfg.eval, dict)
+    log(f"evaluating on the recipe's [eval] ({cfg.eval.get('type')}, limit {cfg.eval.get('limit', 'all')}); the "
+        "run is saved: Ctrl-C skips it, --no-eval or `eval = false` turns it off")
+    model.eval()
+    try:
+        result = run_eval_spec(model, tok, cfg.eval, dtype=dtype, log=log, progress=cfg.progress)
+    except KeyboardInterrupt:
+        log(f"\nevaluation interrupted; the trained run in {out} is complete (evaluate it with `lavin-edge eval`)")
+        return None
+    ckpt.save_json(result, out / "eval.json")
+    rundir.end_save(out, step, finished=True)  # the marker now lists eval.json too
     return result
 
 

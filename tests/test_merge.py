@@ -106,6 +106,7 @@ def test_merge_cli_on_a_train_artifact(tmp_path, byte_tok) -> None:
 
     from lavin_edge.cli import main
     from lavin_edge.config import AdapterConfig
+    from lavin_edge.io.outdir import write_marker
     from lavin_edge.training.base import BaseSpec, build_base
     from lavin_edge.training.checkpoint import save_adapters, save_json
 
@@ -119,6 +120,10 @@ def test_merge_cli_on_a_train_artifact(tmp_path, byte_tok) -> None:
     art = tmp_path / "run"
     save_adapters(model.trainable_state_dict(), art)
     save_json({"lavin_config": model.cfg.to_dict(), "base": spec.to_dict()}, art / "config.json")
+    # Without the completeness marker (what `train` writes last) the dir is refused.
+    res = CliRunner().invoke(main, ["merge", str(art), str(tmp_path / "merged")])
+    assert res.exit_code == 2 and "incomplete" in res.output and not (tmp_path / "merged").exists()
+    write_marker(art)
     res = CliRunner().invoke(main, ["merge", str(art), str(tmp_path / "merged")])
     assert res.exit_code == 0, res.output
     merged, cfg = load_merged(tmp_path / "merged")

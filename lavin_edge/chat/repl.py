@@ -3,6 +3,10 @@ conversation's answers only and the REPL can be scripted through a pipe).
 
 Commands: ``/image PATH`` swaps the image, ``/reset`` clears the history, ``/exit`` (or end of input) quits.
 With ``json_out`` every answer is one JSON line instead of streamed text.
+
+Input: on a terminal, lines are read through readline (arrow keys edit the line, up/down recall earlier
+questions); from a pipe or a file, one question per line until the end; a closed stdin (``<&-``) is an empty
+input (exit 0).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
+from collections.abc import Callable
 from typing import TextIO
 
 from lavin_edge.chat.session import ChatSession
@@ -64,6 +69,41 @@ def answer_once(session: ChatSession, question: str, out: TextIO, err: TextIO, j
     return result
 
 
+def _is_tty(stream: TextIO | None) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (ValueError, OSError):  # a closed stream
+        return False
+
+
+def line_reader(inp: TextIO, err: TextIO, interactive: bool) -> Callable[[], str]:
+    """A function returning the next input line ('' at the end of input). The process's own terminal goes
+    through readline (``input()`` uses it when stdin and stdout are terminals); anything else is read plainly,
+    with the prompt on stderr when interactive."""
+    if interactive and inp is sys.stdin and _is_tty(sys.stdout):
+        try:
+            import readline  # noqa: F401 - importing it is what makes input() edit lines and keep history
+        except ImportError:
+            pass
+
+        def read_terminal() -> str:
+            try:
+                return input(">>> ") + "\n"
+            except EOFError:
+                err.write("\n")
+                return ""
+
+        return read_terminal
+
+    def read_plain() -> str:
+        if interactive:
+            err.write(">>> ")
+            err.flush()
+        return inp.readline()
+
+    return read_plain
+
+
 def run_repl(session: ChatSession, inp: TextIO | None = None, out: TextIO | None = None, err: TextIO | None = None,
              json_out: bool = False, show_stats: bool = False) -> int:
     """Read questions until /exit or end of input; returns the exit code (0). Streams default to the
@@ -71,17 +111,18 @@ def run_repl(session: ChatSession, inp: TextIO | None = None, out: TextIO | None
     from lavin_edge.data.image import ImageError
 
     inp, out, err = inp or sys.stdin, out or sys.stdout, err or sys.stderr
+    if inp is None or getattr(inp, "closed", False):
+        err.write("note: stdin is closed: no questions to read (use --prompt for one answer)\n")
+        return 0
 
-    interactive = inp.isatty()
+    interactive = _is_tty(inp)
     if interactive:
         what = f"image {session.image_path}" if session.image_path else "no image (text only)"
         err.write(f"lavin-edge chat ({session.engine.backend} backend, {what}). {HELP}\n")
+    read_line = line_reader(inp, err, interactive)
     while True:
-        if interactive:
-            err.write(">>> ")
-            err.flush()
         try:
-            line = inp.readline()
+            line = read_line()
         except KeyboardInterrupt:
             err.write("\n")
             return 0

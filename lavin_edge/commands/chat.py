@@ -15,11 +15,6 @@ EPILOG = (DEMO_DESCRIPTION + "\n\nIn the REPL: /image PATH swaps the image, /res
           "exit code 2.")
 
 
-def _fail(msg: str) -> None:
-    click.echo(f"error: {msg}", err=True)
-    sys.exit(2)
-
-
 @click.command(name="chat", epilog=EPILOG)
 @click.option("--model", "model_dir", default=None, metavar="DIR",
               help="Merged or quantized model dir (default: the built demo model, quantized).")
@@ -51,12 +46,12 @@ def command(model_dir: str | None, image: str | None, prompt: str | None, json_o
     """
     import torch
 
-    from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir
+    from lavin_edge.chat.demo import demo_model_dir
     from lavin_edge.chat.repl import answer_once, run_repl
     from lavin_edge.chat.sampling import GenerationConfig
     from lavin_edge.chat.session import ChatSession
-    from lavin_edge.data.image import ImageError, load_image
-    from lavin_edge.runtime import ContextError, Engine, ModelDirError
+    from lavin_edge.data.image import load_image
+    from lavin_edge.runtime import Engine
 
     if threads:
         torch.set_num_threads(threads)
@@ -64,20 +59,18 @@ def command(model_dir: str | None, image: str | None, prompt: str | None, json_o
     warnings.showwarning = lambda msg, *a, **k: click.echo(f"warning: {msg}", err=True)
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                            repetition_penalty=repetition_penalty, seed=seed, stop_strings=stop)
-    try:
-        if model_dir is None and image is not None:
-            load_image(image)  # a bad image fails now, not after the first-run demo build
-        path = model_dir if model_dir is not None else demo_model_dir(build=True)
-        engine = Engine.load(path, backend=backend, max_context=max_context, head_w4=False if exact_head else None)
-        session = ChatSession(engine, gen)
-        if image is not None:
-            session.set_image(image)
-        if prompt is not None:
-            if not prompt.strip():
-                _fail("--prompt is empty")
-            answer_once(session, prompt, sys.stdout, sys.stderr, json_out, show_stats)
-            return
-        code = run_repl(session, json_out=json_out, show_stats=show_stats)
-    except (ModelDirError, DemoModelMissing, ImageError, ContextError) as e:
-        _fail(str(e))
-    sys.exit(code)
+    # Bad input (a missing or broken image, a bad model dir, a prompt longer than the context) raises one of the
+    # project's ValueErrors or a FileNotFoundError: the CLI's error convention prints one line, exit 2.
+    if prompt is not None and not prompt.strip():
+        raise click.BadParameter("is empty", param_hint="--prompt")
+    if model_dir is None and image is not None:
+        load_image(image)  # a bad image fails now, not after the first-run demo build
+    path = model_dir if model_dir is not None else demo_model_dir(build=True)
+    engine = Engine.load(path, backend=backend, max_context=max_context, head_w4=False if exact_head else None)
+    session = ChatSession(engine, gen)
+    if image is not None:
+        session.set_image(image)
+    if prompt is not None:
+        answer_once(session, prompt, sys.stdout, sys.stderr, json_out, show_stats)
+        return
+    sys.exit(run_repl(session, json_out=json_out, show_stats=show_stats))

@@ -9,30 +9,41 @@ import sys
 
 import click
 
+EPILOG = ("The run dir (--out) must not exist or be empty, unless --resume (continue it, with its own settings) or "
+          "--overwrite (delete it and start over). It is complete when it holds lavin-edge-complete.json, written "
+          "last at each save: a run killed mid-save keeps its previous checkpoint or is refused by --resume, merge "
+          "and eval, never half-read. Every "
+          "option and recipe key is checked before any model loads; bad input is one line on stderr, exit 2.")
 
-@click.command(name="train")
+
+@click.command(name="train", epilog=EPILOG)
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", "out_dir", help="Output directory (adapters.safetensors, config.json, trainer_state.pt).")
+@click.option("--out", "out_dir", help="Run dir (adapters.safetensors, config.json, trainer_state.pt, "
+              "train_log.jsonl); must not hold a run unless --resume or --overwrite.")
 @click.option("--llm", help="Frozen LLM: checkpoint path, .gguf, smollm2-135m, or preset:NAME.")
 @click.option("--vision", help="Vision tower: efficientnet-lite0, a CLIP checkpoint, or preset:NAME.")
 @click.option("--tokenizer", help="Tokenizer file (default: the LLM's own; 'bytes' for presets).")
 @click.option("--init-adapters", help="Start from these trained adapters (a train output dir) instead of fresh ones.")
-@click.option("--batch-size", type=int, help="Per-rank micro-batch size.")
-@click.option("--accum-steps", type=int, help="Gradient accumulation steps per optimizer step.")
-@click.option("--epochs", type=float)
-@click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
-@click.option("--base-lr", type=float, help="lr = base_lr x global batch / 256.")
-@click.option("--lr", type=float, help="Absolute peak lr (overrides --base-lr).")
-@click.option("--warmup-epochs", type=float)
-@click.option("--max-seq-len", type=int)
+@click.option("--batch-size", type=click.IntRange(1), help="Per-rank micro-batch size.")
+@click.option("--accum-steps", type=click.IntRange(1), help="Gradient accumulation steps per optimizer step.")
+@click.option("--epochs", type=click.FloatRange(0, min_open=True))
+@click.option("--max-steps", type=click.IntRange(1), help="Stop after this many optimizer steps.")
+@click.option("--base-lr", type=click.FloatRange(0), help="lr = base_lr x global batch / 256.")
+@click.option("--lr", type=click.FloatRange(0), help="Absolute peak lr (overrides --base-lr).")
+@click.option("--warmup-epochs", type=click.FloatRange(0))
+@click.option("--max-seq-len", type=click.IntRange(2))
 @click.option("--seed", type=int)
 @click.option("--base-dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
 @click.option("--device", type=click.Choice(["cpu", "cuda"]))
-@click.option("--threads", type=int, help="torch CPU threads.")
-@click.option("--save-every", type=int, help="Checkpoint every N optimizer steps.")
+@click.option("--threads", type=click.IntRange(1), help="torch CPU threads.")
+@click.option("--save-every", type=click.IntRange(0), help="Checkpoint every N optimizer steps (0: at the end).")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
 @click.option("--strict-data/--skip-bad-data", default=None, help="Fail on the first bad record, or skip and count.")
-@click.option("--resume", is_flag=True, help="Continue bit-exactly from the checkpoint in the output directory.")
+@click.option("--resume", is_flag=True, help="Continue bit-exactly from the checkpoint in the run dir (same "
+              "settings; only --max-steps, --save-every, --threads, --device, progress and eval may change).")
+@click.option("--overwrite", is_flag=True, help="Delete the run dir's old run (once the model and data have "
+              "loaded) and start over.")
+@click.option("--no-eval", is_flag=True, help="Skip the recipe's [eval] after training (same as `eval = false`).")
 @click.option("--dry-run", is_flag=True, help="Print trainable params, data counts and a memory estimate; no training.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs still go to train_log.jsonl).")
 def command(recipe: str, out_dir: str | None, llm: str | None, vision: str | None, tokenizer: str | None,
@@ -41,9 +52,8 @@ def command(recipe: str, out_dir: str | None, llm: str | None, vision: str | Non
             base_lr: float | None, lr: float | None, warmup_epochs: float | None, max_seq_len: int | None,
             seed: int | None, base_dtype: str | None, device: str | None, threads: int | None,
             save_every: int | None, gradient_checkpointing: bool | None, strict_data: bool | None, resume: bool,
-            dry_run: bool, no_progress: bool) -> None:
+            overwrite: bool, no_eval: bool, dry_run: bool, no_progress: bool) -> None:
     """Train adapters from RECIPE (a TOML file); flags override the recipe."""
-    from lavin_edge.data.sources import DataError
     from lavin_edge.train import load_recipe, train
 
     overrides = {"out_dir": out_dir, "llm": llm, "vision": vision, "tokenizer": tokenizer,
@@ -54,11 +64,11 @@ def command(recipe: str, out_dir: str | None, llm: str | None, vision: str | Non
                  "gradient_checkpointing": gradient_checkpointing, "strict_data": strict_data}
     if no_progress:
         overrides["progress"] = False
-    try:
-        cfg = load_recipe(recipe, overrides)
-        result = train(cfg, resume=resume, dry_run=dry_run, echo=lambda *a: click.echo(*a, err=True))
-    except (DataError, ValueError, FileNotFoundError) as e:
-        click.echo(f"lavin-edge train: {e}", err=True)
-        sys.exit(1)
+    if no_eval:
+        overrides["eval"] = False
+    # Bad settings raise RecipeError / OutputDirError / DataError (ValueErrors): one line, exit 2 (lavin_edge.cli).
+    cfg = load_recipe(recipe, overrides)
+    result = train(cfg, resume=resume, dry_run=dry_run, echo=lambda *a: click.echo(*a, err=True),
+                   overwrite=overwrite)
     if result is not None and result.interrupted:
         sys.exit(130)

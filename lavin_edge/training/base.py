@@ -116,11 +116,52 @@ def build_base(spec: BaseSpec, adapter: AdapterConfig, max_seq_len: int | None =
     return model, load_tokenizer(tok_spec), tok_spec
 
 
+class RunDirError(ValueError):
+    """A directory that is not a complete ``lavin-edge train`` run dir; the message says what it is instead."""
+
+
+ADAPTERS_FORMAT = "lavin-edge-adapters"
+
+
+def read_run_config(path: str | Path) -> dict[str, Any]:
+    """config.json of a complete ``lavin-edge train`` run dir; a one-line RunDirError for anything else (a
+    missing or empty dir, a merged or quantized model dir, a run that was interrupted mid-save)."""
+    from lavin_edge.io.outdir import OutputDirError, require_complete
+
+    d = Path(path)
+    want = "expected the run dir of `lavin-edge train` (adapters.safetensors + config.json)"
+    if not d.is_dir():
+        raise RunDirError(f"{d}: no such directory; {want}")
+    if not (d / "config.json").is_file():
+        what = "is empty" if not any(d.iterdir()) else "has no config.json"
+        raise RunDirError(f"{d} {what}: {want}; `lavin-edge train RECIPE --out DIR` writes one")
+    try:
+        cfg = json.loads((d / "config.json").read_text())
+    except ValueError as e:
+        raise RunDirError(f"{d}/config.json is not valid JSON ({e}); {want}") from None
+    fmt = cfg.get("format") if isinstance(cfg, dict) else None
+    if fmt == "lavin-edge-merged":
+        kind = "quantized" if "quantization_config" in cfg else "merged"
+        src = (cfg.get("source") or {}).get("adapters") or ((cfg.get("source") or {}).get("_dir"))
+        made = f" (it was made from {src})" if src else ""
+        raise RunDirError(f"{d} is a {kind} model dir, {want}{made}; a merged or quantized model is for `lavin-edge "
+                          "chat`")
+    if fmt != ADAPTERS_FORMAT:
+        raise RunDirError(f"{d}/config.json has format {fmt!r}, not {ADAPTERS_FORMAT!r}: {want}")
+    if not (d / "adapters.safetensors").is_file():
+        raise RunDirError(f"{d} has no adapters.safetensors: {want}")
+    try:
+        require_complete(d, what="run dir")
+    except OutputDirError as e:
+        raise RunDirError(str(e)) from None
+    return cfg
+
+
 def load_trained_artifact(path: str | Path) -> tuple[LaVIN, Any, dict[str, Any]]:
     """A ``lavin-edge train`` output directory -> (model in eval mode, tokenizer, its config.json)."""
-    from lavin_edge.training.checkpoint import load_adapters, load_artifact_config
+    from lavin_edge.training.checkpoint import load_adapters
 
-    meta = load_artifact_config(path)
+    meta = read_run_config(path)
     base = BaseSpec(**meta["base"])
     cfg = LavinConfig.from_dict(meta["lavin_config"])
     model, tok, _ = build_base(base, cfg.adapter)

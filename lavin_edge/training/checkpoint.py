@@ -2,9 +2,9 @@
 ``config.json`` (the LavinConfig + where the base came from, so ``merge``/``eval`` can rebuild it) and
 ``trainer_state.pt`` (optimizer, schedule, RNG and data position, for an exact ``--resume``).
 
-Every file is written to a temporary name in the same directory and renamed over the old one, so a crash
-or Ctrl-C mid-write leaves the previous checkpoint intact. Also: import of the reference implementation's
-``checkpoint-*.pth`` adapter keys."""
+Every file is written to a temporary name in the same directory (``stage_*``) and renamed over the old one;
+``train`` stages all the files of a save before it renames any (``lavin_edge.training.rundir``).
+Also: import of the reference implementation's ``checkpoint-*.pth`` adapter keys."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ CONFIG = "config.json"
 TRAINER_STATE = "trainer_state.pt"
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def stage(path: Path, write: Callable[[str], None]) -> Path:
+    """Write a file's new content to a temporary sibling (``.NAME.*.tmp``) and return it; the caller renames
+    it over ``path`` (os.replace) when every file of a save is staged."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -34,18 +36,35 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return Path(tmp)
+
+
+def stage_adapters(state: dict[str, torch.Tensor], out_dir: str | Path, metadata: dict[str, str] | None = None
+                   ) -> tuple[Path, Path]:
+    """(staged temporary file, final path) of ``adapters.safetensors``."""
+    path = Path(out_dir) / ADAPTERS
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    return stage(path, lambda p: save_file(tensors, p, metadata=metadata or {})), path
+
+
+def stage_json(obj: dict[str, Any], path: str | Path) -> tuple[Path, Path]:
+    path = Path(path)
+    return stage(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2, sort_keys=True))), path
+
+
+def stage_trainer_state(state: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    path = Path(out_dir) / TRAINER_STATE
+    return stage(path, lambda p: torch.save(state, p)), path
 
 
 def save_adapters(state: dict[str, torch.Tensor], out_dir: str | Path, metadata: dict[str, str] | None = None
                   ) -> Path:
-    path = Path(out_dir) / ADAPTERS
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    _atomic_write(path, lambda p: save_file(tensors, p, metadata=metadata or {}))
+    tmp, path = stage_adapters(state, out_dir, metadata)
+    os.replace(tmp, path)
     return path
 
 
@@ -56,14 +75,14 @@ def load_adapters(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def save_json(obj: dict[str, Any], path: str | Path) -> Path:
-    path = Path(path)
-    _atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2, sort_keys=True)))
+    tmp, path = stage_json(obj, path)
+    os.replace(tmp, path)
     return path
 
 
 def save_trainer_state(state: dict[str, Any], out_dir: str | Path) -> Path:
-    path = Path(out_dir) / TRAINER_STATE
-    _atomic_write(path, lambda p: torch.save(state, p))
+    tmp, path = stage_trainer_state(state, out_dir)
+    os.replace(tmp, path)
     return path
 
 
