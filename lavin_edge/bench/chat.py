@@ -419,7 +419,7 @@ def format_table(result: dict[str, Any]) -> str:
             lines.append(f"    skipped: {r['skipped']}")
         if r.get("startup_cpu_s") is not None:
             lines.append(f"    process time {r['startup_cpu_s']:.2f} s (user {r['startup_user_s']:.2f} + sys "
-                         f"{r['startup_sys_s']:.2f}), wall {r['startup_wall_s']:.2f} s, answer {r['answer']!r}")
+                         f"{r['startup_sys_s']:.2f}), wall {r['startup_wall_s']:.2f} s, answer {r['answer'][:60]!r}")
         if r.get("read_bw_gbs"):
             lines.append(f"    read bandwidth {r['read_bw_gbs']} GB/s, {r['weight_bytes_per_token'] / 1e9:.2f} GB "
                          f"weights + {r['kv_bytes_per_token'] / 1e6:.0f} MB KV per token")
