@@ -37,6 +37,7 @@ class Completion:
     max_tokens: int  # already within the context
     stream: bool = False
     include_usage: bool = False
+    ignore_eos: bool = False  # an extension (vLLM's and llama-server's name): exactly max_tokens, for benchmarks
 
     @property
     def modality(self) -> int:
@@ -172,6 +173,9 @@ def parse_completion(body: Any, tokenizer: Any, max_context: int, n_visual: int,
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
         raise bad_request("stream_options must be an object with a boolean include_usage", "stream_options")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise bad_request("ignore_eos must be a boolean", "ignore_eos")
     max_tokens = _int(body, "max_completion_tokens", 1)
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens", 1)
@@ -195,7 +199,7 @@ def parse_completion(body: Any, tokenizer: Any, max_context: int, n_visual: int,
                           "context_length_exceeded")
     limit = min(max_tokens or DEFAULT_MAX_TOKENS, room)
     gen.max_new_tokens = limit
-    return Completion(ids, image_pos, image, gen, limit, stream, bool(opts.get("include_usage", False)))
+    return Completion(ids, image_pos, image, gen, limit, stream, bool(opts.get("include_usage", False)), ignore_eos)
 
 
 def check_json_body(raw: bytes, max_body: int) -> Any:

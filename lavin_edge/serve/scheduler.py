@@ -144,7 +144,7 @@ class Scheduler:
     def _take(self, job: Job, tok: int) -> None:
         """One sampled token for ``job``: stream its text, or finish the job."""
         assert job.stream is not None
-        if tok in self.stop_ids:
+        if tok in self.stop_ids and not job.completion.ignore_eos:
             return self._finish(job, "stop")
         job.out.append(tok)
         piece = job.stream.push(tok)
