@@ -139,3 +139,38 @@ def test_step_errors(qdir: Path) -> None:
         dec.step([0, 0], [1, 2])
     with pytest.raises(ValueError):
         BatchDecoder(eng, 0)
+
+
+def test_demo_examples_same_tokens_alone_and_batched() -> None:
+    """On the demo (when built): the README's example questions about examples/*.png plus a text question, 16
+    greedy tokens each, the same logits alone and as one batch of five (mixed modality)."""
+    from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir
+    from lavin_edge.chat.session import conversation_ids
+    from lavin_edge.data.image import load_image
+
+    try:
+        qdir = demo_model_dir()
+    except DemoModelMissing as e:
+        pytest.skip(str(e))
+    eng = Engine.load(qdir, max_context=256)
+    tok = eng.tokenizer
+    reqs = []
+    for img, q in [("easyvqa-red-triangle.png", "What shape is in the image?"),
+                   ("easyvqa-brown-circle.png", "What colour is the shape?"),
+                   ("easyvqa-black-rectangle.png", "Is there a red shape?"),
+                   ("easyvqa-yellow-rectangle.png", "Is there not a yellow shape?")]:
+        path = Path(__file__).resolve().parents[1] / "examples" / img
+        ids, pos = conversation_ids(tok, [], q, eng.n_visual)
+        reqs.append((ids, IMAGE, pos, eng.encode_image(load_image(path, eng.cfg.vision.image_size))))
+    reqs.append((conversation_ids(tok, [], "What is a triangle?")[0], TEXT, -1, None))
+    steps = 15
+    dec = BatchDecoder(eng, len(reqs))
+    alone = [_alone(dec, r, steps) for r in reqs]
+    got = [[dec.prefill(s, *r)] for s, r in enumerate(reqs)]
+    for _ in range(steps):
+        logits = dec.step(list(range(len(reqs))), [int(g[-1].argmax()) for g in got])
+        for s, g in enumerate(got):
+            g.append(logits[s])
+    for a, g in zip(alone, got, strict=True):
+        assert [int(x.argmax()) for x in a] == [int(x.argmax()) for x in g]
+        assert all(torch.equal(x, y) for x, y in zip(a, g, strict=True)) or eng.backend == "torch"
