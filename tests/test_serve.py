@@ -39,6 +39,7 @@ class LiveServer:
     def __init__(self, app) -> None:  # noqa: ANN001
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.scheduler = None
 
     def __enter__(self) -> LiveServer:
         self.thread.start()
@@ -84,10 +85,12 @@ def server(qdir: Path, files_dir: Path) -> Iterator[LiveServer]:
 
 
 @pytest.fixture(scope="module")
-def keyed(qdir: Path) -> Iterator[LiveServer]:
-    """One slot, no queue, an API key: for 401, 503 and disconnects."""
-    app, _ = build_app(Engine.load(qdir), "tiny", ServeOptions(slots=1, max_queue=0, api_key=KEY))
+def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """One slot, no queue, an API key, a long context: for 401, 503 and disconnects."""
+    qdir = quantized_tiny_dir(tmp_path_factory.mktemp("long"), max_seq_len=4096)
+    app, scheduler = build_app(Engine.load(qdir), "tiny", ServeOptions(slots=1, max_queue=0, api_key=KEY))
     with LiveServer(app) as s:
+        s.scheduler = scheduler
         yield s
 
 
@@ -240,7 +243,7 @@ def test_malformed_json_too_large_and_context(server: LiveServer) -> None:
 
 def test_api_key_queue_full_and_disconnect(keyed: LiveServer) -> None:
     url = keyed.url + "/v1/chat/completions"
-    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "temperature": 0, "stream": True}
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000, "temperature": 0, "stream": True}
     _err(httpx.post(url, json=body), 401, "API key")
     _err(httpx.post(url, json=body, headers={"Authorization": "Bearer wrong"}), 401, "API key")
     _err(httpx.get(keyed.url + "/v1/models"), 401)
@@ -253,11 +256,13 @@ def test_api_key_queue_full_and_disconnect(keyed: LiveServer) -> None:
         busy = httpx.post(url, json={**body, "stream": False}, headers=auth)
         _err(busy, 503, "busy")
         assert busy.headers["Retry-After"] == "1"
-    # The client hung up mid-stream (200 tokens asked): the slot frees within a step or so.
-    deadline = time.time() + 10
+    # The client hung up mid-stream with 2000 tokens asked: the slot frees at the next token it cannot send,
+    # long before the 2000 steps the request would have run.
+    deadline = time.time() + 60
     while httpx.get(keyed.url + "/health").json()["active"] and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.01)
     assert httpx.get(keyed.url + "/health").json()["active"] == 0
+    assert keyed.scheduler.steps < 1000
     r = httpx.post(url, json={**body, "stream": False, "max_tokens": 3}, headers=auth, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
     client = _client(keyed.url, KEY)

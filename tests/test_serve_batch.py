@@ -17,7 +17,7 @@ from lavin_edge.runtime import Engine
 from lavin_edge.runtime.batch import BatchDecoder
 
 
-def quantized_tiny_dir(root: Path, seed: int = 0) -> Path:
+def quantized_tiny_dir(root: Path, seed: int = 0, max_seq_len: int = 256) -> Path:
     """A tiny LaVIN with GPTQ-packed (RTN) LLM linears and a vocabulary the W4 head packs (multiple of 8)."""
     from lavin_edge.quantize.gptq import rtn_quantize
     from lavin_edge.quantize.pack import pack_linear
@@ -25,6 +25,7 @@ def quantized_tiny_dir(root: Path, seed: int = 0) -> Path:
 
     cfg = preset("tiny", "tiny")
     cfg.llm.vocab_size = 264
+    cfg.llm.max_seq_len = max_seq_len
     merged, table = merge_lavin(trained_like(seed, cfg=cfg))
     fp_dir = save_merged(merged, root / "fp", None, {"test": True}, table)
     qcfg = GPTQConfig(group_size=32)
