@@ -82,12 +82,16 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
 
     def parse(raw: bytes) -> Completion:
         body = check_json_body(raw, config.max_body)
-        return parse_completion(body, engine.tokenizer, engine.max_context, engine.n_visual,
+        comp = parse_completion(body, engine.tokenizer, engine.max_context, engine.n_visual,
                                 engine.cfg.vision.image_size, config.limits, has_vision)
+        if comp.image is not None:
+            # Here, on a worker thread, not on the batching loop's: decode steps of others go on meanwhile.
+            comp.visual = engine.encode_image(comp.image)
+        return comp
 
     async def chat_completions(request: Request) -> Response:
         check_key(request)
-        comp = await run_in_threadpool(parse, await read_body(request))  # image decoding is CPU work
+        comp = await run_in_threadpool(parse, await read_body(request))  # image decoding: CPU work
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
         job = Job(comp, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))

@@ -37,6 +37,7 @@ class Completion:
     max_tokens: int  # already within the context
     stream: bool = False
     include_usage: bool = False
+    visual: torch.Tensor | None = None  # the image's visual tokens, once encoded
     ignore_eos: bool = False  # an extension (vLLM's and llama-server's name): exactly max_tokens, for benchmarks
 
     @property
@@ -199,7 +200,8 @@ def parse_completion(body: Any, tokenizer: Any, max_context: int, n_visual: int,
                           "context_length_exceeded")
     limit = min(max_tokens or DEFAULT_MAX_TOKENS, room)
     gen.max_new_tokens = limit
-    return Completion(ids, image_pos, image, gen, limit, stream, bool(opts.get("include_usage", False)), ignore_eos)
+    return Completion(ids, image_pos, image, gen, limit, stream, bool(opts.get("include_usage", False)),
+                      ignore_eos=ignore_eos)
 
 
 def check_json_body(raw: bytes, max_body: int) -> Any:

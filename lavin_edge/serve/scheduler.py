@@ -126,7 +126,9 @@ class Scheduler:
     def _start(self, jobs: list[Job]) -> None:
         (job,) = jobs
         c = job.completion
-        visual = self.engine.encode_image(c.image) if c.image is not None else None
+        visual = c.visual
+        if visual is None and c.image is not None:
+            visual = self.engine.encode_image(c.image)
         logits = self.decoder.prefill(job.slot, c.ids, c.modality, c.image_pos, visual)
         job.sampler = Sampler(c.gen, self.vocab)
         job.sampler.observe(c.ids)
