@@ -32,6 +32,9 @@ from lavin_edge.serve.server import ServeOptions, build_app  # noqa: E402
 
 KEY = "test-key"
 
+# One thread: on 2 shared cores, OpenMP barriers of a second thread stall every op (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class LiveServer:
     """uvicorn on 127.0.0.1 and a free port, in a thread."""

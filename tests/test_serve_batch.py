@@ -16,6 +16,9 @@ from lavin_edge.modality import IMAGE, TEXT
 from lavin_edge.runtime import Engine
 from lavin_edge.runtime.batch import BatchDecoder
 
+# One thread: on 2 shared cores, OpenMP barriers of a second thread stall every op (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def quantized_tiny_dir(root: Path, seed: int = 0, max_seq_len: int = 256) -> Path:
     """A tiny LaVIN with GPTQ-packed (RTN) LLM linears and a vocabulary the W4 head packs (multiple of 8)."""

@@ -25,7 +25,8 @@ from lavin_edge.serve.server import ServeOptions, build_app  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="Chromium / chromedriver not installed")
+pytestmark = [pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="Chromium / chromedriver not installed"),
+              pytest.mark.usefixtures("one_thread")]
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage")
 
