@@ -53,7 +53,8 @@ class BatchDecoder:
         self.engine = engine
         self.slots = slots
         shape = (slots, engine.n_kv, engine.max_context, engine.hd)
-        self.kv_cache = [(torch.zeros(shape), torch.zeros(shape)) for _ in engine.layers]
+        dev = engine.rope.device  # where the engine keeps its state (only the CPU is served and tested)
+        self.kv_cache = [(torch.zeros(shape, device=dev), torch.zeros(shape, device=dev)) for _ in engine.layers]
         self.views = [self._slot_view(s) for s in range(slots)]
 
     def _slot_view(self, slot: int) -> Engine:
