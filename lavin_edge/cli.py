@@ -30,6 +30,7 @@ SUBCOMMANDS = {
     "merge": "Fold trained adapters and routers into one deployable model directory.",
     "quantize": "GPTQ 4-bit quantization of the merged model's LLM linears.",
     "chat": "Chat about an image (interactive, or one answer with --prompt).",
+    "serve": "Serve a model over HTTP: OpenAI-compatible chat completions, batched, with a web page.",
     "eval": "Accuracy on a ScienceQA-format split, per category.",
     "bench": "Benchmarks: kernels and chat throughput.",
     "info": "Model structure and parameter counts (built on the meta device: no weights needed).",

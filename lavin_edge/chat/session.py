@@ -8,9 +8,10 @@ the first starting on a new line. The model was trained on single turns; earlier
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,6 +24,23 @@ from lavin_edge.runtime import ContextError, Engine, GenerationResult, Generatio
 def chat_prompt(question: str) -> str:
     """The instruction format the adapters were trained on (``lavin_edge.data.sources.chat_prompt``)."""
     return f"Instruction: {question.strip()}\nResponse:"
+
+
+def conversation_ids(tok: Any, history: Sequence[tuple[str, list[int]]], question: str, n_visual: int = 0
+                     ) -> tuple[list[int], int]:
+    """The sequence for asking ``question`` after ``history`` ((question, answer ids) turns): the layout above,
+    with ``n_visual`` placeholder slots for an image (0: text only). Returns (ids, image_pos). The one
+    definition of the prompt format: chat and serve both build their prompts here."""
+    if n_visual:
+        ids = [tok.bos_id] + tok.encode(IMAGE_PREFIX)
+        image_pos = len(ids)
+        ids += [tok.pad_id] * n_visual
+    else:
+        ids, image_pos = [tok.bos_id] + tok.encode(TEXT_PREFIX), NO_IMAGE
+    for i, (q, answer_ids) in enumerate(history):
+        ids += tok.encode(("" if i == 0 else "\n") + chat_prompt(q)) + list(answer_ids) + [tok.eos_id]
+    ids += tok.encode(("" if not history else "\n") + chat_prompt(question))
+    return ids, image_pos
 
 
 @dataclass
@@ -67,23 +85,6 @@ class ChatSession:
         self.engine.reset(IMAGE if self.has_image else TEXT)
 
     # -- sequence ------------------------------------------------------------------------------------
-    def _prefix(self) -> tuple[list[int], int]:
-        tok = self.engine.tokenizer
-        if not self.has_image:
-            return [tok.bos_id] + tok.encode(TEXT_PREFIX), NO_IMAGE
-        ids = [tok.bos_id] + tok.encode(IMAGE_PREFIX)
-        return ids + [tok.pad_id] * self.visual.shape[0], len(ids)
-
-    def _segment(self, question: str, first: bool) -> list[int]:
-        return self.engine.tokenizer.encode(("" if first else "\n") + chat_prompt(question))
-
-    def _turn_ids(self, turns: list[Turn]) -> list[int]:
-        eos = self.engine.tokenizer.eos_id
-        out: list[int] = []
-        for i, t in enumerate(turns):
-            out += self._segment(t.question, i == 0) + t.answer_ids + [eos]
-        return out
-
     def build(self, question: str) -> tuple[list[int], int, list[str]]:
         """The full sequence for asking ``question`` now, trimmed to fit; returns (ids, image_pos, notices).
 
@@ -91,9 +92,9 @@ class ChatSession:
         ``max_new_tokens``, at most a quarter of the context). A prompt that does not fit even alone
         raises ContextError."""
         ctx = self.engine.max_context
-        prefix, image_pos = self._prefix()
-        current = self._segment(question, not self.turns)
-        alone = len(prefix) + len(self._segment(question, True))
+        tok = self.engine.tokenizer
+        n_visual = self.visual.shape[0] if self.has_image else 0
+        alone = len(conversation_ids(tok, [], question, n_visual)[0])
         if alone + 1 > ctx:
             raise ContextError(f"prompt of {alone} tokens exceeds the model's context of {ctx} tokens "
                                "(shorten the question)")
@@ -102,8 +103,7 @@ class ChatSession:
         dropped = 0
         while True:
             kept = self.turns[dropped:]
-            seg = current if kept else self._segment(question, True)
-            ids = prefix + self._turn_ids(kept) + seg
+            ids, image_pos = conversation_ids(tok, [(t.question, t.answer_ids) for t in kept], question, n_visual)
             if len(ids) + reserve <= ctx or not kept:
                 break
             dropped += 1

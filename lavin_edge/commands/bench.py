@@ -48,3 +48,25 @@ def chat(as_json: bool, fp_model: str | None, q_model: str | None, new_tokens: i
 
     run_chat_bench(json_out=as_json, fp_model=fp_model, q_model=q_model, new_tokens=new_tokens, threads=threads,
                    with_7b=not no_7b, with_llamacpp=not no_llamacpp)
+
+
+@command.command(name="serve")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with `rows` instead of a table.")
+@click.option("--model", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Model dir to serve (default: the demo, quantized).")
+@click.option("--clients", "clients", type=click.IntRange(1), multiple=True, default=(1, 4, 8), show_default=True,
+              help="Concurrent clients per level; repeat the option for several levels.")
+@click.option("--requests", type=click.IntRange(1), default=3, show_default=True,
+              help="Requests each client sends, one after the other.")
+@click.option("--new-tokens", type=click.IntRange(1), default=64, show_default=True,
+              help="Tokens each request decodes (EOS ignored).")
+@click.option("--slots", type=click.IntRange(1), default=None, help="Server slots (default: the most clients).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Server CPU threads (default: all cores).")
+def serve(as_json: bool, model: str | None, clients: tuple[int, ...], requests: int, new_tokens: int,
+          slots: int | None, threads: int | None) -> None:
+    """Load run on loopback against `lavin-edge serve`: sent/completed/failed, aggregate tok/s, p50/p99 time to
+    first token and per-token latency for 1, 4 and 8 concurrent clients (mixed image and text requests)."""
+    from lavin_edge.bench.serve import run_serve_bench
+
+    run_serve_bench(json_out=as_json, model=model, clients=tuple(sorted(set(clients))), requests=requests,
+                    new_tokens=new_tokens, slots=slots, threads=threads)

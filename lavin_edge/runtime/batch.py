@@ -1,0 +1,134 @@
+"""Batched decode over per-slot KV caches: up to ``slots`` sequences, each with its own length and modality,
+advance one token together in one step (continuous batching; ``lavin_edge.serve`` schedules it).
+
+One step runs every linear once for all active rows (the W4 GEMM with m = active rows reads each weight
+once per step instead of once per sequence), the fused norm + adapter kernel with each row's own modality
+(a text row and an image row in one call), and attention per row over that slot's own cache length.
+
+Rows never interact, so a sequence's logits do not depend on what else is in the batch: the W4 kernel
+quantizes activations to int8 per row and accumulates each row in its own registers in the same order for
+any m; the adapter kernel runs row by row; attention is one call per row over exactly that row's keys.
+(tests/test_serve_batch.py checks bitwise equality against the same sequence decoded alone.)
+
+Prefill stays one sequence at a time through ``Engine.prefill``, on a slot view: a shallow copy of the
+engine whose KV cache is that slot's [1, kv_heads, ctx, head_dim] slice of the batched cache (same
+weights, same code, no copy).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from lavin_edge.modality import TEXT, has_image
+from lavin_edge.runtime.model import ContextError, Engine
+from lavin_edge.runtime.ops import NormAdapter
+
+__all__ = ["BatchDecoder"]
+
+
+def norm_rows(norm: NormAdapter, x: torch.Tensor, row_mod: torch.Tensor, mods: list[int]) -> torch.Tensor:
+    """A norm (+ folded adapter) over rows of mixed modality. The fused kernel takes per-row modality; the
+    PyTorch reference takes one modality per call, so rows are grouped by modality there."""
+    if norm.isa is not None or norm.plain:
+        return norm(x, mods[0], row_mod)
+    if len(set(mods)) == 1:
+        return norm.prepared.reference(x, mods[0])
+    out = torch.empty_like(x)
+    for m in set(mods):
+        idx = torch.tensor([i for i, r in enumerate(mods) if r == m])
+        out[idx] = norm.prepared.reference(x[idx], m)
+    return out
+
+
+class BatchDecoder:
+    """``slots`` sequences over one loaded ``Engine``'s weights. ``prefill(slot, ...)`` starts a sequence in a
+    slot; ``step(slots, tokens)`` feeds one token to each listed slot and returns their logits [m, vocab]."""
+
+    def __init__(self, engine: Engine, slots: int) -> None:
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        self.engine = engine
+        self.slots = slots
+        shape = (slots, engine.n_kv, engine.max_context, engine.hd)
+        dev = engine.rope.device  # where the engine keeps its state (only the CPU is served and tested)
+        self.kv_cache = [(torch.zeros(shape, device=dev), torch.zeros(shape, device=dev)) for _ in engine.layers]
+        self.views = [self._slot_view(s) for s in range(slots)]
+
+    def _slot_view(self, slot: int) -> Engine:
+        view = copy.copy(self.engine)
+        view.kv_cache = [(k[slot:slot + 1], v[slot:slot + 1]) for k, v in self.kv_cache]
+        view.native_decode = None  # the native stack holds the base engine's cache addresses, not this slot's
+        view.history = []
+        view.length = 0
+        view.modality = TEXT
+        return view
+
+    @property
+    def max_context(self) -> int:
+        return self.engine.max_context
+
+    def length(self, slot: int) -> int:
+        return self.views[slot].length
+
+    def modality(self, slot: int) -> int:
+        return self.views[slot].modality
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, ids: list[int], modality: int = TEXT, image_pos: int = -1,
+                visual: torch.Tensor | None = None) -> torch.Tensor:
+        """Start a new sequence in ``slot`` (its previous one is dropped): logits [vocab] after ``ids``."""
+        view = self.views[slot]
+        view.reset(modality)
+        h = view.embed_prompt(ids, image_pos if has_image(image_pos) else -1, visual)
+        logits = view.forward(h)
+        view.history.extend(ids)
+        return logits
+
+    @torch.inference_mode()
+    def step(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        """Feed ``tokens[i]`` to ``slots[i]`` at that slot's next position, all rows in one pass; logits
+        [m, vocab]. Slots must be distinct and hold a prefilled sequence with room for one more token."""
+        eng = self.engine
+        m = len(slots)
+        if m == 0 or m != len(tokens) or len(set(slots)) != m:
+            raise ValueError(f"step needs distinct slots and one token each, got slots={slots} tokens={tokens}")
+        views = [self.views[s] for s in slots]
+        pos = [v.length for v in views]
+        for s, p in zip(slots, pos, strict=True):
+            if p == 0:
+                raise ValueError(f"slot {s} holds no sequence (prefill it first)")
+            if p >= eng.max_context:
+                raise ContextError(f"slot {s}: {p + 1} positions exceed the context of {eng.max_context}")
+        mods = [v.modality for v in views]
+        nh, nkv, hd = eng.n_heads, eng.n_kv, eng.hd
+        qk_w = (nh + nkv) * hd
+        gqa = nkv != nh
+        slot_idx = torch.tensor(slots)
+        pos_idx = torch.tensor(pos)
+        row_mod = torch.tensor(mods, dtype=torch.int32)
+        rope = eng.rope[pos_idx][:, None, :]  # [m, 1, hd/2] complex
+        f = eng.layers[0].w13.n_out // 2
+        att = torch.empty(m, nh * hd)
+        x = eng.embed[torch.tensor(tokens, dtype=torch.long)].float()
+        for lyr, (k_cache, v_cache) in zip(eng.layers, self.kv_cache, strict=True):
+            qkv = lyr.wqkv(norm_rows(lyr.attn_in, x, row_mod, mods))
+            qk = torch.view_as_complex(qkv[:, :qk_w].reshape(m, nh + nkv, hd // 2, 2))
+            qk = torch.view_as_real(qk * rope).reshape(m, nh + nkv, hd)
+            k_cache[slot_idx, :, pos_idx] = qk[:, nh:]
+            v_cache[slot_idx, :, pos_idx] = qkv[:, qk_w:].reshape(m, nkv, hd)
+            for i, (s, p) in enumerate(zip(slots, pos, strict=True)):
+                # One call per row over exactly its own keys: no padding, so no row sees another's length.
+                a = F.scaled_dot_product_attention(qk[i, :nh].view(1, nh, 1, hd), k_cache[s:s + 1, :, :p + 1],
+                                                   v_cache[s:s + 1, :, :p + 1], enable_gqa=gqa)
+                att[i] = a.view(nh * hd)
+            x = x + lyr.wo(att)
+            g = lyr.w13(norm_rows(lyr.ffn_norm, x, row_mod, mods))
+            x = x + lyr.w2(F.silu(g[:, :f], inplace=True).mul_(g[:, f:]))
+        logits = eng.lm_head(norm_rows(eng.norm, x, row_mod, mods))
+        for v, t in zip(views, tokens, strict=True):
+            v.length += 1
+            v.history.append(t)
+        return logits

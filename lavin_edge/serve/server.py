@@ -1,0 +1,40 @@
+"""Model dir -> a running server: load the engine, wrap it in a ``BatchDecoder`` and ``Scheduler``, build the app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from starlette.applications import Starlette
+
+from lavin_edge.runtime import Engine
+from lavin_edge.runtime.batch import BatchDecoder
+from lavin_edge.serve.app import ServerConfig, create_app
+from lavin_edge.serve.images import ImageLimits
+from lavin_edge.serve.scheduler import Scheduler
+
+DEFAULT_MAX_CONTEXT = 2048  # each slot holds a KV cache of this many positions
+
+
+@dataclass
+class ServeOptions:
+    slots: int = 4
+    max_queue: int = 16
+    backend: str = "auto"
+    max_context: int | None = DEFAULT_MAX_CONTEXT
+    api_key: str | None = None
+    limits: ImageLimits | None = None
+    exact_head: bool = False
+
+
+def build_app(engine: Engine, model_id: str, opts: ServeOptions) -> tuple[Starlette, Scheduler]:
+    """An app over an already loaded engine (tests build tiny ones in code)."""
+    scheduler = Scheduler(BatchDecoder(engine, opts.slots), opts.max_queue)
+    config = ServerConfig(model_id, opts.limits or ImageLimits(), opts.api_key)
+    return create_app(scheduler, config), scheduler
+
+
+def load_app(model_dir: str | Path, model_id: str, opts: ServeOptions) -> tuple[Starlette, Scheduler]:
+    engine = Engine.load(model_dir, backend=opts.backend, max_context=opts.max_context,
+                         head_w4=False if opts.exact_head else None)
+    return build_app(engine, model_id, opts)

@@ -1,0 +1,180 @@
+"""The batched decode step (lavin_edge.runtime.batch): a sequence's logits are the same, bit for bit, whether it
+decodes alone or in a batch with others of other lengths and modalities that join and leave between steps;
+greedy tokens equal the engine's own generation loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_engine import trained_like
+
+from lavin_edge.config import preset
+from lavin_edge.merge import merge_lavin, read_config, save_merged
+from lavin_edge.modality import IMAGE, TEXT
+from lavin_edge.runtime import Engine
+from lavin_edge.runtime.batch import BatchDecoder
+
+# One thread: on 2 shared cores, OpenMP barriers of a second thread stall every op (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def quantized_tiny_dir(root: Path, seed: int = 0, max_seq_len: int = 256) -> Path:
+    """A tiny LaVIN with GPTQ-packed (RTN) LLM linears and a vocabulary the W4 head packs (multiple of 8)."""
+    from lavin_edge.quantize.gptq import rtn_quantize
+    from lavin_edge.quantize.pack import pack_linear
+    from lavin_edge.quantize.pipeline import LINEAR_NAMES, GPTQConfig, save_quantized
+
+    cfg = preset("tiny", "tiny")
+    cfg.llm.vocab_size = 264
+    cfg.llm.max_seq_len = max_seq_len
+    merged, table = merge_lavin(trained_like(seed, cfg=cfg))
+    fp_dir = save_merged(merged, root / "fp", None, {"test": True}, table)
+    qcfg = GPTQConfig(group_size=32)
+    packed = {}
+    for i, layer in enumerate(merged.llm.layers):
+        for name in LINEAR_NAMES:
+            w = layer.get_submodule(name).weight.detach().float()
+            for suffix, t in pack_linear(rtn_quantize(w, 4, 32, True), 4, qcfg.format).items():
+                packed[f"layers.{i}.{name}.{suffix}"] = t
+    return save_quantized(merged, packed, read_config(fp_dir), qcfg, root / "q")
+
+
+@pytest.fixture(scope="module")
+def qdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return quantized_tiny_dir(tmp_path_factory.mktemp("batch"))
+
+
+def _requests(eng: Engine) -> list[tuple[list[int], int, int, torch.Tensor | None]]:
+    """(ids, modality, image_pos, visual): two text prompts and one image prompt of different lengths."""
+    tok = eng.tokenizer
+    g = torch.Generator().manual_seed(3)
+    visual = eng.encode_image(torch.randn(3, 64, 64, generator=g))
+    img = [tok.bos_id] + tok.encode("Image: ") + [tok.pad_id] * visual.shape[0] + tok.encode("Instruction: what?")
+    return [(tok.encode("Instruction: hi there\nResponse:"), TEXT, -1, None),
+            (img, IMAGE, 1 + len(tok.encode("Image: ")), visual),
+            (tok.encode("Instruction: a longer question, with more words\nResponse:"), TEXT, -1, None)]
+
+
+def _alone(dec: BatchDecoder, req: tuple, steps: int) -> list[torch.Tensor]:
+    ids, mod, pos, vis = req
+    out = [dec.prefill(0, ids, mod, pos, vis)]
+    for _ in range(steps):
+        out.append(dec.step([0], [int(out[-1].argmax())])[0])
+    return out
+
+
+@pytest.mark.parametrize("backend", ["kernels", "torch"])
+def test_batched_logits_equal_alone(qdir: Path, backend: str) -> None:
+    from lavin_edge import kernels
+
+    if backend == "kernels" and kernels.extension() is None:
+        pytest.skip("lavin_edge._C not built")
+    eng = Engine.load(qdir, backend=backend)
+    dec = BatchDecoder(eng, 3)
+    reqs = _requests(eng)
+    steps = 8
+    alone = [_alone(dec, r, steps) for r in reqs]
+    # Batch: request 0 in slot 2 alone for two steps, then 1 (slot 0) and 2 (slot 1) join; 0 leaves first.
+    got: dict[int, list[torch.Tensor]] = {i: [] for i in range(3)}
+    slot_of = {0: 2, 1: 0, 2: 1}
+
+    def start(i: int) -> None:
+        ids, mod, pos, vis = reqs[i]
+        got[i].append(dec.prefill(slot_of[i], ids, mod, pos, vis))
+
+    start(0)
+    for step in range(steps + 2):
+        if step == 2:
+            start(1)
+            start(2)
+        active = [i for i in range(3) if got[i] and len(got[i]) <= steps]
+        if not active:
+            break
+        logits = dec.step([slot_of[i] for i in active], [int(got[i][-1].argmax()) for i in active])
+        for row, i in enumerate(active):
+            got[i].append(logits[row])
+    for i in range(3):
+        assert len(got[i]) == steps + 1
+        for a, b in zip(alone[i], got[i], strict=True):
+            if backend == "kernels":
+                assert torch.equal(a, b), f"request {i}: batched logits differ from alone"
+            else:  # dense BLAS may block m rows differently from one
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_modality_is_per_row(qdir: Path) -> None:
+    """The same ids decoded as text in one row and as image in another give different logits: each row takes
+    its own adapter (a single modality for the whole batch would make them equal)."""
+    eng = Engine.load(qdir, backend="auto")
+    dec = BatchDecoder(eng, 2)
+    ids = eng.tokenizer.encode("Instruction: same\nResponse:")
+    dec.prefill(0, ids, TEXT)
+    dec.prefill(1, ids, IMAGE)
+    logits = dec.step([0, 1], [5, 5])
+    assert not torch.allclose(logits[0], logits[1])
+    dec.prefill(0, ids, IMAGE)
+    assert torch.equal(dec.step([0], [5])[0], logits[1]) or eng.backend == "torch"
+
+
+def test_greedy_tokens_equal_engine_generate(qdir: Path) -> None:
+    """The batch path produces the tokens the engine's own loop (native decode step) produces."""
+    from lavin_edge.chat.sampling import GenerationConfig
+
+    eng = Engine.load(qdir, backend="auto")
+    ref = Engine.load(qdir, backend="auto")
+    dec = BatchDecoder(eng, 3)
+    reqs = _requests(eng)
+    for ids, mod, pos, vis in reqs:
+        ref.reset(mod)
+        want = ref.generate(ids, GenerationConfig(max_new_tokens=10), pos, vis, stop_ids=set()).ids
+        got = _alone(dec, (ids, mod, pos, vis), 9)
+        assert [int(x.argmax()) for x in got] == want
+
+
+def test_step_errors(qdir: Path) -> None:
+    eng = Engine.load(qdir, backend="auto")
+    dec = BatchDecoder(eng, 2)
+    with pytest.raises(ValueError, match="prefill it first"):
+        dec.step([0], [1])
+    dec.prefill(0, [1, 2, 3])
+    with pytest.raises(ValueError, match="distinct"):
+        dec.step([0, 0], [1, 2])
+    with pytest.raises(ValueError):
+        BatchDecoder(eng, 0)
+
+
+def test_demo_examples_same_tokens_alone_and_batched() -> None:
+    """On the demo (when built): the README's example questions about examples/*.png plus a text question, 16
+    greedy tokens each, the same logits alone and as one batch of five (mixed modality)."""
+    from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir
+    from lavin_edge.chat.session import conversation_ids
+    from lavin_edge.data.image import load_image
+
+    try:
+        qdir = demo_model_dir()
+    except DemoModelMissing as e:
+        pytest.skip(str(e))
+    eng = Engine.load(qdir, max_context=256)
+    tok = eng.tokenizer
+    reqs = []
+    for img, q in [("easyvqa-red-triangle.png", "What shape is in the image?"),
+                   ("easyvqa-brown-circle.png", "What colour is the shape?"),
+                   ("easyvqa-black-rectangle.png", "Is there a red shape?"),
+                   ("easyvqa-yellow-rectangle.png", "Is there not a yellow shape?")]:
+        path = Path(__file__).resolve().parents[1] / "examples" / img
+        ids, pos = conversation_ids(tok, [], q, eng.n_visual)
+        reqs.append((ids, IMAGE, pos, eng.encode_image(load_image(path, eng.cfg.vision.image_size))))
+    reqs.append((conversation_ids(tok, [], "What is a triangle?")[0], TEXT, -1, None))
+    steps = 15
+    dec = BatchDecoder(eng, len(reqs))
+    alone = [_alone(dec, r, steps) for r in reqs]
+    got = [[dec.prefill(s, *r)] for s, r in enumerate(reqs)]
+    for _ in range(steps):
+        logits = dec.step(list(range(len(reqs))), [int(g[-1].argmax()) for g in got])
+        for s, g in enumerate(got):
+            g.append(logits[s])
+    for a, g in zip(alone, got, strict=True):
+        assert [int(x.argmax()) for x in a] == [int(x.argmax()) for x in g]
+        assert all(torch.equal(x, y) for x, y in zip(a, g, strict=True)) or eng.backend == "torch"
