@@ -22,8 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def quantized_tiny_dir(root: Path, seed: int = 0, max_seq_len: int = 256) -> Path:
     """A tiny LaVIN with GPTQ-packed (RTN) LLM linears and a vocabulary the W4 head packs (multiple of 8)."""
+    from lavin_edge.kernels.gptq_format import pack_linear
     from lavin_edge.quantize.gptq import rtn_quantize
-    from lavin_edge.quantize.pack import pack_linear
     from lavin_edge.quantize.pipeline import LINEAR_NAMES, GPTQConfig, save_quantized
 
     cfg = preset("tiny", "tiny")
