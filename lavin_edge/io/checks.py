@@ -16,7 +16,7 @@ from torch import nn
 
 from lavin_edge.config import LlamaConfig, VisionConfig
 
-# Trainable parts of lavin-edge that no base checkpoint holds (see DESIGN.md section 1).
+# Trainable parts of lavin-edge that no base checkpoint holds (docs/method.md).
 DEFAULT_ALLOW_MISSING: tuple[str, ...] = ("adapter", "adapters")
 
 

