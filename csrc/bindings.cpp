@@ -140,14 +140,14 @@ void py_w4_gemm(const std::string& isa_name, uintptr_t qw, int64_t qw_bytes, uin
                                   n, np, k, kp, groups);
   require(ldx >= k && ldy >= n, "w4_gemm: row strides smaller than the rows");
   require(x && y, "w4_gemm: null pointer");
-  std::vector<int8_t> q(static_cast<size_t>(m * kp));
+  const ActFormat fmt = act_format_from_env();
+  std::vector<int8_t> q(static_cast<size_t>(m * act_row_bytes(kp)));
   std::vector<float> d(static_cast<size_t>(m * (kp / kBlock)));
   std::vector<float> gsum(static_cast<size_t>(m * groups));
   const int nt = resolve_threads(threads);
   {
     py::gil_scoped_release nogil;
-    quantize_activations(ptr<const float>(x), ldx, w, m, q.data(), d.data(), gsum.data());
-    XQuant xq{q.data(), d.data(), gsum.data(), m};
+    const XQuant xq = quantize_activations(ptr<const float>(x), ldx, w, m, fmt, q.data(), d.data(), gsum.data());
     w4_gemm_fn(isa)(w, xq, ptr<float>(y), ldy, nt);
   }
 }

@@ -36,6 +36,7 @@ from lavin_edge.merge import ModelDirError  # one error type for every model-dir
 
 __all__ = ["ContextError", "Engine", "GenerationResult", "GenerationStats", "ModelDirError"]
 
+HEAD_RESCORE_TOP = 8  # logits of the W4 head re-scored from the fp weight rows (RescoredHead)
 SMALL_WEIGHTS = 1 << 22  # weights below which a decode GEMV stays on one thread (4M: 2 MB at 4 bits)
 MERGED_FORMAT = "lavin-edge-merged"  # quantized dirs keep it and add quantization_config (lavin_edge.merge)
 TEXT, IMAGE = 0, 1
@@ -315,6 +316,28 @@ class _Sum(LinearOp):
         return y
 
 
+class RescoredHead(LinearOp):
+    """An approximate head (the 4-bit value + residual passes) whose ``top`` largest logits per row are then
+    recomputed exactly from the fp weight rows ``weight`` [V, D] (any float dtype, read as fp32).
+
+    The two W4 passes hold the weights to about 8 bits: enough for most logits, not for the near-ties that
+    decide the next token. Re-scoring the top few from the fp rows reads ``top`` x D weights instead of V x D:
+    on SmolLM2 the engine's top-1 agreement with the exact model rose from 98.9% to 99.95% and its perplexity
+    rise from +1.3% to -0.03% (README, "Accuracy of the engine"); logits outside the top keep the W4 error."""
+
+    def __init__(self, approx: LinearOp, weight: torch.Tensor, top: int) -> None:
+        self.approx, self.weight, self.top = approx, weight, top
+        self.n_in, self.n_out = approx.n_in, approx.n_out
+        self.nbytes = approx.nbytes + top * self.n_in * weight.element_size()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.approx(x)
+        idx = y.topk(min(self.top, self.n_out), dim=-1).indices  # [T, top]
+        rows = self.weight[idx].float()  # [T, top, D]
+        y.scatter_(-1, idx, torch.bmm(rows, x.float()[:, :, None])[:, :, 0])
+        return y
+
+
 class _Concat(LinearOp):
     """Fallback when linears cannot share one weight (different act-order permutations)."""
 
@@ -426,7 +449,11 @@ class Engine:
                 gs = next((g for g in (64, 32) if self.dim % g == 0), -1)
                 hi = _rtn_gptq(head, gs)
                 lo = _rtn_gptq(head - hi.dequantize(), gs)
-                self.lm_head: LinearOp = _Sum([W4Linear(hi, self.kernels), W4Linear(lo, self.kernels)])
+                w4 = _Sum([W4Linear(hi, self.kernels), W4Linear(lo, self.kernels)])
+                # The top candidates are re-scored from the fp weight rows (the stored tensor: the tied
+                # embedding table costs no memory): no extra bytes per step, exact top-1 (issue 14).
+                stored = self.embed if out is None else out
+                self.lm_head: LinearOp = RescoredHead(w4, stored, HEAD_RESCORE_TOP)
             else:
                 self.lm_head = make_linear(head, self.kernels)
             self.layers = [self._layer(sd, i, quant) for i in range(llm.n_layers)]
