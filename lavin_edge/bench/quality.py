@@ -193,6 +193,14 @@ def kernel_backend(isa: str | None) -> Iterator[None]:
             os.environ["LAVIN_EDGE_KERNELS"] = old
 
 
+def head_description(engine: Any) -> str:
+    top = getattr(engine.lm_head, "top", None)
+    if not engine.head_w4:
+        dense = isinstance(engine.lm_head.__dict__.get("weight"), torch.Tensor)
+        return "fp32" if dense else "4-bit, as quantized in the model dir"
+    return "4-bit value + 4-bit residual" + (f", top {top} re-scored from the fp rows" if top else "")
+
+
 def answer(engine: Any, item: VqaItem, max_new_tokens: int) -> str:
     """The engine's greedy answer to one question, as ``chat`` produces it."""
     from lavin_edge.chat.engine import IMAGE
@@ -217,7 +225,7 @@ def run_contender(c: Contender, segments: Sequence[list[int]], first: int, items
         eng = Engine.load(c.model_dir, backend=c.backend)
     row: dict[str, Any] = {"contender": c.name, "model": str(c.model_dir),
                            "path": "prefill + decode steps" if c.decode else "prefill",
-                           "lm_head": "4-bit value + 4-bit residual" if eng.head_w4 else "fp32",
+                           "lm_head": head_description(eng),
                            "fused_decode": eng.fused_decode is not None}
     text = Tally()
     for i, ids in enumerate(segments):
