@@ -160,14 +160,14 @@ void py_w4_gemm(const std::string& isa_name, const W4Weights& weights, uintptr_t
   require(m > 0, "w4_gemm: m must be positive");
   require(ldx >= w.k && ldy >= w.n, "w4_gemm: row strides smaller than the rows");
   require(x && y, "w4_gemm: null pointer");
-  std::vector<int8_t> q(static_cast<size_t>(m * w.kp));
+  const ActFormat fmt = act_format_from_env();
+  std::vector<int8_t> q(static_cast<size_t>(m * act_row_bytes(w.kp)));
   std::vector<float> d(static_cast<size_t>(m * (w.kp / kBlock)));
   std::vector<float> gsum(static_cast<size_t>(m * w.groups));
   const int nt = resolve_threads(threads);
   {
     py::gil_scoped_release nogil;
-    quantize_activations(ptr<const float>(x), ldx, w, m, q.data(), d.data(), gsum.data());
-    XQuant xq{q.data(), d.data(), gsum.data(), m};
+    const XQuant xq = quantize_activations(ptr<const float>(x), ldx, w, m, fmt, q.data(), d.data(), gsum.data());
     w4_gemm_fn(isa)(w, xq, ptr<float>(y), ldy, nt);
   }
 }

@@ -43,7 +43,8 @@ struct DecodeScratch {
 };
 
 DecodeStack::DecodeStack(const DecodeShape& shape, W4GemmFn gemm, LlmAdapterFn adapter, int threads)
-    : shape_(shape), gemm_(gemm), adapter_(adapter), threads_(threads), s_(new DecodeScratch) {
+    : shape_(shape), gemm_(gemm), adapter_(adapter), threads_(threads), act_(act_format_from_env()),
+      s_(new DecodeScratch) {
   const int64_t hd = shape.head_dim;
   s_->xn.resize(shape.dim);
   s_->qkv.resize((shape.n_heads + 2 * shape.n_kv) * hd);
@@ -58,7 +59,7 @@ DecodeStack::~DecodeStack() { delete s_; }
 
 static void reserve_quant(DecodeScratch& s, const std::vector<DecodeLinearPart>& parts) {
   for (const auto& p : parts) {
-    if (static_cast<int64_t>(s.q.size()) < p.w.kp) s.q.resize(p.w.kp);
+    if (static_cast<int64_t>(s.q.size()) < act_row_bytes(p.w.kp)) s.q.resize(act_row_bytes(p.w.kp));
     if (static_cast<int64_t>(s.d.size()) < p.w.kp / kBlock) s.d.resize(p.w.kp / kBlock);
     if (static_cast<int64_t>(s.gsum.size()) < p.w.groups) s.gsum.resize(p.w.groups);
     if (p.accumulate && static_cast<int64_t>(s.acc.size()) < p.w.n) s.acc.resize(p.w.n);
@@ -78,8 +79,7 @@ void DecodeStack::set_head(const DecodeNorm& norm, const std::vector<DecodeLinea
 
 void DecodeStack::linear(const std::vector<DecodeLinearPart>& parts, const float* x, float* y) {
   for (const auto& p : parts) {
-    quantize_activations(x, p.w.k, p.w, 1, s_->q.data(), s_->d.data(), s_->gsum.data());
-    XQuant xq{s_->q.data(), s_->d.data(), s_->gsum.data(), 1};
+    const XQuant xq = quantize_activations(x, p.w.k, p.w, 1, act_, s_->q.data(), s_->d.data(), s_->gsum.data());
     if (!p.accumulate) {
       gemm_(p.w, xq, y + p.out_offset, p.w.n, p.threads);
     } else {

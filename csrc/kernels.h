@@ -32,7 +32,7 @@ namespace lavin {
 //     normalised at load).
 // y[m, n] = sum_g s[g,n] * (sum_{k in g} q[k,n] x[m,k] - z[g,n] sum_{k in g} x[m,k]).
 constexpr int kTile = 16;   // output columns per tile (one zmm of int32 lanes)
-constexpr int kBlock = 32;  // rows per int8 activation block (one float scale each)
+constexpr int kBlock = 32;  // rows per activation block (one float scale each)
 
 struct W4Prepared {
   const uint8_t* qw = nullptr;       // [Np/16][Kp/8][64]
@@ -45,23 +45,51 @@ struct W4Prepared {
   int64_t blocks_per_group = 0;      // Kp / kBlock / G
 };
 
-// Activations quantized once per matmul: per row, int8 values in blocks of kBlock with one
-// float scale per block, and the sum of the (dequantized) x of every group, used to fold the
-// zero point out of the inner loop.
+// ---------------------------------------------------------------------------------------
+// Activations, quantized once per matmul: per row, blocks of kBlock values with one float
+// scale d per block, symmetric integers q with x ~ d q.
+//
+//   kInt16 (default): q = round(x * kInt16Max / amax) in [-32639, 32639] (15 bits + sign).
+//     Stored as two int8 planes per row, q = 256 hi + lo with hi = floor((q + 128) / 256) in
+//     [-127, 127] and lo in [-128, 127]: the kernels run the same u8 x s8 dot products
+//     (vpdpbusd / maddubs) once per plane on the same unpacked weights and combine the two
+//     integer sums exactly, 256 * sum(w hi) + sum(w lo) = sum(w q) (|sum| <= 32*15*32639 <
+//     2^24, so its float conversion is exact too). Why: SmolLM2-class LLMs carry a few
+//     massive activation channels; in an int8 block of 32 one of them leaves the other 31
+//     values with a few levels or none, which moved ~6% of the engine's next-token choices
+//     away from the exact 4-bit model. 15 bits keep them (README, "Accuracy of the engine").
+//   kInt8: q = round(x * 127 / amax) in [-127, 127], one plane (llama.cpp's Q8_0): half the
+//     dot products, the format of earlier releases, kept as LAVIN_EDGE_W4_ACT=int8.
+//
+// gsum holds, per group, the sum of the dequantized x (sum of d * sum q over the group's
+// blocks), which folds the zero point out of the inner loop.
+enum class ActFormat : int32_t { kInt8 = 0, kInt16 = 1 };
+constexpr int32_t kInt8Max = 127;
+constexpr int32_t kInt16Max = 127 * 256 + 127;  // both planes stay inside int8
+
 struct XQuant {
-  const int8_t* q = nullptr;    // [m][Kp]
+  const int8_t* q = nullptr;    // [m][act_row_bytes(Kp)]: high plane at +0, low plane (kInt16) at +Kp
   const float* d = nullptr;     // [m][Kp/kBlock]
   const float* gsum = nullptr;  // [m][G]
   int64_t m = 0;
+  ActFormat fmt = ActFormat::kInt16;
 };
 
-// Quantize (and gather by perm, and zero-pad) the rows of x [m][k] (row stride ldx).
-void quantize_activations(const float* x, int64_t ldx, const W4Prepared& w, int64_t m, int8_t* q,
-                          float* d, float* gsum);
+// Bytes of q per activation row, whatever the format (buffers are sized once for either).
+inline int64_t act_row_bytes(int64_t kp) { return 2 * kp; }
+
+// The format chosen by $LAVIN_EDGE_W4_ACT ("int16", the default, or "int8"); anything else
+// throws std::invalid_argument naming the valid values.
+ActFormat act_format_from_env();
+
+// Quantize (and gather by perm, and zero-pad) the rows of x [m][k] (row stride ldx) into q
+// (m * act_row_bytes(kp) bytes), d and gsum; returns the descriptor the GEMMs take.
+XQuant quantize_activations(const float* x, int64_t ldx, const W4Prepared& w, int64_t m, ActFormat fmt, int8_t* q,
+                            float* d, float* gsum);
 
 // y [m][n] (row stride ldy) = x W^T on the prepared layout. One per ISA; the generic one is
-// the scalar reference of the int8 algorithm (the SIMD ones agree with it to rounding of the
-// last float additions: all three use the same operation order and explicit FMAs).
+// the scalar reference of the integer algorithm (the SIMD ones agree with it to the last bit
+// in practice: all three use the same operation order and explicit FMAs).
 void w4_gemm_generic(const W4Prepared& w, const XQuant& xq, float* y, int64_t ldy, int threads);
 void w4_gemm_avx2(const W4Prepared& w, const XQuant& xq, float* y, int64_t ldy, int threads);
 void w4_gemm_avx512(const W4Prepared& w, const XQuant& xq, float* y, int64_t ldy, int threads);
@@ -71,7 +99,7 @@ void w4_gemm_avx512(const W4Prepared& w, const XQuant& xq, float* y, int64_t ldy
 void w4_repack_gptq(const int32_t* qweight, int64_t n, int64_t k, const int32_t* perm, int64_t np, int64_t kp,
                     uint8_t* out, int threads);
 
-// Scalar fp reference straight on the GPTQ checkpoint layout (no int8 activations):
+// Scalar fp reference straight on the GPTQ checkpoint layout (fp32 activations):
 // qweight int32 [k/8][n], qzeros int32 [G][ceil(n/8)], scales fp16 [G][n], g_idx [k] or
 // nullptr (then group = k / group_size); zero = stored + zero_offset (1 for gptq v1).
 // Accumulates in double: this is the oracle, not a fast path.
@@ -158,6 +186,7 @@ class DecodeStack {
   W4GemmFn gemm_;
   LlmAdapterFn adapter_;
   int threads_;
+  ActFormat act_;  // $LAVIN_EDGE_W4_ACT when the stack is built
   std::vector<DecodeLayer> layers_;
   DecodeNorm head_norm_{};
   std::vector<DecodeLinearPart> head_;

@@ -3,7 +3,7 @@
 //
 // Without VNNI the u8 x s8 dot product is maddubs (pairs -> int16) then madd with ones
 // (pairs of int16 -> int32). A whole 32-row block is summed in int16 first: each maddubs
-// lane is at most 2*15*127 = 3810 in magnitude and a block adds 8 of them (30480 < 32767),
+// lane is at most 2*15*128 = 3840 in magnitude and a block adds 8 of them (30720 < 32767),
 // so there is one madd per block instead of one per record.
 #include <immintrin.h>
 
@@ -21,18 +21,24 @@ inline int32_t load4(const int8_t* p) {
   return v;
 }
 
-template <int RB>
+// RB rows against one 16-column tile; with kWide each row has the two int8 planes of the int16
+// activations (kernels.h), dotted with the same unpacked weights into separate int16 sums
+// (each plane's values are within [-128, 127], so the bound above holds per plane).
+template <int RB, bool kWide>
 inline void tile_rows(const W4Prepared& w, const XQuant& xq, int64_t t, int64_t r0, float* y, int64_t ldy) {
   const int64_t chunks = w.kp / 8;
   const int64_t nblocks = w.kp / kBlock;
+  const int64_t row_bytes = act_row_bytes(w.kp);
   const uint8_t* tile = w.qw + t * chunks * 64;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256i ones16 = _mm256_set1_epi16(1);
   const int8_t* xr[RB];
+  const int8_t* xl[RB];
   const float* dr[RB];
   const float* gr[RB];
   for (int rr = 0; rr < RB; ++rr) {
-    xr[rr] = xq.q + (r0 + rr) * w.kp;
+    xr[rr] = xq.q + (r0 + rr) * row_bytes;
+    xl[rr] = xr[rr] + w.kp;
     dr[rr] = xq.d + (r0 + rr) * nblocks;
     gr[rr] = xq.gsum + (r0 + rr) * w.groups;
   }
@@ -45,8 +51,8 @@ inline void tile_rows(const W4Prepared& w, const XQuant& xq, int64_t t, int64_t 
     for (int64_t bi = 0; bi < w.blocks_per_group; ++bi) {
       const int64_t b = g * w.blocks_per_group + bi;
       const uint8_t* rec = tile + b * (kBlock / 8) * 64;
-      __m256i s0[RB], s1[RB];
-      for (int rr = 0; rr < RB; ++rr) s0[rr] = s1[rr] = _mm256_setzero_si256();
+      __m256i s0[RB], s1[RB], l0[RB], l1[RB];
+      for (int rr = 0; rr < RB; ++rr) s0[rr] = s1[rr] = l0[rr] = l1[rr] = _mm256_setzero_si256();
 #pragma GCC unroll 4
       for (int c = 0; c < kBlock / 8; ++c) {
         const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + c * 64));
@@ -63,12 +69,27 @@ inline void tile_rows(const W4Prepared& w, const XQuant& xq, int64_t t, int64_t 
                                                              _mm256_maddubs_epi16(hi0, xb)));
           s1[rr] = _mm256_add_epi16(s1[rr], _mm256_add_epi16(_mm256_maddubs_epi16(lo1, xa),
                                                              _mm256_maddubs_epi16(hi1, xb)));
+          if (kWide) {
+            const int8_t* xd = xl[rr] + b * kBlock + c * 8;
+            const __m256i ya = _mm256_set1_epi32(load4(xd));
+            const __m256i yb = _mm256_set1_epi32(load4(xd + 4));
+            l0[rr] = _mm256_add_epi16(l0[rr], _mm256_add_epi16(_mm256_maddubs_epi16(lo0, ya),
+                                                               _mm256_maddubs_epi16(hi0, yb)));
+            l1[rr] = _mm256_add_epi16(l1[rr], _mm256_add_epi16(_mm256_maddubs_epi16(lo1, ya),
+                                                               _mm256_maddubs_epi16(hi1, yb)));
+          }
         }
       }
       for (int rr = 0; rr < RB; ++rr) {
         const __m256 db = _mm256_set1_ps(dr[rr][b]);
-        acc0[rr] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s0[rr], ones16)), db, acc0[rr]);
-        acc1[rr] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s1[rr], ones16)), db, acc1[rr]);
+        __m256i i0 = _mm256_madd_epi16(s0[rr], ones16);
+        __m256i i1 = _mm256_madd_epi16(s1[rr], ones16);
+        if (kWide) {
+          i0 = _mm256_add_epi32(_mm256_slli_epi32(i0, 8), _mm256_madd_epi16(l0[rr], ones16));
+          i1 = _mm256_add_epi32(_mm256_slli_epi32(i1, 8), _mm256_madd_epi16(l1[rr], ones16));
+        }
+        acc0[rr] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), db, acc0[rr]);
+        acc1[rr] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), db, acc1[rr]);
       }
     }
     const uint16_t* sc = w.scales + (t * w.groups + g) * kTile;
@@ -90,9 +111,8 @@ inline void tile_rows(const W4Prepared& w, const XQuant& xq, int64_t t, int64_t 
   for (int rr = 0; rr < RB; ++rr) std::memcpy(y + (r0 + rr) * ldy + n0, out[rr], sizeof(float) * valid);
 }
 
-}  // namespace
-
-void w4_gemm_avx2(const W4Prepared& w, const XQuant& xq, float* y, int64_t ldy, int threads) {
+template <bool kWide>
+void gemm(const W4Prepared& w, const XQuant& xq, float* y, int64_t ldy, int threads) {
   const int64_t tiles = w.np / kTile;
   // Threads take chunks of 4 tiles (128 KiB of weights at k = 4096) from a shared counter,
   // as llama.cpp does: each chunk is one contiguous stream, and a thread that the OS
@@ -100,8 +120,18 @@ void w4_gemm_avx2(const W4Prepared& w, const XQuant& xq, float* y, int64_t ldy, 
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
   for (int64_t t = 0; t < tiles; ++t) {
     int64_t r = 0;
-    for (; r + 2 <= xq.m; r += 2) tile_rows<2>(w, xq, t, r, y, ldy);
-    if (r < xq.m) tile_rows<1>(w, xq, t, r, y, ldy);
+    for (; r + 2 <= xq.m; r += 2) tile_rows<2, kWide>(w, xq, t, r, y, ldy);
+    if (r < xq.m) tile_rows<1, kWide>(w, xq, t, r, y, ldy);
+  }
+}
+
+}  // namespace
+
+void w4_gemm_avx2(const W4Prepared& w, const XQuant& xq, float* y, int64_t ldy, int threads) {
+  if (xq.fmt == ActFormat::kInt16) {
+    gemm<true>(w, xq, y, ldy, threads);
+  } else {
+    gemm<false>(w, xq, y, ldy, threads);
   }
 }
 

@@ -1,7 +1,12 @@
-// Scalar W4 kernels: activation quantization (shared by every ISA), the generic int8 kernel
-// on the prepared layout (the reference the SIMD kernels are tested against, bit for bit in
-// practice), and a double-accumulating oracle straight on the GPTQ checkpoint layout.
+// Scalar W4 kernels: activation quantization (shared by every ISA; formats in kernels.h), the
+// generic integer kernel on the prepared layout (the reference the SIMD kernels are tested
+// against, bit for bit in practice), and a double-accumulating oracle straight on the GPTQ
+// checkpoint layout.
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include <omp.h>
@@ -10,13 +15,24 @@
 
 namespace lavin {
 
-void quantize_activations(const float* x, int64_t ldx, const W4Prepared& w, int64_t m, int8_t* q,
-                          float* d, float* gsum) {
+ActFormat act_format_from_env() {
+  const char* v = std::getenv("LAVIN_EDGE_W4_ACT");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "int16") == 0) return ActFormat::kInt16;
+  if (std::strcmp(v, "int8") == 0) return ActFormat::kInt8;
+  throw std::invalid_argument(std::string("LAVIN_EDGE_W4_ACT=") + v + ": expected int16 (the default) or int8");
+}
+
+XQuant quantize_activations(const float* x, int64_t ldx, const W4Prepared& w, int64_t m, ActFormat fmt, int8_t* q,
+                            float* d, float* gsum) {
   const int64_t nblocks = w.kp / kBlock;
+  const int64_t row_bytes = act_row_bytes(w.kp);
+  const bool wide = fmt == ActFormat::kInt16;
+  const float qmax = static_cast<float>(wide ? kInt16Max : kInt8Max);
 #pragma omp parallel for schedule(static) if (m >= 4)
   for (int64_t r = 0; r < m; ++r) {
     const float* xr = x + r * ldx;
-    int8_t* qr = q + r * w.kp;
+    int8_t* hr = q + r * row_bytes;  // high plane (the whole value for kInt8)
+    int8_t* lr = hr + w.kp;          // low plane (kInt16)
     float* dr = d + r * nblocks;
     float* gr = gsum + r * w.groups;
     float buf[kBlock];
@@ -31,20 +47,38 @@ void quantize_activations(const float* x, int64_t ldx, const W4Prepared& w, int6
         buf[i] = v;
         amax = std::max(amax, std::fabs(v));
       }
-      // Symmetric int8 in [-127, 127]: |q| <= 127 keeps the AVX2 int16 partial sums of a
-      // whole block (8 products of <= 15*127, summed in pairs) below 32767.
-      const float dscale = amax / 127.0f;
-      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      // Symmetric in [-qmax, qmax]. int8: |q| <= 127 keeps the AVX2 int16 partial sums of a whole
+      // block (8 products of <= 15*127, summed in pairs) below 32767; int16: so does each plane.
+      const float dscale = amax / qmax;
+      const float inv = amax > 0.0f ? qmax / amax : 0.0f;
       int32_t bsum = 0;
       for (int i = 0; i < kBlock; ++i) {
         float t = std::nearbyint(buf[i] * inv);
-        t = std::min(127.0f, std::max(-127.0f, t));
-        const int8_t qi = static_cast<int8_t>(t);
-        qr[b * kBlock + i] = qi;
+        t = std::min(qmax, std::max(-qmax, t));
+        const int32_t qi = static_cast<int32_t>(t);
+        if (wide) {
+          // q = 256 hi + lo, hi = floor((q + 128) / 256) (the +65536 keeps the shift on a non-negative value).
+          const int32_t hi = ((qi + 128 + 65536) >> 8) - 256;
+          hr[b * kBlock + i] = static_cast<int8_t>(hi);
+          lr[b * kBlock + i] = static_cast<int8_t>(qi - 256 * hi);
+        } else {
+          hr[b * kBlock + i] = static_cast<int8_t>(qi);
+        }
         bsum += qi;
       }
       dr[b] = dscale;
       gr[b / w.blocks_per_group] += dscale * static_cast<float>(bsum);
+    }
+  }
+  return XQuant{q, d, gsum, m, fmt};
+}
+
+// One 8-row chunk of one plane against one 64-byte record: the u8 x s8 products the SIMD kernels form.
+static inline void dot_record(const uint8_t* rec, const int8_t* xc, int32_t* isum) {
+  for (int i = 0; i < kTile; ++i) {
+    for (int byte = 0; byte < 4; ++byte) {
+      const uint8_t v = rec[i * 4 + byte];
+      isum[i] += (v & 0xF) * xc[byte] + (v >> 4) * xc[byte + 4];
     }
   }
 }
@@ -53,11 +87,14 @@ void w4_gemm_generic(const W4Prepared& w, const XQuant& xq, float* y, int64_t ld
   const int64_t tiles = w.np / kTile;
   const int64_t chunks = w.kp / 8;  // 64-byte records per tile
   const int64_t nblocks = w.kp / kBlock;
+  const int64_t row_bytes = act_row_bytes(w.kp);
+  const bool wide = xq.fmt == ActFormat::kInt16;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t t = 0; t < tiles; ++t) {
     const uint8_t* tile = w.qw + t * chunks * 64;
     for (int64_t r = 0; r < xq.m; ++r) {
-      const int8_t* xr = xq.q + r * w.kp;
+      const int8_t* xr = xq.q + r * row_bytes;
+      const int8_t* xl = xr + w.kp;
       const float* dr = xq.d + r * nblocks;
       const float* gr = xq.gsum + r * w.groups;
       float out[kTile] = {0};
@@ -65,18 +102,16 @@ void w4_gemm_generic(const W4Prepared& w, const XQuant& xq, float* y, int64_t ld
         float accg[kTile] = {0};
         for (int64_t bi = 0; bi < w.blocks_per_group; ++bi) {
           const int64_t b = g * w.blocks_per_group + bi;
-          int32_t isum[kTile] = {0};
+          int32_t isum[kTile] = {0}, lsum[kTile] = {0};
           for (int c = 0; c < kBlock / 8; ++c) {
             const uint8_t* rec = tile + (b * (kBlock / 8) + c) * 64;
-            const int8_t* xc = xr + b * kBlock + c * 8;
-            for (int i = 0; i < kTile; ++i) {
-              for (int byte = 0; byte < 4; ++byte) {
-                const uint8_t v = rec[i * 4 + byte];
-                isum[i] += (v & 0xF) * xc[byte] + (v >> 4) * xc[byte + 4];
-              }
-            }
+            dot_record(rec, xr + b * kBlock + c * 8, isum);
+            if (wide) dot_record(rec, xl + b * kBlock + c * 8, lsum);
           }
-          for (int i = 0; i < kTile; ++i) accg[i] = std::fma(static_cast<float>(isum[i]), dr[b], accg[i]);
+          for (int i = 0; i < kTile; ++i) {
+            const int32_t s = wide ? isum[i] * 256 + lsum[i] : isum[i];
+            accg[i] = std::fma(static_cast<float>(s), dr[b], accg[i]);
+          }
         }
         const uint16_t* sc = w.scales + (t * w.groups + g) * kTile;
         const uint8_t* zp = w.zeros + (t * w.groups + g) * kTile;

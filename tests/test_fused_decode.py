@@ -92,7 +92,7 @@ def plain_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def act_order_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # vocab 264: a multiple of 8, so the engine packs the tied head as two W4 passes (``SumLinear``), run natively.
+    # vocab 264: a multiple of 8, so the engine packs the tied head as two W4 passes (``SumLinear``, re-scored).
     return _quantized_dir(_model(vocab=264, seed=1), tmp_path_factory.mktemp("fd_act"), act_order=True)
 
 
@@ -109,10 +109,12 @@ def test_fused_step_matches_reference_loop(plain_dir: Path, modality: int) -> No
 
 def test_fused_step_with_act_order_parts_and_w4_head(act_order_dir: Path) -> None:
     eng = Engine.load(act_order_dir, backend="kernels")
-    from lavin_edge.runtime.ops import ConcatLinear, SumLinear
+    from lavin_edge.runtime.ops import ConcatLinear, RescoredHead, SumLinear
 
-    assert isinstance(eng.layers[0].wqkv, ConcatLinear) and isinstance(eng.lm_head, SumLinear)
-    assert eng.native_decode is not None and eng.native_decode.head is None
+    assert isinstance(eng.layers[0].wqkv, ConcatLinear) and isinstance(eng.lm_head, RescoredHead)
+    assert isinstance(eng.lm_head.approx, SumLinear)
+    # The W4 head and its exact re-scoring of the top logits run after the native layers.
+    assert eng.native_decode is not None and eng.native_decode.head is eng.lm_head
     rel, agree = _compare(eng, 5, 24, IMAGE, seed=3)
     assert rel < 2e-2, rel
     assert agree >= 0.9, agree

@@ -70,3 +70,35 @@ def serve(as_json: bool, model: str | None, clients: tuple[int, ...], requests: 
 
     run_serve_bench(json_out=as_json, model=model, clients=tuple(sorted(set(clients))), requests=requests,
                     new_tokens=new_tokens, slots=slots, threads=threads)
+
+
+@command.command(name="quality")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with `rows` instead of a table.")
+@click.option("--model", type=click.Path(file_okay=False), default=None,
+              help="Quantized model dir (default: the demo's, built on first use).")
+@click.option("--fp-model", type=click.Path(file_okay=False), default=None,
+              help="Merged fp model dir (default: the quantized dir's recorded source, else a sibling merged/).")
+@click.option("--backends", default=None,
+              help="Comma-separated engine backends to run: avx512, avx2, scalar, torch (default: all available).")
+@click.option("--vqa", type=click.IntRange(0), default=100, show_default=True,
+              help="easy-vqa test questions (a fixed sample); 0 skips them.")
+@click.option("--max-len", type=click.IntRange(8), default=256, show_default=True, help="Tokens per text segment.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (default: all cores).")
+@click.option("--no-llamacpp", is_flag=True, help="Skip the llama.cpp perplexity row.")
+def quality(as_json: bool, model: str | None, fp_model: str | None, backends: str | None, vqa: int, max_len: int,
+            threads: int | None, no_llamacpp: bool) -> None:
+    """Accuracy of the engine as `chat` runs it: perplexity on held-out text shipped with the package, top-1
+    agreement and logit differences against the fp and the exact 4-bit model at every position, and easy-vqa
+    accuracy, for the fp model, the exact 4-bit model and each CPU kernel backend."""
+    import sys
+
+    import torch
+
+    from lavin_edge.bench.quality import run_quality_bench
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    # Bad input (QualityBenchError, ModelDirError) is reported by the CLI's one error convention.
+    run_quality_bench(model=model, fp_model=fp_model, backends=backends, vqa=vqa, max_len=max_len,
+                      with_llamacpp=not no_llamacpp, json_out=as_json,
+                      log=lambda m: print(m, file=sys.stderr, flush=True))

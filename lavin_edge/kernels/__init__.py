@@ -24,6 +24,12 @@ Public API
 ``cpu_features()``, ``backend()``, ``available_backends()``
     What the dispatcher found (used by ``lavin-edge info``).
 
+Accuracy of the CPU W4 path: x is quantized in blocks of 32 (one fp32 scale each) to 15-bit
+integers (``$LAVIN_EDGE_W4_ACT=int16``, the default; csrc/kernels.h) or to int8 as llama.cpp's
+Q8_0 (``int8``), the product is then exact in integers. The relative error this adds to y is
+~1e-5 (int8: ~1e-3) relative to ||y|| typically; ``reference.quantize_activations_reference``
+reproduces it exactly for tests.
+
 Errors: wrong dtype -> TypeError; wrong device, non-contiguous input, mismatched shapes,
 K not a multiple of 8 or of the group size, g_idx out of range -> ValueError.
 """

@@ -6,11 +6,27 @@ the inputs are on.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import gptq_format
 
-ACT_BLOCK = 32  # rows per int8 activation block in the native W4 kernels
+ACT_BLOCK = 32  # rows per activation block (one fp32 scale each) in the native CPU W4 kernels
+# Activation formats of the CPU W4 kernels (csrc/kernels.h): the largest integer of a block.
+ACT_FORMATS = {"int16": 127 * 256 + 127, "int8": 127}
+ACT_ENV = "LAVIN_EDGE_W4_ACT"
+
+
+def act_format() -> str:
+    """The CPU W4 kernels' activation format, as the extension reads it: $LAVIN_EDGE_W4_ACT, "int16" (the
+    default: 15-bit integers, kept as two int8 planes) or "int8" (llama.cpp's Q8_0-style blocks)."""
+    v = os.environ.get(ACT_ENV, "").strip()
+    if not v:
+        return "int16"
+    if v not in ACT_FORMATS:
+        raise ValueError(f"{ACT_ENV}={v!r}: expected one of {', '.join(ACT_FORMATS)}")
+    return v
 
 
 def resolve_group_size(group_size: int | None, k: int) -> int:
@@ -47,22 +63,26 @@ def w4_matmul_reference(
     return (x.double() @ w.double().t()).float()
 
 
-def quantize_activations_reference(x: torch.Tensor, perm: torch.Tensor | None = None) -> torch.Tensor:
-    """What the native W4 kernels see of x: the int8 round trip of each 32-row block.
+def quantize_activations_reference(x: torch.Tensor, perm: torch.Tensor | None = None,
+                                   fmt: str | None = None) -> torch.Tensor:
+    """What the native CPU W4 kernels see of x: each 32-row block round-tripped through integers.
 
-    Rows are gathered by ``perm`` (act-order), zero-padded to a multiple of 32, quantized per
-    block to ``round(x * 127/amax)`` (round half to even, like the C++ side) and dequantized
-    with ``amax/127``; the result is scattered back to the original row order. Comparing the
-    kernel with ``dequantized x @ W^T`` isolates kernel bugs from the (intended) int8 error.
+    Rows are gathered by ``perm`` (act-order), zero-padded to a multiple of 32, quantized per block to
+    ``round(x * qmax/amax)`` (round half to even, like the C++ side; qmax 32639 for "int16", 127 for "int8",
+    ``fmt`` None: :func:`act_format`) and dequantized with ``amax/qmax``; the result is scattered back to the
+    original row order. The kernels' int16 values are split into two int8 planes whose integer sums are
+    recombined exactly, so this is their input to the last bit. Comparing a kernel with
+    ``dequantized x @ W^T`` isolates kernel bugs from the (intended) activation rounding.
     """
+    qmax = torch.tensor(float(ACT_FORMATS[fmt or act_format()]))
     m, k = x.shape
     xp = x.float()[:, perm.long()] if perm is not None else x.float()
     kp = -(-k // ACT_BLOCK) * ACT_BLOCK
     xp = torch.nn.functional.pad(xp, (0, kp - k)).reshape(m, kp // ACT_BLOCK, ACT_BLOCK)
     amax = xp.abs().amax(dim=2, keepdim=True)
-    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
-    d = amax / torch.tensor(127.0)
-    xq = torch.clamp(torch.round(xp * inv), -127, 127) * d
+    inv = torch.where(amax > 0, qmax / amax, torch.zeros_like(amax))
+    d = amax / qmax
+    xq = torch.clamp(torch.round(xp * inv), -qmax, qmax) * d
     xq = xq.reshape(m, kp)[:, :k]
     if perm is not None:
         out = torch.empty_like(xq)

@@ -17,10 +17,12 @@ import torch
 from lavin_edge.config import LavinConfig
 from lavin_edge.kernels.gptq_format import GPTQTensors, residual_w4
 from lavin_edge.modeldir import LINEAR_NAMES, ModelDir, ModelDirError, load_model_dir, stored_head, take_linear
-from lavin_edge.runtime.ops import LinearOp, NormAdapter
+from lavin_edge.runtime.ops import LinearOp, NormAdapter, RescoredHead
 
 if TYPE_CHECKING:
     from lavin_edge.runtime.backends import Backend
+
+HEAD_RESCORE_TOP = 8  # logits of the 4-bit head re-scored from the fp weight rows (RescoredHead)
 
 __all__ = ["ModelDir", "ModelDirError", "RuntimeLayer", "RuntimeWeights", "build_weights", "read_model_dir"]
 
@@ -86,7 +88,10 @@ def build_weights(cfg: LavinConfig, sd: Mapping[str, torch.Tensor], quant: dict[
         if use_w4 and isinstance(head, torch.Tensor):
             if not backend.runs_w4:
                 raise ModelDirError("head_w4 needs the kernels backend")
-            lm_head = backend.sum_linear(list(head_w4_parts(head, sd, quant, llm.dim)))
+            # The top candidates are re-scored from the fp weight rows as stored (the tied embedding table
+            # costs no memory): exact near-ties for few extra bytes per step (README, "Accuracy of the engine").
+            approx = backend.sum_linear(list(head_w4_parts(head, sd, quant, llm.dim)))
+            lm_head = RescoredHead(approx, embed if out is None else out, HEAD_RESCORE_TOP)
         else:
             lm_head = backend.linear(head)
         layers = [_layer(cfg, sd, i, quant, backend) for i in range(llm.n_layers)]

@@ -82,6 +82,27 @@ class SumLinear(LinearOp):
         return y
 
 
+class RescoredHead(LinearOp):
+    """An approximate head (the 4-bit value + residual passes) whose ``top`` largest logits per row are then
+    recomputed exactly from the fp weight rows ``weight`` [V, D] (any float dtype, read as fp32).
+
+    The two W4 passes hold the weights to about 8 bits: enough for most logits, not for the near-ties that
+    decide the next token. Re-scoring the top few from the fp rows reads ``top`` x D weights instead of V x D;
+    the README's "Accuracy of the engine" has what it buys. Logits outside the top keep the W4 error."""
+
+    def __init__(self, approx: LinearOp, weight: torch.Tensor, top: int) -> None:
+        self.approx, self.weight, self.top = approx, weight, top
+        self.n_in, self.n_out = approx.n_in, approx.n_out
+        self.nbytes = approx.nbytes + top * self.n_in * weight.element_size()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.approx(x)
+        idx = y.topk(min(self.top, self.n_out), dim=-1).indices  # [T, top]
+        rows = self.weight[idx].float()  # [T, top, D]
+        y.scatter_(-1, idx, torch.bmm(rows, x.float()[:, :, None])[:, :, 0])
+        return y
+
+
 class ConcatLinear(LinearOp):
     """Linears sharing the input, outputs side by side (when they cannot share one weight: different act-order
     permutations, or mixed fp and 4-bit parts)."""
