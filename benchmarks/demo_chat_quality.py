@@ -57,6 +57,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--followups", type=int, default=200)
     ap.add_argument("--single", type=int, default=1000)
+    ap.add_argument("--followups-fp", type=int, default=None, help="cases for the fp engine (default --followups)")
     ap.add_argument("--single-fp", type=int, default=None, help="questions for the fp engine (default --single)")
     ap.add_argument("--texts", type=int, default=40, help="held-out prose paragraphs for perplexity")
     ap.add_argument("--threads", type=int, default=1)
@@ -78,11 +79,13 @@ def main() -> None:
     del base
 
     cases = followup_cases(args.followups, seed=0)
-    for name, path in (("fp", root / "merged"), ("4bit", root / "quantized")):
+    for name, path in (("4bit", root / "quantized"), ("fp", root / "merged")):
         eng = Engine.load(path)
-        fu = run_followups(eng, cases)
-        report[f"followups_{name}"] = {k: v for k, v in fu.items() if k != "wrong"} | {"wrong": fu["wrong"][:10]}
-        log(f"follow-ups {name}: {fu['accuracy']:.3f} {json.dumps(fu['kinds'])}")
+        n_fu = args.followups if name == "4bit" or args.followups_fp is None else args.followups_fp
+        if n_fu:
+            fu = run_followups(eng, cases[:n_fu])
+            report[f"followups_{name}"] = {k: v for k, v in fu.items() if k != "wrong"} | {"wrong": fu["wrong"][:10]}
+            log(f"follow-ups {name}: {fu['accuracy']:.3f} {json.dumps(fu['kinds'])}")
         n = args.single if name == "4bit" or args.single_fp is None else args.single_fp
         if n:
             report[f"single_{name}"] = single_turn(eng, n, seed=0)

@@ -131,7 +131,8 @@ def test_demo_text_only_chat_stays_the_base_llm(demo_env: dict[str, str], one_th
     """Issue 15: without an image the demo answers as the frozen SmolLM2-135M-Instruct does. On held-out
     instructions (never trained on) its top-1 next token agrees with the base's own greedy answer, teacher-forced,
     and its perplexity of those answers stays near the base's. The stage-1 demo (no text-only data) answered
-    "What is the capital of France?" with "angan"; on these 12 instructions it agreed on FIXME_OLD."""
+    "What is the capital of France?" with "angan"; on these 12 instructions it agreed with the base on 23.4% of
+    the 359 answer tokens, at 1,316x the base's perplexity of them."""
     from lavin_edge.config import AdapterConfig
     from lavin_edge.data.sources import Problems, load_self_distill
     from lavin_edge.merge import load_merged
