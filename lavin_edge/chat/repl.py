@@ -20,7 +20,7 @@ from typing import TextIO
 from lavin_edge.chat.session import ChatSession
 from lavin_edge.runtime import ContextError, GenerationResult
 
-HELP = "commands: /image PATH (swap the image), /reset (clear the history), /exit"
+HELP = "commands: /image PATH (a new image starts a new conversation), /reset (clear the history), /exit"
 
 
 def peak_rss_mb() -> float:
@@ -143,8 +143,9 @@ def run_repl(session: ChatSession, inp: TextIO | None = None, out: TextIO | None
                     err.write("error: /image needs a path\n")
                     continue
                 try:
-                    session.set_image(arg.strip())
-                    err.write(f"image set: {arg.strip()}\n")
+                    cleared = session.set_image(arg.strip())
+                    err.write(f"image set: {arg.strip()} (a new conversation"
+                              + ("; history cleared)\n" if cleared else ")\n"))
                 except ImageError as e:
                     err.write(f"error: {e}\n")
             elif cmd == "/help":

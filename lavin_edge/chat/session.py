@@ -1,9 +1,11 @@
 """A multi-turn conversation over one Engine: the sequence layout of training, history reuse through the
 KV cache, and oldest-turn-first trimming when the history outgrows the context.
 
-Layout (as ``encode_example`` builds it, DESIGN.md section 1): ``[BOS]["Image: "][visual x 6]`` or
+Layout (as ``encode_example`` builds it, README "The demo model"): ``[BOS]["Image: "][visual x 6]`` or
 ``[BOS]["Image: N/A"]``, then per turn ``Instruction: {q}\\nResponse:`` + the answer ids + EOS, turns after
-the first starting on a new line. The model was trained on single turns; earlier turns are context.
+the first starting on a new line. The demo is trained on conversations laid out exactly so (``encode_example``'s
+``history``; tests/test_chat_turns.py checks both give the same ids). One conversation is about one image: a new
+image starts a new conversation.
 """
 
 from __future__ import annotations
@@ -65,9 +67,11 @@ class ChatSession:
         return self.visual is not None
 
     # -- state ---------------------------------------------------------------------------------------
-    def set_image(self, path: str | Path) -> None:
-        """Load, preprocess and encode an image (``lavin_edge.data.image.ImageError`` on a bad file).
-        The conversation keeps going; the cache is rebuilt since the visual tokens sit at its start."""
+    def set_image(self, path: str | Path) -> bool:
+        """Load, preprocess and encode an image (``lavin_edge.data.image.ImageError`` on a bad file, and then
+        nothing changes). A new image starts a new conversation: the prompt format carries one image, at the
+        start, so earlier turns were about another image and would leak into the answers (the model is trained
+        on conversations about one image, ``easy-vqa-chat``). Returns whether history was cleared."""
         import time
 
         from lavin_edge.data.image import load_image
@@ -77,7 +81,10 @@ class ChatSession:
         self.visual = self.engine.encode_image(image)
         self.vision_s = time.perf_counter() - t0
         self.image_path = str(path)
+        had_history = bool(self.turns)
+        self.turns.clear()
         self.engine.reset(IMAGE)
+        return had_history
 
     def reset(self) -> None:
         """Forget the conversation (the image stays)."""

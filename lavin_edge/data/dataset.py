@@ -43,7 +43,7 @@ class LavinDataset(Dataset):
             if r.image is not None and r.image in bad_images:
                 problems.report(r.id, r.source, f"unusable image {r.image}: {bad_images[r.image]}")
                 continue
-            ex = encode_example(tok, r.prompt, r.answer, r.image is not None, n_visual)
+            ex = encode_example(tok, r.prompt, r.answer, r.image is not None, n_visual, history=r.history)
             if len(ex.input_ids) + 1 > max_len:
                 keep = max_len - 1
                 ex = Example(ex.input_ids[:keep], ex.labels[:keep], ex.image_pos)

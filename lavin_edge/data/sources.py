@@ -1,5 +1,6 @@
-"""Data sources -> ``Record`` lists: ScienceQA (QCM-ALE), LLaVA-Instruct conversations, Alpaca, and the
-easy-vqa dataset that ships in the ``easy-vqa`` package (open answers or ScienceQA-style multiple choice).
+"""Data sources -> ``Record`` lists: ScienceQA (QCM-ALE), LLaVA-Instruct conversations, Alpaca, the easy-vqa
+dataset that ships in the ``easy-vqa`` package (open answers or ScienceQA-style multiple choice, and multi-turn
+conversations about one image), and text instructions answered by the frozen base (self-distillation).
 
 A record that cannot be used (missing field, missing image file) becomes a ``BadRecord`` with its id and the
 reason; ``Problems`` collects them so the run can skip them (and count them) or stop, per a flag."""
@@ -21,8 +22,9 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 class Record:
     """One training/eval sample before tokenisation. ``answer`` excludes EOS; ``image`` is a path or None.
 
-    ``meta`` carries what eval needs: ``label`` (the correct option letter for multiple choice), ``choices``,
-    and the ScienceQA category fields (``subject``, ``grade``, ``has_text``, ``has_image``)."""
+    ``prompt``/``answer`` are the (last) turn. ``meta`` carries what eval needs: ``label`` (the correct option
+    letter for multiple choice), ``choices``, and the ScienceQA category fields (``subject``, ``grade``,
+    ``has_text``, ``has_image``)."""
 
     id: str
     prompt: str
@@ -30,6 +32,9 @@ class Record:
     image: str | None = None
     source: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    # Earlier turns of a conversation, (prompt, answer) each, all answers in the loss; follow-up prompts start
+    # with a newline (``followup_prompt``), as ``ChatSession`` lays a conversation out.
+    history: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -70,6 +75,11 @@ def chat_prompt(instruction: str, context: str = "") -> str:
     """LaVIN's chat format: ``Instruction: {q}\\nResponse:`` (an Alpaca ``input`` goes on its own line)."""
     body = instruction.strip() + (f"\n{context.strip()}" if context and context.strip() else "")
     return f"Instruction: {body}\nResponse:"
+
+
+def followup_prompt(instruction: str) -> str:
+    """A conversation's second and later turns: the chat format on a new line (``ChatSession`` encodes them so)."""
+    return "\n" + chat_prompt(instruction)
 
 
 def qcm_prompt(question: str, context: str, choices: list[str]) -> str:
@@ -385,10 +395,111 @@ def export_easy_vqa_scienceqa(root: str | Path, splits: dict[str, int], seed: in
     return root
 
 
+def easy_vqa_yes_no_answer(question: str, colour: str, shape: str) -> str:
+    """The answer of an easy-vqa yes/no question about an image showing one ``colour`` ``shape``: (the asked
+    colour/shape is the image's) XOR (the question is negated). It reproduces all 22,829 such answers of the
+    train split whose image's colour and shape the split states."""
+    present = easy_vqa_asked(question)[0] in (colour, shape)
+    return "yes" if present != easy_vqa_negated(question) else "no"
+
+
+def load_easy_vqa_conversations(split: str, problems: Problems, limit: int, seed: int = 0,
+                                min_turns: int = 2, max_turns: int = 3, name: str = "easy-vqa-chat"
+                                ) -> list[Record]:
+    """``limit`` conversations of ``min_turns``..``max_turns`` turns about one easy-vqa image of ``split``, every
+    answer in the loss: what a chat follow-up looks like. The turns ask the split's own question texts (yes/no
+    ones with explained targets, colour and shape ones with one-word targets) about an image whose colour and
+    shape the split states; each yes/no turn is "yes" or "no" with equal odds (so neither the question nor the
+    earlier turns predict it), and the last turn is always yes/no (the follow-up that the single-turn demo got
+    wrong). The record's ``meta`` describes the last turn, like a single-turn easy-vqa record's."""
+    import easy_vqa
+
+    if split not in ("train", "test"):
+        raise DataError(f"easy-vqa split must be 'train' or 'test', not {split!r}")
+    if not 1 <= min_turns <= max_turns:
+        raise DataError(f"easy-vqa-chat turns must satisfy 1 <= min_turns <= max_turns, got {min_turns}, {max_turns}")
+    qs, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
+    paths = getattr(easy_vqa, f"get_{split}_image_paths")()
+    facts = easy_vqa_image_facts(qs, answers, image_ids)
+    yes_no = sorted({q for q, a in zip(qs, answers, strict=True) if a in EASY_VQA_YESNO})
+    colour_qs = sorted({q for q, a in zip(qs, answers, strict=True) if a in EASY_VQA_COLORS})
+    shape_qs = sorted({q for q, a in zip(qs, answers, strict=True) if a in EASY_VQA_SHAPES})
+    images = sorted(iid for iid in facts if paths.get(iid) is not None)
+    rng = random.Random(seed)
+    out: list[Record] = []
+    for c in range(limit):
+        iid = rng.choice(images)
+        colour, shape = facts[iid]
+        n_turns = rng.randint(min_turns, max_turns)
+        turns: list[tuple[str, str, str]] = []  # (question, target, kind)
+        for t in range(n_turns):
+            kind = "yes/no" if t == n_turns - 1 else rng.choice(("yes/no", "yes/no", "color", "shape"))
+            if kind == "yes/no":
+                want = rng.choice(EASY_VQA_YESNO)
+                q = rng.choice([x for x in yes_no if easy_vqa_yes_no_answer(x, colour, shape) == want])
+                turns.append((q, explained_answer(q, colour, shape, want), want))
+            elif kind == "color":
+                # "what color is the circle?" is only asked about a circle.
+                fits = [x for x in colour_qs if not (_question_words(x) & (set(EASY_VQA_SHAPES) - {shape}))]
+                turns.append((rng.choice(fits), " " + colour, colour))
+            else:
+                # "what is the teal shape?" is only asked about a teal one.
+                fits = [x for x in shape_qs if not (_question_words(x) & (set(EASY_VQA_COLORS) - {colour}))]
+                turns.append((rng.choice(fits), " " + shape, shape))
+        path = paths[iid]
+        if not Path(path).is_file():
+            problems.report(f"{split}-chat-{c}", name, f"image {iid} not found")
+            continue
+        prompts = [chat_prompt(q) if t == 0 else followup_prompt(q) for t, (q, _, _) in enumerate(turns)]
+        history = [(p, a) for p, (_, a, _) in zip(prompts[:-1], turns[:-1], strict=True)]
+        last_q, last_target, last_answer = turns[-1]
+        meta = {"kind": "yes/no", "answer": last_answer, "image_id": iid, "turns": n_turns, "colour": colour,
+                "shape": shape, "questions": [q for q, _, _ in turns]}
+        out.append(Record(f"{split}-chat-{c}", prompts[-1], last_target, path, name, meta, history))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- self-distill
+
+def load_self_distill(path: str | Path | None, split: str, problems: Problems, limit: int | None = None,
+                      seed: int = 0, name: str = "self-distill") -> list[Record]:
+    """Text-only instructions answered by the frozen base itself (``lavin_edge.data.self_distill``): JSONL lines
+    ``{instruction, answer, split}``; ``path`` defaults to the shipped SmolLM2-135M file. The answer is kept
+    exactly as the base wrote it (leading space included), so its tokens are the base's own."""
+    from lavin_edge.data.self_distill import DEFAULT_PATH
+
+    if split not in ("train", "test"):
+        raise DataError(f"self-distill split must be 'train' or 'test', not {split!r}")
+    p = Path(path) if path is not None else DEFAULT_PATH
+    if not p.is_file():
+        raise DataError(f"self-distill file not found: {p} (write it with python benchmarks/make_self_distill.py)")
+    out = []
+    for n, line in enumerate(p.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.report(f"line {n + 1}", name, f"not JSON: {e.msg}")
+            continue
+        err = _require(item, ("instruction", "answer")) if isinstance(item, dict) else "not an object"
+        if err:
+            problems.report(f"line {n + 1}", name, err)
+            continue
+        if item.get("split", "train") != split:
+            continue
+        out.append(Record(f"{split}-{n}", chat_prompt(str(item["instruction"])), str(item["answer"]), None, name,
+                          {"instruction": str(item["instruction"]), "complete": bool(item.get("complete", True))}))
+    if limit is not None and limit < len(out):
+        out = random.Random(seed).sample(out, limit)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- dispatch
 
 def load_source(spec: dict[str, Any], problems: Problems, split: str | None = None) -> list[Record]:
-    """One ``[[data]]`` table of a recipe: ``type`` = scienceqa | llava | alpaca | easy-vqa, plus its fields.
+    """One ``[[data]]`` table of a recipe: ``type`` = scienceqa | llava | alpaca | easy-vqa | easy-vqa-chat |
+    self-distill, plus its fields.
 
     ``split`` overrides the table's split (eval uses the test split of the same source)."""
     kind = spec.get("type")
@@ -404,4 +515,12 @@ def load_source(spec: dict[str, Any], problems: Problems, split: str | None = No
         return load_easy_vqa(split or spec.get("split", "train"), problems, spec.get("mode", "open"),
                              spec.get("limit"), spec.get("seed", 0), name, spec.get("kinds"),
                              bool(spec.get("balance", False)), bool(spec.get("explain", False)))
-    raise DataError(f"unknown data source type {kind!r} (expected scienceqa, llava, alpaca or easy-vqa)")
+    if kind == "easy-vqa-chat":
+        return load_easy_vqa_conversations(split or spec.get("split", "train"), problems, int(spec.get("limit", 1000)),
+                                           spec.get("seed", 0), int(spec.get("min_turns", 2)),
+                                           int(spec.get("max_turns", 3)), name)
+    if kind == "self-distill":
+        return load_self_distill(spec.get("path"), split or spec.get("split", "train"), problems, spec.get("limit"),
+                                 spec.get("seed", 0), name)
+    raise DataError(f"unknown data source type {kind!r} (expected scienceqa, llava, alpaca, easy-vqa, "
+                    "easy-vqa-chat or self-distill)")

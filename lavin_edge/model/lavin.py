@@ -8,6 +8,7 @@ Loss falls on the answer tokens and EOS only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,16 +46,26 @@ class Example:
 
 
 def encode_example(tok: TokenizerLike, prompt: str, answer: str | None, has_image: bool, n_visual: int,
-                   max_len: int | None = None) -> Example:
+                   max_len: int | None = None, history: Sequence[tuple[str, str]] = ()) -> Example:
     """Token ids and labels for one sample; ``answer=None`` builds a generation prompt (no EOS).
 
+    ``history``: earlier turns of a conversation as (prompt, answer) pairs, each encoded as the prompt's ids then
+    the answer's ids + EOS, with every answer in the labels; a follow-up prompt starts with its own newline.
+    This is the layout ``lavin_edge.chat.session.ChatSession`` builds at inference, segment by segment.
     ``max_len`` counts the modality token too. Over-long samples raise instead of being silently cut."""
     prefix = [tok.bos_id] + tok.encode(IMAGE_PREFIX if has_image else TEXT_PREFIX)
     image_pos = len(prefix) if has_image else -1
     if has_image:
         prefix += [tok.pad_id] * n_visual
-    ids = prefix + tok.encode(prompt)
+    ids = list(prefix)
     labels = [IGNORE_INDEX] * len(ids)
+    for p, a in history:
+        q_ids, a_ids = tok.encode(p), tok.encode(a) + [tok.eos_id]
+        ids += q_ids + a_ids
+        labels += [IGNORE_INDEX] * len(q_ids) + a_ids
+    q_ids = tok.encode(prompt)
+    ids += q_ids
+    labels += [IGNORE_INDEX] * len(q_ids)
     if answer is not None:
         ans = tok.encode(answer) + [tok.eos_id]
         ids += ans

@@ -52,7 +52,8 @@ class W4Linear(LinearOp):
                                                t.checkpoint_format)
         self.nbytes = int(self.prepared.nbytes)
         self.isa = isa
-        self.native = self.prepared.native  # None: not on the tiled kernel (dense fallback layout)
+        # None: not on the tiled kernel (a dense fallback layout, or the torch kernels forced by $LAVIN_EDGE_KERNELS).
+        self.native = self.prepared.native if isa != "torch" else None
         # Small GEMVs run on one thread: an OpenMP fork/join costs more than a < 2 MB weight read, and on a
         # shared machine a barrier waiting for a descheduled thread costs milliseconds.
         self.threads_gemv = 1 if self.n_out * self.n_in < SMALL_WEIGHTS else torch.get_num_threads()
@@ -98,8 +99,10 @@ class RescoredHead(LinearOp):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = self.approx(x)
         idx = y.topk(min(self.top, self.n_out), dim=-1).indices  # [T, top]
-        rows = self.weight[idx].float()  # [T, top, D]
-        y.scatter_(-1, idx, torch.bmm(rows, x.float()[:, :, None])[:, :, 0])
+        rows = self.weight[idx].double()  # [T, top, D]
+        # In fp64 each exact product is summed with error far below fp32's rounding, so a row's re-scored logits
+        # do not depend on how many rows the call holds (a batch decodes each request as it would alone).
+        y.scatter_(-1, idx, torch.bmm(rows, x.double()[:, :, None])[:, :, 0].float())
         return y
 
 
