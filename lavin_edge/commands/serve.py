@@ -58,11 +58,8 @@ def command(model_dir: str | None, host: str, port: int, device: str, backend: s
     Example: lavin-edge serve --slots 8, then open http://127.0.0.1:8000/
     """
     import torch
+    import uvicorn
 
-    try:
-        import uvicorn
-    except ImportError:
-        _fail("serve needs its extra: pip install 'lavin-edge[serve]' (Starlette and uvicorn)")
     from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir
     from lavin_edge.runtime import ModelDirError
     from lavin_edge.serve.images import ImageLimits
