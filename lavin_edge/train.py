@@ -27,7 +27,6 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,11 +172,6 @@ def init_from_adapters(model: LaVIN, path: str | Path) -> None:
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
 
 
-def frozen_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of every frozen tensor (the bit-identity check)."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if not LaVIN.is_trainable_name(k)}
-
-
 def rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -219,10 +213,6 @@ def memory_estimate(counts: dict[str, int], cfg: TrainConfig, dtype: torch.dtype
     logits = tokens * vocab * 4 * 2 / gib
     return {"frozen_weights_gib": frozen, "trainable_state_gib": trainable, "activations_gib": acts,
             "logits_gib": logits, "total_gib": frozen + trainable + acts + logits}
-
-
-class _Interrupted(Exception):
-    pass
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -577,9 +567,3 @@ def _progress(enabled: bool, start: int, total: int) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
-
-
-def iter_batches(ds: LavinDataset, batch_size: int, pad_id: int) -> Iterator[Batch]:
-    """Sequential batches (evaluation helpers)."""
-    for i in range(0, len(ds), batch_size):
-        yield collate_items([ds[j] for j in range(i, min(len(ds), i + batch_size))], pad_id)
