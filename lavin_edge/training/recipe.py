@@ -28,8 +28,12 @@ DATA_KEYS: dict[str, dict[str, str]] = {
     "alpaca": {"type": "str", "name": "str", "path": "file"},
     "easy-vqa": {"type": "str", "name": "str", "split": "str", "mode": "str", "limit": "count", "seed": "int",
                  "kinds": "list[str]", "balance": "bool", "explain": "bool"},
+    "easy-vqa-chat": {"type": "str", "name": "str", "split": "str", "limit": "count", "seed": "int",
+                      "min_turns": "count", "max_turns": "count"},
+    "self-distill": {"type": "str", "name": "str", "path": "file", "split": "str", "limit": "count", "seed": "int"},
 }
-REQUIRED_DATA_KEYS = {"scienceqa": ("root",), "llava": ("path",), "alpaca": ("path",), "easy-vqa": ()}
+REQUIRED_DATA_KEYS = {"scienceqa": ("root",), "llava": ("path",), "alpaca": ("path",), "easy-vqa": (),
+                      "easy-vqa-chat": (), "self-distill": ()}
 # [eval] is a data table plus how to evaluate (lavin_edge.evaluate.run_eval_spec).
 EVAL_KEYS = {"method": "str", "max_new_tokens": "count", "limit": "count"}
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -184,8 +188,8 @@ def _check_source(spec: Any, loc: Locator, table: str, index: int, extra: Mappin
         bad = [v for v in (value if isinstance(value, list) else [value]) if choices and v not in choices]
         if bad:
             raise RecipeError(f"{at}: {label} {key} {bad[0]!r} is not valid; valid: {', '.join(choices or ())}")
-        if kind == "easy-vqa" and key == "split" and value not in EASY_VQA_SPLITS:
-            raise RecipeError(f"{at}: {label} easy-vqa split {value!r} is not valid; valid: "
+        if kind in ("easy-vqa", "easy-vqa-chat", "self-distill") and key == "split" and value not in EASY_VQA_SPLITS:
+            raise RecipeError(f"{at}: {label} split {value!r} is not valid; valid: "
                               f"{', '.join(EASY_VQA_SPLITS)}")
     for key in REQUIRED_DATA_KEYS[kind]:
         if key not in spec:
