@@ -156,8 +156,10 @@ def test_quality_bench_rows(tiny_dirs: Path) -> None:
 
 def test_quality_cli_json_and_bad_input(tiny_dirs: Path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
+        # Run outside the checkout: `python -m` puts the working directory first on sys.path, and a source tree
+        # without the built extension there would shadow the installed package.
         return subprocess.run([sys.executable, "-m", "lavin_edge.cli", "bench", "quality", *args],
-                              capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, timeout=600, cwd=tiny_dirs.parent)
 
     ok = run("--model", str(tiny_dirs), "--backends", "torch", "--vqa", "0", "--max-len", "24", "--no-llamacpp",
              "--json")
