@@ -510,3 +510,20 @@ def test_w4_activation_format_env_is_checked(monkeypatch: pytest.MonkeyPatch) ->
         if p.mode == "tiled" and K.backend() != "torch":
             with pytest.raises(ValueError, match="LAVIN_EDGE_W4_ACT"):
                 p.matmul(torch.randn(1, 64))
+
+
+@needs_native
+def test_kernel_bench_runs_and_its_weight_copies_compute_the_same() -> None:
+    """`lavin-edge bench kernels` end to end on a small shape (it broke once when PreparedW4's fields moved), and
+    the copies it rotates through to keep weights out of cache are real, independent copies of one linear."""
+    from lavin_edge.bench import kernels as KB
+
+    res = KB.run_kernel_bench(shapes=((64, 256),), ms=(1,), min_seconds=0.01, print_results=False)
+    names = {r["contender"] for r in res["rows"]}
+    assert {"lavin_w4", "lavin_w4_actorder", "torch_fp32", "torch_int4"} <= names
+    assert all(r["ms"] > 0 for r in res["rows"])
+    x = torch.randn(1, 256)
+    for name in ("lavin_w4", "lavin_w4_actorder"):
+        _, factory = KB._contenders(64, 256, 1 << 20)[name]
+        outs = [call() for call in factory(x)]
+        assert len(outs) > 1 and all(torch.equal(o, outs[0]) for o in outs)

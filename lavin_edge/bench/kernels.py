@@ -15,7 +15,6 @@ which adds the x gather), ``torch_fp32`` / ``torch_bf16`` (F.linear on dense wei
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -103,11 +102,11 @@ def _contenders(n: int, k: int, llc: int) -> dict[str, tuple[int, Callable[[torc
 
     for name, act_order in (("lavin_w4", False), ("lavin_w4_actorder", True)):
         q = quantize_rtn(w, GROUP_SIZE, act_order=act_order, generator=gen)
-        p = K.prepare_w4(q["qweight"], q["qzeros"], q["scales"], q["g_idx"], GROUP_SIZE, "gptq")
-        copies = [p] + [
-            dataclasses.replace(p, qw=p.qw.clone(), scales=p.scales.clone(), zeros=p.zeros.clone())
-            for _ in range(_copies(p.nbytes, llc) - 1)
-        ]
+        # Each copy prepared on its own: its own weight tensors and the native descriptor that points at them.
+        copies = [K.prepare_w4(q["qweight"], q["qzeros"], q["scales"], q["g_idx"], GROUP_SIZE, "gptq")]
+        p = copies[0]
+        copies += [K.prepare_w4(q["qweight"], q["qzeros"], q["scales"], q["g_idx"], GROUP_SIZE, "gptq")
+                   for _ in range(_copies(p.nbytes, llc) - 1)]
         out[name] = (p.nbytes, lambda x, cs=copies: [functools.partial(c.matmul, x) for c in cs])
 
     for name, dt in (("torch_fp32", torch.float32), ("torch_bf16", torch.bfloat16)):
