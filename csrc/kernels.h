@@ -108,7 +108,7 @@ void w4_gemm_gptq_reference(const float* x, int64_t m, const int32_t* qweight, c
                             int64_t groups, int64_t group_size, int zero_offset, float* y, int threads);
 
 // ---------------------------------------------------------------------------------------
-// Adapters (fp32 on CPU). Shapes as in DESIGN.md / issue 6:
+// Adapters (fp32 on CPU). Shapes as in docs/method.md ("Model"):
 //   LLM: x [rows][D]; g [D]; A [r][D]; a [r]; U [2][D][r]; u [2][D]; modality per row 0/1.
 //   ViT: x [rows][D]; A [r][D]; a [r]; R [2][D]; rb [2]; B [D][r/2]; b [D]; Dw [D][r/2]; d [D].
 struct LlmAdapterArgs {
