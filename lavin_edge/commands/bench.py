@@ -1,5 +1,8 @@
-"""`lavin-edge bench`: figures, not tests. `kernels` times the W4 GEMV/GEMM against torch on LLaMA-7B
-shapes with the weights out of cache; `chat` times prefill/decode end to end."""
+"""`lavin-edge bench`: figures, not tests; every benchmark of the project is one of these subcommands (their
+code is ``lavin_edge/bench/``, recorded results ``docs/benchmarks/``). `kernels` times the W4 GEMV/GEMM
+against torch on LLaMA-7B shapes with the weights out of cache; `chat` times prefill/decode end to end;
+`quality` measures the engine's accuracy; `serve` load-tests the server; `train` trains a recipe;
+`demo-chat` measures the demo as a chat model."""
 
 from __future__ import annotations
 
@@ -102,3 +105,65 @@ def quality(as_json: bool, model: str | None, fp_model: str | None, backends: st
     run_quality_bench(model=model, fp_model=fp_model, backends=backends, vqa=vqa, max_len=max_len,
                       with_llamacpp=not no_llamacpp, json_out=as_json,
                       log=lambda m: print(m, file=sys.stderr, flush=True))
+
+
+def _write_report(report: dict, path: str | None) -> None:
+    import json
+    from pathlib import Path
+
+    text = json.dumps(report, indent=2) + "\n"
+    if path:
+        Path(path).write_text(text)
+    click.echo(text, nl=False)
+
+
+@command.command(name="train")
+@click.option("--recipe", type=click.Path(exists=True, dir_okay=False), default="recipes/demo.toml",
+              show_default=True, help="The recipe to train (the offline demo by default).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run directory for the adapters (default: the recipe's out_dir).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (default: the recipe's).")
+@click.option("--resume", is_flag=True, help="Continue bit-exactly from the checkpoint in the run directory.")
+@click.option("--overwrite", is_flag=True, help="Delete the run in the run directory and start over.")
+@click.option("--report", type=click.Path(dir_okay=False), default=None,
+              help="Also write the JSON report to this file.")
+def train_bench(recipe: str, out: str | None, threads: int | None, resume: bool, overwrite: bool,
+                report: str | None) -> None:
+    """Train a recipe end to end and print steps, wall time, samples/s, first/last loss and the held-out
+    easy-vqa accuracy as JSON (~25 min for the demo on 2 cores)."""
+    from lavin_edge.bench.train import run_train_bench
+
+    result = run_train_bench(recipe, out, threads, resume, overwrite)
+    if result:
+        _write_report(result, report)
+
+
+@command.command(name="demo-chat")
+@click.option("--followups", type=click.IntRange(0), default=200, show_default=True,
+              help="Follow-up cases (yes/no as the 2nd/3rd turn, or after /image) for the 4-bit demo.")
+@click.option("--single", type=click.IntRange(0), default=1000, show_default=True,
+              help="Single-turn easy-vqa test questions for the 4-bit demo.")
+@click.option("--followups-fp", type=click.IntRange(0), default=None,
+              help="Follow-up cases for the fp demo (default: --followups).")
+@click.option("--single-fp", type=click.IntRange(0), default=None,
+              help="Single-turn questions for the fp demo (default: --single).")
+@click.option("--texts", type=click.IntRange(0), default=40, show_default=True,
+              help="Held-out prose paragraphs for the perplexity rows.")
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="CPU threads.")
+@click.option("--report", type=click.Path(dir_okay=False), default=None,
+              help="Also write the JSON report to this file.")
+def demo_chat(followups: int, single: int, followups_fp: int | None, single_fp: int | None, texts: int,
+              threads: int, report: str | None) -> None:
+    """The demo as a chat model: text-only answers against the frozen base (teacher-forced top-1 agreement,
+    perplexity), follow-up turns, and single turns, for the fp and the 4-bit demo (JSON). Hours on 2 cores
+    at the defaults."""
+    import sys
+
+    import torch
+
+    from lavin_edge.bench.demo_chat import run_demo_chat_bench
+
+    torch.set_num_threads(threads)
+    result = run_demo_chat_bench(followups, single, followups_fp, single_fp, texts,
+                                 log=lambda m: print(m, file=sys.stderr, flush=True))
+    _write_report(result, report)

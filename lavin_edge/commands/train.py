@@ -1,6 +1,6 @@
-"""`lavin-edge train`: train LaVIN's adapters on a frozen base from a TOML recipe (``train/*.toml``).
+"""`lavin-edge train`: train LaVIN's adapters on a frozen base from a TOML recipe (``recipes/*.toml``).
 
-One process: ``lavin-edge train train/demo.toml``. Many GPUs/nodes: the same command under
+One process: ``lavin-edge train recipes/demo.toml``. Many GPUs/nodes: the same command under
 ``torchrun --nproc-per-node N -m lavin_edge.cli train ...`` (DDP; rank 0 logs and saves)."""
 
 from __future__ import annotations

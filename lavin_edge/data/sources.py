@@ -305,7 +305,7 @@ def explained_answer(question: str, colour: str, shape: str, answer: str) -> str
     gradient descent nothing to start from: rank-8 adapters on SmolLM2-135M stayed at 50% with it. Here the
     middle clause depends on the comparison alone, and the last word on two words already in the context
     (its "a"/"no" and the question's "not"/"no"); the demo learns it to 100% (README, "How the demo learned
-    yes/no"; ``benchmarks/yes_no_targets.py``)."""
+    yes/no"; ``experiments/yes_no_targets.py``)."""
     word, named = easy_vqa_asked(question)
     there = "a" if word in (colour, shape) else "no"
     return f" It is a {colour} {shape}, so there is {there} {named}: {answer}."
@@ -472,7 +472,7 @@ def load_self_distill(path: str | Path | None, split: str, problems: Problems, l
         raise DataError(f"self-distill split must be 'train' or 'test', not {split!r}")
     p = Path(path) if path is not None else DEFAULT_PATH
     if not p.is_file():
-        raise DataError(f"self-distill file not found: {p} (write it with python benchmarks/make_self_distill.py)")
+        raise DataError(f"self-distill file not found: {p} (write it with python scripts/make_self_distill.py)")
     out = []
     for n, line in enumerate(p.read_text().splitlines()):
         if not line.strip():

@@ -61,7 +61,9 @@ class Engine:
         self.layers, self.vision, self.visual_proj = w.layers, w.vision, w.visual_proj
         dev = self.backend_impl.device
         cache_shape = (1, self.n_kv, self.max_context, self.hd)
-        self.kv_cache = [(torch.zeros(cache_shape, device=dev), torch.zeros(cache_shape, device=dev))
+        # Uninitialised: every reader stops at the filled length, and zeroing the whole context (377 MB for
+        # the demo's 8,192 positions) would be most of a cold start's work after importing torch.
+        self.kv_cache = [(torch.empty(cache_shape, device=dev), torch.empty(cache_shape, device=dev))
                          for _ in self.layers]
         # Rotary as complex numbers for runtime slot p = absolute position p + offset.
         inv = 1.0 / llm.rope_theta ** (torch.arange(0, self.hd, 2, dtype=torch.float64) / self.hd)

@@ -1,4 +1,4 @@
-"""Reading and checking a training recipe (``train/*.toml``) before anything is loaded.
+"""Reading and checking a training recipe (``recipes/*.toml``) before anything is loaded.
 
 Every key of the recipe, of each ``[[data]]`` table and of the ``[eval]`` table is checked here (name, type,
 range, the files it names), so that a typo fails in a second with the file and line, not after the model has

@@ -3,7 +3,7 @@ adapters, in LaVIN's text-only prompt format) answers ``lavin_edge.data.self_dis
 the answers go to ``lavin_edge/data/self_distill_smollm2.jsonl`` (one ``{instruction, answer, split}`` per
 line), which ships in the package and which ``[[data]] type = "self-distill"`` reads.
 
-    python benchmarks/make_self_distill.py [--out PATH] [--max-new-tokens 40] [--threads 1]
+    python scripts/make_self_distill.py [--out PATH] [--max-new-tokens 40] [--threads 1]
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 4-bit quantized (RTN on the GPTQ grid, group 64: SmolLM2's 576 is not divisible by 128).
 
 Same shapes, same formats, same kernels as the demo: right for speed and memory figures, meaningless for
-answer quality. Usage: python benchmarks/chat_standin.py OUT_DIR  (writes OUT_DIR/merged, OUT_DIR/quantized)
+answer quality. Usage: python scripts/make_standin.py OUT_DIR  (writes OUT_DIR/merged, OUT_DIR/quantized)
 """
 
 from __future__ import annotations

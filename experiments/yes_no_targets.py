@@ -1,4 +1,4 @@
-"""Which yes/no target can rank-8 adapters on SmolLM2-135M learn? A text-only check behind train/demo.toml's
+"""Which yes/no target can rank-8 adapters on SmolLM2-135M learn? A text-only check behind recipes/demo.toml's
 `explain` format (README, "How the demo learned yes/no").
 
 The image is left out: its colour and shape are given as teacher-forced text in the target, so only the
@@ -6,7 +6,7 @@ decision is learned. For each target format, adapters are trained on balanced ea
 (Alpaca JSON, text modality), then the final word (and, for the stepwise format, the middle clause) is read
 teacher-forced on held-out test questions, split into plain and negated questions.
 
-    python benchmarks/yes_no_targets.py [--steps 400] [--train 4000] [--test 400] [--out runs/yes_no_targets]
+    python experiments/yes_no_targets.py [--steps 400] [--train 4000] [--test 400] [--out runs/yes_no_targets]
 
 ~13 min per format on 1 thread. Not a CI test. Results go to OUT/report.json.
 """

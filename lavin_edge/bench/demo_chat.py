@@ -9,18 +9,17 @@ about the right image, and do single turns stay right, for the fp (merged) and 4
   (``lavin_edge.chat.followups``), through ``ChatSession`` on the chat engine;
 - single turn: easy-vqa test questions, one fresh conversation each, judged as ``lavin-edge eval`` judges.
 
-    LAVIN_EDGE_DEMO_DIR=/tmp/demo python benchmarks/demo_chat_quality.py [--followups 200] [--single 1000]
+    LAVIN_EDGE_DEMO_DIR=/tmp/demo lavin-edge bench demo-chat [--followups 200] [--single 1000] [--report F]
 
-The demo is built from the shipped adapters if needed. Results go to benchmarks/demo_chat_quality.json.
+The demo is built from the shipped adapters if needed. The last recorded results are in
+docs/benchmarks/demo_chat_quality.json.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -53,48 +52,36 @@ def single_turn(engine: Engine, n: int, seed: int) -> dict[str, Any]:
             "kinds": {k: {"n": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(hits.items())}}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--followups", type=int, default=200)
-    ap.add_argument("--single", type=int, default=1000)
-    ap.add_argument("--followups-fp", type=int, default=None, help="cases for the fp engine (default --followups)")
-    ap.add_argument("--single-fp", type=int, default=None, help="questions for the fp engine (default --single)")
-    ap.add_argument("--texts", type=int, default=40, help="held-out prose paragraphs for perplexity")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--report", default="benchmarks/demo_chat_quality.json")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+def run_demo_chat_bench(followups: int = 200, single: int = 1000, followups_fp: int | None = None,
+                        single_fp: int | None = None, texts: int = 40,
+                        log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Text fidelity, follow-up turns and single turns of the demo, fp and 4-bit (see the module docstring).
+    ``followups_fp`` / ``single_fp``: cases for the fp engine (default: the 4-bit counts)."""
     root = demo_model_dir(quantized=True, build=True).parent
     report: dict[str, Any] = {"demo": str(root)}
     t0 = time.perf_counter()
 
     base, tok, _ = build_base(BaseSpec("smollm2-135m", "efficientnet-lite0", None, 0), AdapterConfig())
     held_out = load_self_distill(None, "test", Problems(strict=True))
-    texts = stdlib_paragraphs("heldout")[:args.texts]
+    paragraphs = stdlib_paragraphs("heldout")[:texts]
     for name, loader in (("fp", lambda: load_merged(root / "merged")[0]),
                          ("4bit", lambda: load_quantized_as_fp(root / "quantized")[0])):
-        report[f"text_{name}"] = text_fidelity(loader(), base.eval(), tok, held_out, texts)
+        report[f"text_{name}"] = text_fidelity(loader(), base.eval(), tok, held_out, paragraphs)
         log(f"text {name}: {json.dumps(report[f'text_{name}'])}")
     del base
 
-    cases = followup_cases(args.followups, seed=0)
+    cases = followup_cases(followups, seed=0)
     for name, path in (("4bit", root / "quantized"), ("fp", root / "merged")):
         eng = Engine.load(path)
-        n_fu = args.followups if name == "4bit" or args.followups_fp is None else args.followups_fp
+        n_fu = followups if name == "4bit" or followups_fp is None else followups_fp
         if n_fu:
             fu = run_followups(eng, cases[:n_fu])
             report[f"followups_{name}"] = {k: v for k, v in fu.items() if k != "wrong"} | {"wrong": fu["wrong"][:10]}
             log(f"follow-ups {name}: {fu['accuracy']:.3f} {json.dumps(fu['kinds'])}")
-        n = args.single if name == "4bit" or args.single_fp is None else args.single_fp
+        n = single if name == "4bit" or single_fp is None else single_fp
         if n:
             report[f"single_{name}"] = single_turn(eng, n, seed=0)
             log(f"single {name}: {json.dumps(report[f'single_{name}'])}")
     report["seconds"] = round(time.perf_counter() - t0, 1)
-    report["threads"] = args.threads
-    Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in report.items()}, indent=2)[:4000])
-
-
-if __name__ == "__main__":
-    main()
+    report["threads"] = torch.get_num_threads()
+    return report
