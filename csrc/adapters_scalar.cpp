@@ -17,7 +17,7 @@ void llm_adapter_scalar(const LlmAdapterArgs& p, int threads) {
     for (int64_t j = 0; j < D; ++j) ss += static_cast<double>(x[j]) * x[j];
     const double inv = 1.0 / std::sqrt(ss / static_cast<double>(D) + p.eps);
     for (int64_t j = 0; j < D; ++j) y[j] = static_cast<float>(x[j] * inv * p.g[j]);  // n
-    double z[64];
+    double z[kMaxAdapterRank];
     for (int64_t i = 0; i < r; ++i) {
       double acc = p.a[i];
       for (int64_t j = 0; j < D; ++j) acc += static_cast<double>(p.A[i * D + j]) * y[j];
@@ -40,7 +40,7 @@ void vit_adapter_scalar(const VitAdapterArgs& p, int threads) {
   for (int64_t row = 0; row < p.rows; ++row) {
     const float* x = p.x + row * D;
     float* y = p.y + row * D;
-    double z[64];
+    double z[kMaxAdapterRank];
     for (int64_t i = 0; i < r; ++i) {
       double acc = p.a[i];
       for (int64_t j = 0; j < D; ++j) acc += static_cast<double>(p.A[i * D + j]) * x[j];

@@ -65,8 +65,8 @@ void LAVIN_CAT(llm_adapter, LAVIN_ADAPTER_SUFFIX)(const LlmAdapterArgs& p, int t
     const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + p.eps);
 #pragma omp simd
     for (int64_t j = 0; j < D; ++j) y[j] = x[j] * inv * p.g[j];
-    // z = A n + a (rank r, at most 64: checked by the binding).
-    float z[64];
+    // z = A n + a (rank r, at most kMaxAdapterRank: checked by the binding).
+    float z[kMaxAdapterRank];
     for (int64_t i = 0; i < r; ++i) z[i] = dot_simd(p.A + i * D, y, D) + p.a[i];
     const int32_t mod = p.row_modality[row];
     const float* Um = p.U + mod * D * r;
@@ -85,7 +85,7 @@ void LAVIN_CAT(vit_adapter, LAVIN_ADAPTER_SUFFIX)(const VitAdapterArgs& p, int t
   for (int64_t row = 0; row < p.rows; ++row) {
     const float* x = p.x + row * D;
     float* y = p.y + row * D;
-    float z[64];
+    float z[kMaxAdapterRank];
     for (int64_t i = 0; i < r; ++i) z[i] = dot_simd(p.A + i * D, x, D) + p.a[i];
     // Per-token routing: softmax over the two experts of (R x + rb) / t.
     const float l0 = (dot_simd(p.R, x, D) + p.rb[0]) / p.temperature;

@@ -222,7 +222,7 @@ struct NormAdapterWeights {
 NormAdapterWeights make_norm_adapter_weights(uintptr_t g, uintptr_t A, uintptr_t a, uintptr_t U, uintptr_t u,
                                              int64_t dim, int64_t rank, double eps) {
   require(dim > 0, "NormAdapterWeights: dim must be positive");
-  require(rank > 0 && rank <= 64, "NormAdapterWeights: rank must be in [1, 64]");
+  require(rank > 0 && rank <= kMaxAdapterRank, "NormAdapterWeights: rank must be in [1, MAX_ADAPTER_RANK]");
   require(eps > 0.0, "NormAdapterWeights: eps must be positive");
   require(g && A && a && U && u, "NormAdapterWeights: null pointer");
   NormAdapterWeights d;
@@ -253,7 +253,7 @@ void py_vit_adapter(const std::string& isa_name, uintptr_t x, uintptr_t y, int64
                     uintptr_t d, double temperature, double scale, int threads) {
   const Isa isa = parse_isa(isa_name);
   require(rows > 0 && dim > 0 && dim % 2 == 0, "vit_adapter: rows > 0 and an even dim > 0 required");
-  require(rank >= 2 && rank <= 64 && rank % 2 == 0, "vit_adapter: rank must be even, in [2, 64]");
+  require(rank >= 2 && rank <= kMaxAdapterRank && rank % 2 == 0, "vit_adapter: rank must be even, in [2, MAX_ADAPTER_RANK]");
   require(temperature > 0.0, "vit_adapter: temperature must be positive");
   VitAdapterArgs p{ptr<const float>(x), ptr<float>(y), rows, dim, rank, ptr<const float>(A), ptr<const float>(a),
                    ptr<const float>(R), ptr<const float>(rb), ptr<const float>(B), ptr<const float>(b),
@@ -382,6 +382,7 @@ void check_cuda(const std::string& err) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
+  m.attr("MAX_ADAPTER_RANK") = kMaxAdapterRank;
   m.doc() = "lavin-edge native kernels (CPU: scalar/AVX2/AVX-512 VNNI; CUDA when built with nvcc)";
   m.def("cpu_features", &py_cpu_features, "CPU features the kernels dispatch on, plus best_isa and build info");
   py::class_<W4Weights>(m, "W4Weights",
@@ -464,7 +465,7 @@ PYBIND11_MODULE(_C, m) {
       "cuda_llm_adapter",
       [](uintptr_t x, uintptr_t y, int64_t rows, int64_t dim, int64_t rank, uintptr_t g, uintptr_t A, uintptr_t a,
          uintptr_t U, uintptr_t u, uintptr_t row_modality, double eps, int64_t stream) {
-        require(rows > 0 && dim > 0 && rank > 0 && rank <= 64, "cuda_llm_adapter: bad sizes");
+        require(rows > 0 && dim > 0 && rank > 0 && rank <= kMaxAdapterRank, "cuda_llm_adapter: bad sizes");
         check_cuda(cuda::llm_adapter(ptr<const void>(x), ptr<void>(y), rows, dim, rank, ptr<const float>(g),
                                      ptr<const float>(A), ptr<const float>(a), ptr<const float>(U),
                                      ptr<const float>(u), ptr<const int32_t>(row_modality), static_cast<float>(eps),
@@ -477,7 +478,7 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t x, uintptr_t y, int64_t rows, int64_t dim, int64_t rank, uintptr_t A, uintptr_t a, uintptr_t R,
          uintptr_t rb, uintptr_t B, uintptr_t b, uintptr_t Dw, uintptr_t d, double temperature, double scale,
          int64_t stream) {
-        require(rows > 0 && dim > 0 && dim % 2 == 0 && rank >= 2 && rank <= 64 && rank % 2 == 0,
+        require(rows > 0 && dim > 0 && dim % 2 == 0 && rank >= 2 && rank <= kMaxAdapterRank && rank % 2 == 0,
                 "cuda_vit_adapter: bad sizes");
         check_cuda(cuda::vit_adapter(ptr<const void>(x), ptr<void>(y), rows, dim, rank, ptr<const float>(A),
                                      ptr<const float>(a), ptr<const float>(R), ptr<const float>(rb),

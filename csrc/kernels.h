@@ -10,6 +10,8 @@
 #include <cmath>
 #include <vector>
 
+#include "adapter_limits.h"
+
 namespace lavin {
 
 // ---------------------------------------------------------------------------------------

@@ -307,35 +307,94 @@ def train(cfg: TrainConfig, resume: bool = False, dry_run: bool = False, echo: A
 
 def _train(cfg: TrainConfig, info: DistInfo, resume: bool, dry_run: bool, log: Any, overwrite: bool
            ) -> TrainResult | None:
-    out = Path(cfg.out_dir)
     dtype = resolve_dtype(cfg.base_dtype, info.device)
     spec = BaseSpec(cfg.llm, cfg.vision, cfg.tokenizer, cfg.base_seed)
     adapter = AdapterConfig(hidden=cfg.adapter_hidden, temperature=cfg.temperature, dropout=cfg.dropout)
     problems = Problems(strict=cfg.strict_data)
-
     if dry_run:
-        from lavin_edge.config import LavinConfig
-        from lavin_edge.io.tokenizer import load_tokenizer
-        from lavin_edge.model.lavin import build_lavin
-        from lavin_edge.training.base import resolve_llm
-
-        llm_cfg, vis_cfg = base_configs(spec)
-        meta_model = build_lavin(LavinConfig(llm_cfg, vis_cfg, adapter), "meta")
-        tok_spec = cfg.tokenizer or ("bytes" if cfg.llm.startswith("preset:") else resolve_llm(cfg.llm))
-        tok = load_tokenizer(tok_spec)
-        ds = build_dataset(cfg, tok, meta_model.n_visual, vis_cfg.image_size, problems)
-        counts = meta_model.count_parameters()
-        plan = StepPlan(len(ds), cfg, info)
-        global_batch = cfg.batch_size * cfg.accum_steps * info.world_size
-        mem = memory_estimate(counts, cfg, dtype, llm_cfg.dim, llm_cfg.n_layers, llm_cfg.vocab_size)
-        log(json.dumps({"parameters": counts, "data": ds.counts(), "bad_records": len(problems.bad),
-                        "global_batch": global_batch, "lr": cfg.lr or scaled_lr(cfg.base_lr, global_batch),
-                        "steps_per_epoch": plan.steps_per_epoch, "total_steps": plan.total_steps,
-                        "base_dtype": str(dtype).removeprefix("torch."), "memory_estimate": mem}, indent=2))
+        _dry_run(cfg, info, spec, adapter, problems, dtype, log)
+        return None
+    run = _start_run(cfg, info, spec, adapter, problems, dtype, resume, log)
+    if info.is_main:
+        if overwrite:
+            rundir.clear_run_dir(run.out)  # the model and data loaded: the old run can go
+        run.out.mkdir(parents=True, exist_ok=True)
+        counts = run.ds.counts()
+        log(f"trainable params {run.meta['params']['trainable_params']:,} | samples {counts['total']} "
+            f"({counts.get('with_image', 0)} with image, {counts.get('text_only', 0)} text-only) | "
+            f"global batch {run.global_batch} | lr {run.peak_lr:.3g} | steps {run.step}->{run.end_step} of "
+            f"{run.plan.total_steps}")
+    interrupted, wall, samples, step_rng = _run_steps(run, dtype, log)
+    # Under torchrun, Ctrl-C reaches every worker (same process group), so all ranks get here together.
+    _save(run, step_rng, final=True)
+    result = TrainResult(run.out, run.step, run.skipped, run.losses, wall, samples / max(wall, 1e-9), interrupted,
+                         len(problems.bad), model=run.model)
+    if info.is_main:
+        log(f"done: {run.step} steps, {run.skipped} skipped (non-finite), {wall:.1f} s, {result.samples_per_s:.2f} "
+            f"samples/s, {len(problems.bad)} bad record(s) skipped -> {run.out}")
         if problems.bad:
             log(problems.summary())
-        return None
+        if isinstance(cfg.eval, dict) and not interrupted:
+            result.eval = _final_eval(run.model, run.tok, cfg, dtype, run.out, run.step, log)
+            result.interrupted = result.eval is None
+    if interrupted and not info.is_main:
+        sys.exit(130)
+    return result
 
+
+def _dry_run(cfg: TrainConfig, info: DistInfo, spec: BaseSpec, adapter: AdapterConfig, problems: Problems,
+             dtype: torch.dtype, log: Any) -> None:
+    """Counts, data and a memory estimate from a meta-device model: nothing is loaded or trained."""
+    from lavin_edge.config import LavinConfig
+    from lavin_edge.io.tokenizer import load_tokenizer
+    from lavin_edge.model.lavin import build_lavin
+    from lavin_edge.training.base import resolve_llm
+
+    llm_cfg, vis_cfg = base_configs(spec)
+    meta_model = build_lavin(LavinConfig(llm_cfg, vis_cfg, adapter), "meta")
+    tok_spec = cfg.tokenizer or ("bytes" if cfg.llm.startswith("preset:") else resolve_llm(cfg.llm))
+    tok = load_tokenizer(tok_spec)
+    ds = build_dataset(cfg, tok, meta_model.n_visual, vis_cfg.image_size, problems)
+    counts = meta_model.count_parameters()
+    plan = StepPlan(len(ds), cfg, info)
+    global_batch = cfg.batch_size * cfg.accum_steps * info.world_size
+    mem = memory_estimate(counts, cfg, dtype, llm_cfg.dim, llm_cfg.n_layers, llm_cfg.vocab_size)
+    log(json.dumps({"parameters": counts, "data": ds.counts(), "bad_records": len(problems.bad),
+                    "global_batch": global_batch, "lr": cfg.lr or scaled_lr(cfg.base_lr, global_batch),
+                    "steps_per_epoch": plan.steps_per_epoch, "total_steps": plan.total_steps,
+                    "base_dtype": str(dtype).removeprefix("torch."), "memory_estimate": mem}, indent=2))
+    if problems.bad:
+        log(problems.summary())
+
+
+@dataclass
+class _Run:
+    """One training run between its steps: what a save writes and the loop advances."""
+
+    cfg: TrainConfig
+    info: DistInfo
+    out: Path
+    model: LaVIN
+    ddp: nn.Module
+    tok: Any
+    ds: LavinDataset
+    plan: StepPlan
+    optimizer: torch.optim.Optimizer
+    sched: WarmupCosine
+    peak_lr: float
+    global_batch: int
+    end_step: int
+    meta: dict[str, Any]
+    step: int = 0
+    skipped: int = 0
+    losses: list[float] = field(default_factory=list)
+    pending_log: list[str] = field(default_factory=list)  # train_log.jsonl lines since the last save
+
+
+def _start_run(cfg: TrainConfig, info: DistInfo, spec: BaseSpec, adapter: AdapterConfig, problems: Problems,
+               dtype: torch.dtype, resume: bool, log: Any) -> _Run:
+    """Load the base and the data, build fresh (or initial, or resumed) adapters, optimiser and schedule."""
+    out = Path(cfg.out_dir)
     model, tok, tok_spec = build_base(spec, adapter, cfg.max_seq_len)
     seed_all(cfg.seed + 1)
     # Fresh adapters from the training seed (the base seed only fixes preset base weights).
@@ -357,8 +416,13 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, dry_run: bool, log: A
     warmup = round(cfg.warmup_epochs * plan.steps_per_epoch)
     sched = WarmupCosine(optimizer, peak_lr, warmup, plan.total_steps, cfg.min_lr)
     end_step = plan.total_steps if cfg.max_steps is None else min(plan.total_steps, cfg.max_steps)
+    meta = {"format": "lavin-edge-adapters", "lavin_config": model.cfg.to_dict(),
+            "base": {**spec.to_dict(), "llm": _abs(spec.llm), "vision": _abs(spec.vision)},
+            "tokenizer": _abs(tok_spec) if tok_spec else None, "recipe": cfg.to_dict(),
+            "params": model.count_parameters()}
+    run = _Run(cfg, info, out, model, model, tok, ds, plan, optimizer, sched, peak_lr, global_batch, end_step,
+               meta)
 
-    step, skipped, losses = 0, 0, []
     seed_all(cfg.seed * 1000 + info.rank)  # dropout masks: reproducible, different per rank
     if resume:
         state = ckpt.load_trainer_state(out)
@@ -368,130 +432,111 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, dry_run: bool, log: A
         model.load_state_dict({k: v.to(info.device) for k, v in ckpt.load_adapters(out).items()}, strict=False)
         optimizer.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        step, skipped, losses = state["step"], state["skipped_steps"], list(state["losses"])
+        run.step, run.skipped, run.losses = state["step"], state["skipped_steps"], list(state["losses"])
         set_rng_state(state["rng"][info.rank])
-        log(f"resumed from {out} at step {step}")
+        log(f"resumed from {out} at step {run.step}")
 
-    ddp: nn.Module = model
     if info.enabled:
         # find_unused_parameters: text-only batches leave the vision adapters and the projection unused.
-        ddp = nn.parallel.DistributedDataParallel(
+        run.ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
             find_unused_parameters=True)
     set_train_mode(model)
+    return run
+
+
+def _run_steps(run: _Run, dtype: torch.dtype, log: Any) -> tuple[bool, float, int, dict[str, Any]]:
+    """Optimizer steps until the end step or Ctrl-C/SIGTERM, saving every ``save_every``. Returns
+    (interrupted, wall seconds, samples, the RNG state a resume restores)."""
+    cfg, info = run.cfg, run.info
     autocast = torch.autocast(info.device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-    meta = {"format": "lavin-edge-adapters", "lavin_config": model.cfg.to_dict(),
-            "base": {**spec.to_dict(), "llm": _abs(spec.llm), "vision": _abs(spec.vision)},
-            "tokenizer": _abs(tok_spec) if tok_spec else None, "recipe": cfg.to_dict(),
-            "params": model.count_parameters()}
-
-    pending_log: list[str] = []  # train_log.jsonl lines since the last save (the log is part of the saved state)
-
-    def save(at_step: int, rng: dict[str, Any], final: bool = False) -> None:
-        rngs = _gather(rng, info)
-        if not info.is_main:
-            return
-        out.mkdir(parents=True, exist_ok=True)
-        _write_step("clean")
-        rundir.remove_stale_temps(out)
-        staged: list[tuple[Path, Path]] = []
-        try:  # every new file under a temporary name first: meanwhile the previous checkpoint stays complete
-            _write_step("stage adapters")
-            staged.append(ckpt.stage_adapters(model.trainable_state_dict(), out, {"step": str(at_step)}))
-            _write_step("stage config")
-            staged.append(ckpt.stage_json({**meta, "step": at_step}, out / ckpt.CONFIG))
-            _write_step("stage trainer_state")
-            staged.append(ckpt.stage_trainer_state({
-                "step": at_step, "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(), "rng": rngs,
-                "skipped_steps": skipped, "losses": losses, "world_size": info.world_size,
-                "global_batch": global_batch}, out))
-            _write_step("stage log")
-            staged.append(rundir.stage_log(out, pending_log))
-            if final:
-                from lavin_edge.training.plot import plot_loss
-
-                _write_step("stage plot")
-                staged.append((plot_loss(list(range(1, len(losses) + 1)), losses, out / ".loss.tmp.png"),
-                               out / "loss.png"))
-        except BaseException:
-            for tmp, _ in staged:
-                tmp.unlink(missing_ok=True)
-            raise
-        _write_step("unmark")
-        rundir.begin_save(out)
-        for tmp, dest in staged:
-            _write_step(f"replace {dest.name}")
-            os.replace(tmp, dest)
-        pending_log.clear()
-        (out / "eval.json").unlink(missing_ok=True)  # an evaluation of an earlier step
-        _write_step("marker")
-        rundir.end_save(out, at_step, finished=at_step >= end_step)
-
-    if info.is_main:
-        if overwrite:
-            rundir.clear_run_dir(out)  # the model and data loaded: the old run can go
-        out.mkdir(parents=True, exist_ok=True)
-        counts = ds.counts()
-        log(f"trainable params {meta['params']['trainable_params']:,} | samples {counts['total']} "
-            f"({counts.get('with_image', 0)} with image, {counts.get('text_only', 0)} text-only) | "
-            f"global batch {global_batch} | lr {peak_lr:.3g} | steps {step}->{end_step} of {plan.total_steps}")
-    bar = _progress(cfg.progress and info.is_main, step, end_step)
+    bar = _progress(cfg.progress and info.is_main, run.step, run.end_step)
     old_handler = signal.signal(signal.SIGTERM, _raise_interrupt) if _in_main_thread() else None
     t0 = time.perf_counter()
     samples = 0
     interrupted = False
     step_rng = rng_state()
     try:
-        while step < end_step:
+        while run.step < run.end_step:
             step_rng = rng_state()  # what resume restores if this step is cut off
-            loss_val, ok = _train_step(ddp, model, ds, plan.micro_batches(step), info, autocast, tok.pad_id)
+            loss_val, ok = _train_step(run.ddp, run.model, run.ds, run.plan.micro_batches(run.step), info,
+                                       autocast, run.tok.pad_id)
             if ok:
-                optimizer.step()
+                run.optimizer.step()
             else:
-                skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-            lr = sched.lr
-            sched.step()
-            step += 1
-            samples += global_batch
-            losses.append(loss_val)
+                run.skipped += 1
+            run.optimizer.zero_grad(set_to_none=True)
+            lr = run.sched.lr
+            run.sched.step()
+            run.step += 1
+            samples += run.global_batch
+            run.losses.append(loss_val)
             elapsed = time.perf_counter() - t0
             sps = samples / max(elapsed, 1e-9)
             if bar is not None:
-                bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", sps=f"{sps:.1f}", skipped=skipped)
+                bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", sps=f"{sps:.1f}", skipped=run.skipped)
                 bar.update(1)
-            if info.is_main and (step % cfg.log_every == 0 or step == end_step):
-                pending_log.append(json.dumps({"step": step, "loss": loss_val, "lr": lr, "samples_per_s": sps,
-                                               "elapsed_s": elapsed, "skipped_steps": skipped}) + "\n")
-            if cfg.save_every and step % cfg.save_every == 0 and step < end_step:
-                save(step, rng_state())
+            if info.is_main and (run.step % cfg.log_every == 0 or run.step == run.end_step):
+                run.pending_log.append(json.dumps({
+                    "step": run.step, "loss": loss_val, "lr": lr, "samples_per_s": sps, "elapsed_s": elapsed,
+                    "skipped_steps": run.skipped}) + "\n")
+            if cfg.save_every and run.step % cfg.save_every == 0 and run.step < run.end_step:
+                _save(run, rng_state())
         step_rng = rng_state()
     except KeyboardInterrupt:
         interrupted = True
-        optimizer.zero_grad(set_to_none=True)
-        log(f"\ninterrupted: saving step {step} to {out} (continue with --resume)")
+        run.optimizer.zero_grad(set_to_none=True)
+        log(f"\ninterrupted: saving step {run.step} to {run.out} (continue with --resume)")
     finally:
         if bar is not None:
             bar.close()
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
-    wall = time.perf_counter() - t0
-    # Under torchrun, Ctrl-C reaches every worker (same process group), so all ranks get here together.
-    save(step, step_rng, final=True)
-    result = TrainResult(out, step, skipped, losses, wall, samples / max(wall, 1e-9), interrupted,
-                         len(problems.bad), model=model)
-    if info.is_main:
-        log(f"done: {step} steps, {skipped} skipped (non-finite), {wall:.1f} s, {result.samples_per_s:.2f} "
-            f"samples/s, {len(problems.bad)} bad record(s) skipped -> {out}")
-        if problems.bad:
-            log(problems.summary())
-        if isinstance(cfg.eval, dict) and not interrupted:
-            result.eval = _final_eval(model, tok, cfg, dtype, out, step, log)
-            result.interrupted = result.eval is None
-    if interrupted and not info.is_main:
-        sys.exit(130)
-    return result
+    return interrupted, time.perf_counter() - t0, samples, step_rng
+
+
+def _save(run: _Run, rng: dict[str, Any], final: bool = False) -> None:
+    """Write a checkpoint of ``run`` (rank 0; every rank sends its RNG state): each new file under a temporary
+    name first, so the previous checkpoint stays complete until the marker says otherwise."""
+    rngs = _gather(rng, run.info)
+    if not run.info.is_main:
+        return
+    out = run.out
+    out.mkdir(parents=True, exist_ok=True)
+    _write_step("clean")
+    rundir.remove_stale_temps(out)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        _write_step("stage adapters")
+        staged.append(ckpt.stage_adapters(run.model.trainable_state_dict(), out, {"step": str(run.step)}))
+        _write_step("stage config")
+        staged.append(ckpt.stage_json({**run.meta, "step": run.step}, out / ckpt.CONFIG))
+        _write_step("stage trainer_state")
+        staged.append(ckpt.stage_trainer_state({
+            "step": run.step, "optimizer": run.optimizer.state_dict(), "scheduler": run.sched.state_dict(),
+            "rng": rngs, "skipped_steps": run.skipped, "losses": run.losses, "world_size": run.info.world_size,
+            "global_batch": run.global_batch}, out))
+        _write_step("stage log")
+        staged.append(rundir.stage_log(out, run.pending_log))
+        if final:
+            from lavin_edge.training.plot import plot_loss
+
+            _write_step("stage plot")
+            staged.append((plot_loss(list(range(1, len(run.losses) + 1)), run.losses, out / ".loss.tmp.png"),
+                           out / "loss.png"))
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    _write_step("unmark")
+    rundir.begin_save(out)
+    for tmp, dest in staged:
+        _write_step(f"replace {dest.name}")
+        os.replace(tmp, dest)
+    run.pending_log.clear()
+    (out / "eval.json").unlink(missing_ok=True)  # an evaluation of an earlier step
+    _write_step("marker")
+    rundir.end_save(out, run.step, finished=run.step >= run.end_step)
 
 
 def _final_eval(model: LaVIN, tok: Any, cfg: TrainConfig, dtype: torch.dtype, out: Path, step: int, log: Any

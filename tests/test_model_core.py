@@ -168,3 +168,14 @@ def test_adapter_rank_is_checked_where_the_config_is_built() -> None:
             AdapterConfig(hidden=hidden, groups=groups)
     with pytest.raises(ValueError, match="temperature"):
         AdapterConfig(temperature=0.0)
+
+
+def test_adapter_rank_limit_is_the_kernels_limit() -> None:
+    """The Python limit and the kernels' (csrc/adapter_limits.h) are one number."""
+    from lavin_edge.config import MAX_ADAPTER_RANK
+    from lavin_edge.kernels.dispatch import extension
+
+    c = extension()
+    if c is None:
+        pytest.skip("the extension is not built")
+    assert c.MAX_ADAPTER_RANK == MAX_ADAPTER_RANK

@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <string>
 
+#include "../adapter_limits.h"
+
 namespace lavin {
 namespace cuda {
 

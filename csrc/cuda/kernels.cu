@@ -8,7 +8,7 @@
 // threads read adjacent int32 words of a qweight row.
 //
 // Adapters: one block per row (token); block-wide reductions for the RMS and for each of the
-// r (<= 64) rank channels.
+// r (<= kMaxAdapterRank) rank channels.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -89,7 +89,7 @@ __global__ void llm_adapter_kernel(const __half* __restrict__ x, __half* __restr
                                    float eps) {
   extern __shared__ float nrm[];
   __shared__ float red[kAdapterThreads / 32];
-  __shared__ float z[64];
+  __shared__ float z[kMaxAdapterRank];
   const int64_t row = blockIdx.x;
   const __half* xr = x + row * dim;
   float ss = 0.0f;
@@ -127,7 +127,7 @@ __global__ void vit_adapter_kernel(const __half* __restrict__ x, __half* __restr
                                    float scale) {
   extern __shared__ float xsh[];
   __shared__ float red[kAdapterThreads / 32];
-  __shared__ float z[64];
+  __shared__ float z[kMaxAdapterRank];
   __shared__ float wgt[2];
   const int64_t row = blockIdx.x;
   for (int j = threadIdx.x; j < dim; j += blockDim.x) xsh[j] = __half2float(x[row * dim + j]);

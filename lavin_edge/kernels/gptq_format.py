@@ -24,6 +24,7 @@ decisions GPTQ makes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -232,28 +233,35 @@ def grid(w: torch.Tensor, sym: bool, maxq: int = MAXQ) -> tuple[torch.Tensor, to
     return scale, zero
 
 
-def rtn(w: torch.Tensor, group_size: int = 128, sym: bool = True, order: torch.Tensor | None = None
+def rtn(w: torch.Tensor, group_size: int = 128, sym: bool = True, order: torch.Tensor | None = None, *,
+        maxq: int = MAXQ, grid_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
         ) -> UnpackedLinear:
-    """Round-to-nearest 4-bit of ``w [N, K]`` on GPTQ's grid (fp32 scales; ``pack_linear`` stores them fp16).
+    """Round-to-nearest of ``w [N, K]`` on GPTQ's grid, 4-bit by default (fp32 scales; ``pack_linear`` stores
+    them fp16). The project's one RTN: the quantizer's baseline (``quantize.gptq.rtn_quantize``) is this with
+    its own ``grid_fn`` (other bit widths, MSE clipping) and ``maxq``.
 
     ``group_size`` -1/0: one group over K. ``order`` (a permutation of K, act-order style) decides which rows
-    share a group: group j holds rows ``order[j*gs:(j+1)*gs]``, so ``g_idx`` is non-monotonic."""
+    share a group: group j holds rows ``order[j*gs:(j+1)*gs]``, so ``g_idx`` is non-monotonic. ``grid_fn``
+    maps a group's weights [N, g] to (scale [N], zero [N]); default ``grid(., sym, maxq)``."""
     n, k = w.shape
     gs = k if group_size <= 0 else group_size
-    if k % 8 or k % gs:
-        raise ValueError(f"K={k} must be a multiple of 8 and of group_size={gs}")
+    if k % gs:
+        raise ValueError(f"K={k} must be a multiple of group_size={gs}")
     w = w.float()
+    if grid_fn is None:
+        def grid_fn(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return grid(g, sym, maxq)
     order = torch.arange(k) if order is None else order.long()
     g_idx = torch.empty(k, dtype=torch.int32)
     g_idx[order] = (torch.arange(k) // gs).to(torch.int32)
     scales, zeros = [], []
     for s in range(0, k, gs):
-        sc, z = grid(w[:, order[s:s + gs]], sym)
+        sc, z = grid_fn(w[:, order[s:s + gs]])
         scales.append(sc)
         zeros.append(z)
     scale, zero = torch.stack(scales), torch.stack(zeros)  # [G, N]
     gi = g_idx.long()
-    q = torch.clamp(torch.round(w / scale[gi].T) + zero[gi].T, 0, MAXQ).to(torch.int32)
+    q = torch.clamp(torch.round(w / scale[gi].T) + zero[gi].T, 0, maxq).to(torch.int32)
     return UnpackedLinear(q, scale, zero, g_idx)
 
 
@@ -272,6 +280,8 @@ def quantize_rtn(
     (fp16), g_idx (int32) and the resolved group_size. An asymmetric grid can have a zero point of 0, which
     v1 cannot store: asymmetric + ``"gptq"`` raises when that happens."""
     k = w.shape[1]
+    if k % 8:
+        raise ValueError(f"K={k} must be a multiple of 8 (eight 4-bit rows per int32)")
     order = torch.randperm(k, generator=generator) if act_order else None
     r = rtn(w, group_size, sym, order)
     t = pack_linear(r, BITS, checkpoint_format)

@@ -25,22 +25,13 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 @dataclass
-class QuantResult:
+class QuantResult(gptq_format.UnpackedLinear):
     """One quantized Linear: ints ``q [N, K]`` (int32), ``scales``/``zeros [G, N]`` (fp32, zeros integral),
-    ``g_idx [K]`` (int32), ``damp`` (the damping fraction that made H invertible), ``loss`` (GPTQ's
+    ``g_idx [K]`` (int32), plus ``damp`` (the damping fraction that made H invertible) and ``loss`` (GPTQ's
     sum of (w - q)^2 / d^2 / 2 over the weight, the reference's ``avg_loss`` numerator)."""
 
-    q: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor
-    g_idx: torch.Tensor
     damp: float = 0.0
     loss: float = 0.0
-
-    def dequantize(self) -> torch.Tensor:
-        """W_hat [N, K] = scale[g_idx[k], n] * (q[n, k] - zero[g_idx[k], n])."""
-        g = self.g_idx.long()
-        return (self.q.float() - self.zeros[g].T) * self.scales[g].T
 
 
 def check_group_size(k: int, group_size: int) -> None:
@@ -90,19 +81,12 @@ def _validate(w: torch.Tensor, bits: int, group_size: int) -> None:
 
 def rtn_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True,
                  mse: float = 0.0) -> QuantResult:
-    """Round-to-nearest on GPTQ's grid (the baseline GPTQ must beat)."""
+    """Round-to-nearest on GPTQ's grid (the baseline GPTQ must beat): ``gptq_format.rtn`` with this module's
+    grid, so any supported bit width and the same MSE clipping as GPTQ."""
     _validate(w, bits, group_size)
-    w = w.float()
-    n, k = w.shape
-    gs = k if group_size == -1 else group_size
-    scales, zeros, qs = [], [], []
-    for s in range(0, k, gs):
-        scale, zero = grid_params(w[:, s:s + gs], bits, sym, mse)
-        qs.append(quantize_column(w[:, s:s + gs], scale[:, None], zero[:, None], bits))
-        scales.append(scale)
-        zeros.append(zero)
-    g_idx = (torch.arange(k) // gs).to(torch.int32)
-    return QuantResult(torch.cat(qs, 1).to(torch.int32), torch.stack(scales), torch.stack(zeros), g_idx)
+    r = gptq_format.rtn(w, group_size, sym, maxq=2**bits - 1,
+                        grid_fn=lambda g: grid_params(g, bits, sym, mse))
+    return QuantResult(r.q, r.scales, r.zeros, r.g_idx)
 
 
 class HessianAccumulator:
