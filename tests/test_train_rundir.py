@@ -275,3 +275,17 @@ def test_killed_at_every_write_step_leaves_complete_or_refused(tmp_path: Path) -
     # the first checkpoint complete while it stages its files, and is refused only from the unmark on.
     want = ["refused"] * second + ["resumed"] * (unmark2 + 1 - second) + ["refused"] * (n_writes - unmark2 - 1)
     assert outcomes == want, list(zip(names, outcomes, strict=True))
+
+
+def test_bench_train_reports_the_run(tmp_path: Path) -> None:
+    """`lavin-edge bench train` trains the recipe and reports what the run did, on stdout and in --report."""
+    out = tmp_path / "run"
+    recipe = _recipe(tmp_path / "r.toml", out, eval=False)
+    report = tmp_path / "report.json"
+    res = CliRunner().invoke(cli_main, ["bench", "train", "--recipe", str(recipe), "--report", str(report)])
+    assert res.exit_code == 0, res.output
+    got = json.loads(report.read_text())
+    assert got == json.loads(res.stdout)
+    assert got["steps"] == 2 and got["out_dir"] == str(out) and got["samples"] == 2 * got["global_batch"]
+    assert got["adapter_bytes"] == (out / "adapters.safetensors").stat().st_size
+    assert got["first_loss"] > 0 and got["last_loss"] > 0

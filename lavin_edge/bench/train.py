@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,12 @@ DEFAULT_RECIPE = "recipes/demo.toml"
 
 
 def run_train_bench(recipe: str = DEFAULT_RECIPE, out: str | None = None, threads: int | None = None,
-                    resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Train ``recipe`` and return what the run measured."""
+                    resume: bool = False, overwrite: bool = False,
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train ``recipe`` (its log lines to ``log``) and return what the run measured."""
     cfg = load_recipe(recipe, {"out_dir": out, "threads": threads})
     t0 = time.perf_counter()
-    res = train(cfg, resume=resume, overwrite=overwrite)
+    res = train(cfg, resume=resume, overwrite=overwrite, echo=log)
     if res is None:  # a non-zero rank of a distributed run reports nothing
         return {}
     total = time.perf_counter() - t0

@@ -131,9 +131,13 @@ def train_bench(recipe: str, out: str | None, threads: int | None, resume: bool,
                 report: str | None) -> None:
     """Train a recipe end to end and print steps, wall time, samples/s, first/last loss and the held-out
     easy-vqa accuracy as JSON (~25 min for the demo on 2 cores)."""
+    import sys
+
     from lavin_edge.bench.train import run_train_bench
 
-    result = run_train_bench(recipe, out, threads, resume, overwrite)
+    # The run's log lines go to stderr, so stdout is the JSON report alone.
+    result = run_train_bench(recipe, out, threads, resume, overwrite,
+                             log=lambda *a, **k: print(*a, **k, file=sys.stderr, flush=True))
     if result:
         _write_report(result, report)
 
