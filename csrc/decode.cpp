@@ -115,7 +115,7 @@ void DecodeStack::norm(const DecodeNorm& n, const float* x, float* y, int64_t m,
 // One kv head and the `group` query heads that share it (GQA): scores over the `end` cached positions,
 // softmax, weighted sum of V. Each cached k/v row is read once for the whole group. GCC clones the
 // function per ISA and picks one at load time (ifunc), so the file itself needs no -m flags.
-__attribute__((noinline, target_clones("default", "arch=haswell", "arch=skylake-avx512")))
+__attribute__((noinline, target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 void attend_group(const float* q, const float* K, const float* V, int64_t end, int64_t hd, int64_t group,
                          float scale, float* sc, float* out) {
   for (int64_t j = 0; j < end; ++j) {
@@ -154,7 +154,7 @@ void attend_group(const float* q, const float* K, const float* V, int64_t end, i
   }
 }
 
-__attribute__((noinline, target_clones("default", "arch=haswell", "arch=skylake-avx512")))
+__attribute__((noinline, target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.0f + exp_vec(-gate[i])) * up[i];
