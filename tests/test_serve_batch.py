@@ -238,3 +238,33 @@ def test_native_batch_rows_equal_single_sequence_decode(qdir: Path) -> None:
     for w, g in zip(want, got, strict=True):
         torch.testing.assert_close(w[0], g[0])  # prefill: the same code on a slot view
         assert all(torch.equal(a, b) for a, b in zip(w[1:], g[1:], strict=True))
+
+
+def test_native_step_rows_checks_its_rows(qdir: Path) -> None:
+    """The native multi-row step re-checks what BatchDecoder already checks (distinct slots in range, positions
+    inside the cache, rows <= slots); the torch backend has no native step."""
+    from lavin_edge import kernels
+
+    assert BatchDecoder(Engine.load(qdir, backend="torch"), 2).native is None
+    if kernels.extension() is None:
+        pytest.skip("lavin_edge._C not built")
+    eng = Engine.load(qdir, backend="kernels")
+    dec = BatchDecoder(eng, 2)
+    assert dec.native is not None
+    stack = dec.native.stack
+    x, out = torch.zeros(3, eng.dim), torch.zeros(3, eng.embed.shape[0])
+
+    def call(slots: list[int], pos: list[int], mods: list[int]) -> None:
+        s, p = torch.tensor(slots, dtype=torch.int64), torch.tensor(pos, dtype=torch.int64)
+        m = torch.tensor(mods, dtype=torch.int32)
+        stack.step_rows(x.data_ptr(), len(slots), s.data_ptr(), p.data_ptr(), m.data_ptr(), out.data_ptr())
+
+    with pytest.raises(ValueError, match="distinct"):
+        call([1, 1], [0, 0], [0, 0])
+    with pytest.raises(ValueError, match="rows must be"):
+        call([0, 1, 0], [0, 0, 0], [0, 0, 0])
+    with pytest.raises(ValueError, match="slot outside"):
+        call([2], [0], [0])
+    with pytest.raises(ValueError, match="outside the cache"):
+        call([0], [-1], [0])
+    call([1, 0], [0, 3], [1, 0])
