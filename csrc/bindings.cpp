@@ -44,7 +44,8 @@ void require(bool ok, const std::string& msg) {
 
 // Every v[i] in [lo, hi). One require() per entry would build its message string per entry: that cost
 // ~23 ns each, a third of an act-order GEMV's time at k = 11008.
-bool all_in_range(const int32_t* v, int64_t n, int64_t lo, int64_t hi) {
+template <typename T>
+bool all_in_range(const T* v, int64_t n, int64_t lo, int64_t hi) {
   for (int64_t i = 0; i < n; ++i) {
     if (v[i] < lo || v[i] >= hi) return false;
   }
@@ -309,11 +310,12 @@ std::vector<DecodeLinearPart> decode_linear(const char* what, const std::vector<
 class PyDecodeStack {
  public:
   PyDecodeStack(const std::string& isa, int64_t dim, int64_t n_heads, int64_t n_kv, int64_t head_dim, int64_t ffn,
-                int64_t ctx, int64_t vocab, double eps, uintptr_t rope, int threads)
-      : shape_{dim, n_heads, n_kv, head_dim, ffn, ctx, vocab, static_cast<float>(eps), ptr<const float>(rope)} {
+                int64_t ctx, int64_t vocab, double eps, uintptr_t rope, int threads, int64_t slots)
+      : shape_{dim, n_heads, n_kv, head_dim, ffn, ctx, vocab, static_cast<float>(eps), ptr<const float>(rope), slots} {
     const Isa i = parse_isa(isa);
     require(dim > 0 && n_heads > 0 && n_kv > 0 && head_dim > 0 && ffn > 0 && ctx > 0 && vocab > 0,
             "decode: sizes must be positive");
+    require(slots > 0 && slots <= 4096, "decode: slots must be in [1, 4096]");
     require(n_heads % n_kv == 0 && head_dim % 2 == 0, "decode: n_heads must be a multiple of n_kv, head_dim even");
     require(rope != 0, "decode: null rope table");
     stack_ = std::make_unique<DecodeStack>(shape_, w4_gemm_fn(i), llm_adapter_fn(i), resolve_threads(threads));
@@ -333,11 +335,31 @@ class PyDecodeStack {
     stack_->add_layer(l);
   }
 
-  // An empty head list: step() stops after the final norm and writes the normed state [dim].
-  void set_head(const NormAdapterWeights& norm, const std::vector<LinearPart>& head) {
+  // An empty head list: step() stops after the final norm and writes the normed state [dim]. rescore_weight:
+  // the fp rows [vocab][dim] ("float32", "float16" or "bfloat16") whose rescore_top best logits are recomputed
+  // after the 4-bit head (0: none).
+  void set_head(const NormAdapterWeights& norm, const std::vector<LinearPart>& head, uintptr_t rescore_weight,
+                const std::string& rescore_dtype, int64_t rescore_numel, int64_t rescore_top) {
     std::vector<DecodeLinearPart> parts;
     if (!head.empty()) parts = decode_linear("decode head", head, shape_.dim, shape_.vocab);
-    stack_->set_head(decode_norm("decode head norm", norm), parts);
+    DecodeRescore rs;
+    if (rescore_weight) {
+      require(!head.empty(), "decode: re-scoring needs a head");
+      require(rescore_top > 0 && rescore_top <= kMaxRescore, "decode: rescore_top must be in [1, 64]");
+      require(rescore_numel == shape_.vocab * shape_.dim, "decode: rescore weight must be [vocab][dim]");
+      if (rescore_dtype == "float32") {
+        rs.dtype = DecodeRescore::kF32;
+      } else if (rescore_dtype == "float16") {
+        rs.dtype = DecodeRescore::kF16;
+      } else if (rescore_dtype == "bfloat16") {
+        rs.dtype = DecodeRescore::kBF16;
+      } else {
+        throw std::invalid_argument("decode: rescore dtype must be float32, float16 or bfloat16");
+      }
+      rs.weight = ptr<const void>(rescore_weight);
+      rs.top = rescore_top;
+    }
+    stack_->set_head(decode_norm("decode head norm", norm), parts, rs);
     has_head_ = true;
   }
 
@@ -348,6 +370,26 @@ class PyDecodeStack {
     require(x && out, "decode: null pointer");
     py::gil_scoped_release nogil;
     stack_->step(ptr<float>(x), pos, modality, ptr<float>(out));
+  }
+
+  // m rows: x fp32 [m][dim], slot and pos int64 [m], modality int32 [m], out fp32 [m][vocab or dim].
+  void step_rows(uintptr_t x, int64_t m, uintptr_t slot, uintptr_t pos, uintptr_t modality, uintptr_t out) {
+    require(has_head_, "decode: set_head before step");
+    require(m > 0 && m <= shape_.rows, "decode: rows must be in [1, slots]");
+    require(x && slot && pos && modality && out, "decode: null pointer");
+    const int64_t* sl = ptr<const int64_t>(slot);
+    const int64_t* ps = ptr<const int64_t>(pos);
+    const int32_t* md = ptr<const int32_t>(modality);
+    require(all_in_range(sl, m, 0, shape_.rows), "decode: slot outside [0, slots)");
+    require(all_in_range(ps, m, 0, shape_.ctx), "decode: position outside the cache");
+    require(all_in_range(md, m, 0, 2), "decode: modality must be 0 or 1");
+    std::vector<bool> seen(shape_.rows, false);
+    for (int64_t r = 0; r < m; ++r) {
+      require(!seen[sl[r]], "decode: slots must be distinct");
+      seen[sl[r]] = true;
+    }
+    py::gil_scoped_release nogil;
+    stack_->step_rows(ptr<float>(x), m, sl, ps, md, ptr<float>(out));
   }
 
   int64_t n_layers() const { return stack_->n_layers(); }
@@ -429,16 +471,20 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("accumulate", &LinearPart::accumulate)
       .def_readonly("threads", &LinearPart::threads);
   py::class_<PyDecodeStack>(m, "DecodeStack",
-                            "One batch-1 decode step of the whole decoder per call (csrc/decode.cpp); holds "
+                            "One decode step of the whole decoder per call, one sequence or m batch rows (csrc/decode.cpp); holds "
                             "raw addresses, so the caller keeps every tensor alive")
       .def(py::init<const std::string&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double,
-                    uintptr_t, int>(),
+                    uintptr_t, int, int64_t>(),
            py::arg("isa"), py::arg("dim"), py::arg("n_heads"), py::arg("n_kv"), py::arg("head_dim"), py::arg("ffn"),
-           py::arg("ctx"), py::arg("vocab"), py::arg("eps"), py::arg("rope"), py::arg("threads") = 0)
+           py::arg("ctx"), py::arg("vocab"), py::arg("eps"), py::arg("rope"), py::arg("threads") = 0,
+           py::arg("slots") = 1)
       .def("add_layer", &PyDecodeStack::add_layer, py::arg("attn_in"), py::arg("ffn_norm"), py::arg("wqkv"),
            py::arg("wo"), py::arg("w13"), py::arg("w2"), py::arg("k_cache"), py::arg("v_cache"))
-      .def("set_head", &PyDecodeStack::set_head, py::arg("norm"), py::arg("head"))
+      .def("set_head", &PyDecodeStack::set_head, py::arg("norm"), py::arg("head"), py::arg("rescore_weight") = 0,
+           py::arg("rescore_dtype") = "float32", py::arg("rescore_numel") = 0, py::arg("rescore_top") = 0)
       .def("step", &PyDecodeStack::step, py::arg("x"), py::arg("pos"), py::arg("modality"), py::arg("out"))
+      .def("step_rows", &PyDecodeStack::step_rows, py::arg("x"), py::arg("m"), py::arg("slot"), py::arg("pos"),
+           py::arg("modality"), py::arg("out"))
       .def_property_readonly("n_layers", &PyDecodeStack::n_layers);
   m.def("read_bandwidth", &py_read_bandwidth, "Sum a buffer with `threads` threads (STREAM-like read probe)",
         py::arg("buf"), py::arg("nbytes"), py::arg("threads") = 0);

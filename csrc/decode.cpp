@@ -1,4 +1,5 @@
-// DecodeStack: one batch-1 decode step of the whole decoder in one call (see kernels.h).
+// DecodeStack: one decode step of the whole decoder in one call, for one sequence or for m rows of a
+// continuous batch (see kernels.h).
 //
 // Compiled without ISA flags: the heavy work goes through the W4 and adapter function pointers
 // chosen at construction (scalar / AVX2 / AVX-512 units); what is left here (rope, a softmax
@@ -37,69 +38,84 @@ static inline float exp_vec(float x) {
 }
 
 struct DecodeScratch {
-  std::vector<float> xn, qkv, att, tmp, g13, h, scores, acc;  // acc: an accumulating part's output
+  // Row-major [rows][...] buffers for up to `rows` rows (shape.rows); acc: an accumulating part's output.
+  std::vector<float> xn, qkv, att, tmp, g13, h, scores, acc;
   std::vector<int8_t> q;
   std::vector<float> d, gsum;
+  std::vector<int64_t> top;  // the rescored head's candidates of one row
+  std::vector<int64_t> end;  // per row: cached positions after this step
 };
 
 DecodeStack::DecodeStack(const DecodeShape& shape, W4GemmFn gemm, LlmAdapterFn adapter, int threads)
     : shape_(shape), gemm_(gemm), adapter_(adapter), threads_(threads), act_(act_format_from_env()),
       s_(new DecodeScratch) {
-  const int64_t hd = shape.head_dim;
-  s_->xn.resize(shape.dim);
-  s_->qkv.resize((shape.n_heads + 2 * shape.n_kv) * hd);
-  s_->att.resize(shape.n_heads * hd);
-  s_->tmp.resize(shape.dim);
-  s_->g13.resize(2 * shape.ffn);
-  s_->h.resize(shape.ffn);
-  s_->scores.resize(shape.n_heads * shape.ctx);
+  const int64_t hd = shape.head_dim, m = std::max<int64_t>(1, shape.rows);
+  shape_.rows = m;
+  s_->xn.resize(m * shape.dim);
+  s_->qkv.resize(m * (shape.n_heads + 2 * shape.n_kv) * hd);
+  s_->att.resize(m * shape.n_heads * hd);
+  s_->tmp.resize(m * shape.dim);
+  s_->g13.resize(m * 2 * shape.ffn);
+  s_->h.resize(m * shape.ffn);
+  s_->scores.resize(m * shape.n_heads * shape.ctx);
+  s_->end.resize(m);
 }
 
 DecodeStack::~DecodeStack() { delete s_; }
 
-static void reserve_quant(DecodeScratch& s, const std::vector<DecodeLinearPart>& parts) {
+static void reserve_quant(DecodeScratch& s, const std::vector<DecodeLinearPart>& parts, int64_t m) {
   for (const auto& p : parts) {
-    if (static_cast<int64_t>(s.q.size()) < act_row_bytes(p.w.kp)) s.q.resize(act_row_bytes(p.w.kp));
-    if (static_cast<int64_t>(s.d.size()) < p.w.kp / kBlock) s.d.resize(p.w.kp / kBlock);
-    if (static_cast<int64_t>(s.gsum.size()) < p.w.groups) s.gsum.resize(p.w.groups);
-    if (p.accumulate && static_cast<int64_t>(s.acc.size()) < p.w.n) s.acc.resize(p.w.n);
+    if (static_cast<int64_t>(s.q.size()) < m * act_row_bytes(p.w.kp)) s.q.resize(m * act_row_bytes(p.w.kp));
+    if (static_cast<int64_t>(s.d.size()) < m * p.w.kp / kBlock) s.d.resize(m * p.w.kp / kBlock);
+    if (static_cast<int64_t>(s.gsum.size()) < m * p.w.groups) s.gsum.resize(m * p.w.groups);
+    if (p.accumulate && static_cast<int64_t>(s.acc.size()) < m * p.w.n) s.acc.resize(m * p.w.n);
   }
 }
 
 void DecodeStack::add_layer(const DecodeLayer& layer) {
-  for (const auto* parts : {&layer.wqkv, &layer.wo, &layer.w13, &layer.w2}) reserve_quant(*s_, *parts);
+  for (const auto* parts : {&layer.wqkv, &layer.wo, &layer.w13, &layer.w2}) reserve_quant(*s_, *parts, shape_.rows);
   layers_.push_back(layer);
 }
 
-void DecodeStack::set_head(const DecodeNorm& norm, const std::vector<DecodeLinearPart>& head) {
-  reserve_quant(*s_, head);
+void DecodeStack::set_head(const DecodeNorm& norm, const std::vector<DecodeLinearPart>& head,
+                           const DecodeRescore& rescore) {
+  reserve_quant(*s_, head, shape_.rows);
   head_norm_ = norm;
   head_ = head;
+  rescore_ = rescore;
+  s_->top.resize(std::max<int64_t>(rescore.top, 0));
 }
 
-void DecodeStack::linear(const std::vector<DecodeLinearPart>& parts, const float* x, float* y) {
+// y [m][ldy] = x [m][k] W^T, the parts side by side (or summed). Every row is quantized and accumulated on its
+// own in the same order whatever m (kernels.h), so a row's output does not depend on the other rows.
+void DecodeStack::linear(const std::vector<DecodeLinearPart>& parts, const float* x, int64_t m, float* y,
+                         int64_t ldy) {
   for (const auto& p : parts) {
-    const XQuant xq = quantize_activations(x, p.w.k, p.w, 1, act_, s_->q.data(), s_->d.data(), s_->gsum.data());
+    const XQuant xq = quantize_activations(x, p.w.k, p.w, m, act_, s_->q.data(), s_->d.data(), s_->gsum.data());
+    const int nt = m == 1 ? p.threads : threads_;  // a GEMV keeps its own choice; m rows read the weight once
     if (!p.accumulate) {
-      gemm_(p.w, xq, y + p.out_offset, p.w.n, p.threads);
+      gemm_(p.w, xq, y + p.out_offset, ldy, nt);
     } else {
       float* t = s_->acc.data();
-      gemm_(p.w, xq, t, p.w.n, p.threads);
-      float* dst = y + p.out_offset;
-      for (int64_t i = 0; i < p.w.n; ++i) dst[i] += t[i];
+      gemm_(p.w, xq, t, p.w.n, nt);
+      for (int64_t r = 0; r < m; ++r) {
+        float* dst = y + r * ldy + p.out_offset;
+        const float* src = t + r * p.w.n;
+        for (int64_t i = 0; i < p.w.n; ++i) dst[i] += src[i];
+      }
     }
   }
 }
 
-void DecodeStack::norm(const DecodeNorm& n, const float* x, float* y, const int32_t* modality) {
-  LlmAdapterArgs a{x, y, 1, shape_.dim, n.rank, n.g, n.A, n.a, n.U, n.u, modality, shape_.eps};
-  adapter_(a, 1);
+void DecodeStack::norm(const DecodeNorm& n, const float* x, float* y, int64_t m, const int32_t* modality) {
+  LlmAdapterArgs a{x, y, m, shape_.dim, n.rank, n.g, n.A, n.a, n.U, n.u, modality, shape_.eps};
+  adapter_(a, 1);  // D * r flops per row: a thread team would cost more than it saves
 }
 
 // One kv head and the `group` query heads that share it (GQA): scores over the `end` cached positions,
 // softmax, weighted sum of V. Each cached k/v row is read once for the whole group. GCC clones the
 // function per ISA and picks one at load time (ifunc), so the file itself needs no -m flags.
-__attribute__((noinline, target_clones("default", "arch=haswell", "arch=skylake-avx512")))
+__attribute__((noinline, target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 void attend_group(const float* q, const float* K, const float* V, int64_t end, int64_t hd, int64_t group,
                          float scale, float* sc, float* out) {
   for (int64_t j = 0; j < end; ++j) {
@@ -138,63 +154,147 @@ void attend_group(const float* q, const float* K, const float* V, int64_t end, i
   }
 }
 
-__attribute__((noinline, target_clones("default", "arch=haswell", "arch=skylake-avx512")))
+__attribute__((noinline, target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.0f + exp_vec(-gate[i])) * up[i];
 }
 
-void DecodeStack::attention(const DecodeLayer& l, const float* q, int64_t end, float* out) {
-  const int64_t nkv = shape_.n_kv, hd = shape_.head_dim, group = shape_.n_heads / nkv, ctx = shape_.ctx;
+// Attention of m rows, each over exactly its own slot's first end[r] cached positions; one (row, kv head) is
+// one unit of work, computed the same way whichever thread runs it and whatever the other rows are.
+void DecodeStack::attention(const DecodeLayer& l, const float* q, int64_t m, const int64_t* slot,
+                            const int64_t* end, float* out) {
+  const int64_t nh = shape_.n_heads, nkv = shape_.n_kv, hd = shape_.head_dim, group = nh / nkv, ctx = shape_.ctx;
+  const int64_t qkv_w = (nh + 2 * nkv) * hd, slot_stride = nkv * ctx * hd;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   float* scores = s_->scores.data();
-  // kv heads in parallel only when the cache is long enough to pay for the fork.
-  const bool par = threads_ > 1 && nkv > 1 && end * shape_.n_heads * hd >= (1 << 18);
+  int64_t work = 0;
+  for (int64_t r = 0; r < m; ++r) work += end[r];
+  // In parallel only when the caches are long enough to pay for the fork.
+  const bool par = threads_ > 1 && m * nkv > 1 && work * nh * hd >= (1 << 18);
 #pragma omp parallel for num_threads(threads_) schedule(static) if (par)
-  for (int64_t kv = 0; kv < nkv; ++kv) {
-    attend_group(q + kv * group * hd, l.k_cache + kv * ctx * hd, l.v_cache + kv * ctx * hd, end, hd, group, scale,
-                 scores + kv * group * ctx, out + kv * group * hd);
+  for (int64_t u = 0; u < m * nkv; ++u) {
+    const int64_t r = u / nkv, kv = u % nkv;
+    const int64_t base = slot[r] * slot_stride + kv * ctx * hd;
+    attend_group(q + r * qkv_w + kv * group * hd, l.k_cache + base, l.v_cache + base, end[r], hd, group, scale,
+                 scores + (r * nh + kv * group) * ctx, out + r * nh * hd + kv * group * hd);
   }
 }
 
-void DecodeStack::step(float* x, int64_t pos, int32_t modality, float* out) {
-  const int64_t D = shape_.dim, nh = shape_.n_heads, nkv = shape_.n_kv, hd = shape_.head_dim;
-  const int64_t ctx = shape_.ctx, F = shape_.ffn, half = hd / 2;
-  const float* rope = shape_.rope + pos * hd;  // [half][2]
-  float *xn = s_->xn.data(), *qkv = s_->qkv.data(), *att = s_->att.data(), *tmp = s_->tmp.data();
-  float *g13 = s_->g13.data(), *h = s_->h.data();
-  for (const DecodeLayer& l : layers_) {
-    norm(l.attn_in, x, xn, &modality);
-    linear(l.wqkv, xn, qkv);
-    // Rotary on q and k: pairs (2i, 2i+1) times (cos + i sin), as view_as_complex in the reference.
-    for (int64_t r = 0; r < nh + nkv; ++r) {
-      float* v = qkv + r * hd;
-      for (int64_t i = 0; i < half; ++i) {
-        const float c = rope[2 * i], s = rope[2 * i + 1];
-        const float re = v[2 * i], im = v[2 * i + 1];
-        v[2 * i] = re * c - im * s;
-        v[2 * i + 1] = re * s + im * c;
+// The rescored head (RescoredHead in lavin_edge/runtime/ops.py): the `top` largest approximate logits of each row
+// recomputed from the fp weight rows, each a sum of exact products in double, rounded once to float. Why double:
+// the sum then carries no fp32 rounding, so the result matches the Python head (a BLAS dot in fp64, another order)
+// and does not depend on the batch. Ties among the approximate logits go to the lower index.
+template <typename T>
+static inline double dot_fp64(const T* w, const float* x, int64_t n) {
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(static_cast<float>(w[i])) * static_cast<double>(x[i]);
+  return s;
+}
+
+static inline float bf16_to_float(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+void DecodeStack::rescore(const float* xn, float* logits) {
+  const DecodeRescore& rs = rescore_;
+  const int64_t V = shape_.vocab, D = shape_.dim, k = std::min(rs.top, V);
+  int64_t* top = s_->top.data();
+  int64_t filled = 0;
+  // Insertion into a sorted list of k (k is small: 8): value descending, index ascending.
+  for (int64_t i = 0; i < V; ++i) {
+    const float v = logits[i];
+    if (filled == k && !(v > logits[top[k - 1]])) continue;
+    int64_t j = filled < k ? filled++ : k - 1;
+    while (j > 0 && v > logits[top[j - 1]]) {
+      top[j] = top[j - 1];
+      --j;
+    }
+    top[j] = i;
+  }
+  double exact[kMaxRescore];
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t row = top[j];
+    switch (rs.dtype) {
+      case DecodeRescore::kF32:
+        exact[j] = dot_fp64(static_cast<const float*>(rs.weight) + row * D, xn, D);
+        break;
+      case DecodeRescore::kF16: {
+        const uint16_t* w = static_cast<const uint16_t*>(rs.weight) + row * D;
+        double s = 0.0;
+        for (int64_t i = 0; i < D; ++i) s += static_cast<double>(half_to_float(w[i])) * static_cast<double>(xn[i]);
+        exact[j] = s;
+        break;
+      }
+      default: {
+        const uint16_t* w = static_cast<const uint16_t*>(rs.weight) + row * D;
+        double s = 0.0;
+        for (int64_t i = 0; i < D; ++i) s += static_cast<double>(bf16_to_float(w[i])) * static_cast<double>(xn[i]);
+        exact[j] = s;
+        break;
       }
     }
-    for (int64_t kv = 0; kv < nkv; ++kv) {
-      std::copy_n(qkv + (nh + kv) * hd, hd, l.k_cache + (kv * ctx + pos) * hd);
-      std::copy_n(qkv + (nh + nkv + kv) * hd, hd, l.v_cache + (kv * ctx + pos) * hd);
+  }
+  for (int64_t j = 0; j < k; ++j) logits[top[j]] = static_cast<float>(exact[j]);
+}
+
+void DecodeStack::step(float* x, int64_t pos, int32_t modality, float* out) {
+  const int64_t slot = 0;
+  step_rows(x, 1, &slot, &pos, &modality, out);
+}
+
+void DecodeStack::step_rows(float* x, int64_t m, const int64_t* slot, const int64_t* pos, const int32_t* modality,
+                            float* out) {
+  const int64_t D = shape_.dim, nh = shape_.n_heads, nkv = shape_.n_kv, hd = shape_.head_dim;
+  const int64_t ctx = shape_.ctx, F = shape_.ffn, half = hd / 2, qkv_w = (nh + 2 * nkv) * hd;
+  const int64_t slot_stride = nkv * ctx * hd;
+  float *xn = s_->xn.data(), *qkv = s_->qkv.data(), *att = s_->att.data(), *tmp = s_->tmp.data();
+  float *g13 = s_->g13.data(), *h = s_->h.data();
+  int64_t* end = s_->end.data();
+  for (int64_t r = 0; r < m; ++r) end[r] = pos[r] + 1;
+  for (const DecodeLayer& l : layers_) {
+    norm(l.attn_in, x, xn, m, modality);
+    linear(l.wqkv, xn, m, qkv, qkv_w);
+    for (int64_t r = 0; r < m; ++r) {
+      float* row = qkv + r * qkv_w;
+      const float* rope = shape_.rope + pos[r] * hd;  // [half][2]
+      // Rotary on q and k: pairs (2i, 2i+1) times (cos + i sin), as view_as_complex in the reference.
+      for (int64_t hh = 0; hh < nh + nkv; ++hh) {
+        float* v = row + hh * hd;
+        for (int64_t i = 0; i < half; ++i) {
+          const float c = rope[2 * i], s = rope[2 * i + 1];
+          const float re = v[2 * i], im = v[2 * i + 1];
+          v[2 * i] = re * c - im * s;
+          v[2 * i + 1] = re * s + im * c;
+        }
+      }
+      for (int64_t kv = 0; kv < nkv; ++kv) {
+        const int64_t at = slot[r] * slot_stride + (kv * ctx + pos[r]) * hd;
+        std::copy_n(row + (nh + kv) * hd, hd, l.k_cache + at);
+        std::copy_n(row + (nh + nkv + kv) * hd, hd, l.v_cache + at);
+      }
     }
-    attention(l, qkv, pos + 1, att);
-    linear(l.wo, att, tmp);
-    for (int64_t i = 0; i < D; ++i) x[i] += tmp[i];
-    norm(l.ffn_norm, x, xn, &modality);
-    linear(l.w13, xn, g13);
-    silu_mul(g13, g13 + F, h, F);
-    linear(l.w2, h, tmp);
-    for (int64_t i = 0; i < D; ++i) x[i] += tmp[i];
+    attention(l, qkv, m, slot, end, att);
+    linear(l.wo, att, m, tmp, D);
+    for (int64_t i = 0; i < m * D; ++i) x[i] += tmp[i];
+    norm(l.ffn_norm, x, xn, m, modality);
+    linear(l.w13, xn, m, g13, 2 * F);
+    for (int64_t r = 0; r < m; ++r) silu_mul(g13 + r * 2 * F, g13 + r * 2 * F + F, h + r * F, F);
+    linear(l.w2, h, m, tmp, D);
+    for (int64_t i = 0; i < m * D; ++i) x[i] += tmp[i];
   }
   if (head_.empty()) {  // the caller applies its own head to the normed state
-    norm(head_norm_, x, out, &modality);
+    norm(head_norm_, x, out, m, modality);
     return;
   }
-  norm(head_norm_, x, xn, &modality);
-  linear(head_, xn, out);
+  norm(head_norm_, x, xn, m, modality);
+  linear(head_, xn, m, out, shape_.vocab);
+  if (rescore_.weight != nullptr && rescore_.top > 0) {
+    for (int64_t r = 0; r < m; ++r) rescore(xn + r * D, out + r * shape_.vocab);
+  }
 }
 
 }  // namespace lavin

@@ -132,12 +132,17 @@ void vit_adapter_avx2(const VitAdapterArgs& p, int threads);
 void vit_adapter_avx512(const VitAdapterArgs& p, int threads);
 
 // ---------------------------------------------------------------------------------------
-// One decode step of the whole decoder (batch 1, one new position) in a single call.
+// One decode step of the whole decoder in a single call: one sequence (chat), or m rows of a continuous batch
+// (lavin_edge/runtime/batch.py), each row with its own token, KV cache slot, position and modality.
 //
-// The Python runtime (lavin_edge/runtime/model.py, Engine.decode_step_reference) is the readable reference: per
-// layer, x += Wo attn(rope(Wqkv adapter(norm(x)))); x += W2 (silu(W1 n) * W3 n) with
-// n = norm(x). Calling its ~20 ops per layer from Python costs ~150 us per layer, more than the
-// GEMVs of a small model; here the same ops run back to back on preallocated buffers.
+// The Python runtime (lavin_edge/runtime/model.py, Engine.decode_step_reference; BatchDecoder.step_reference for
+// m rows) is the readable reference: per layer, x += Wo attn(rope(Wqkv adapter(norm(x)))); x += W2 (silu(W1 n) *
+// W3 n) with n = norm(x). Calling its ~20 ops per layer from Python costs ~150 us per layer, more than the
+// GEMVs of a small model; here the same ops run back to back on preallocated buffers. With m rows every linear
+// runs once as a W4 GEMM over all rows (each weight read once per step, not once per sequence), the norm +
+// adapter kernel takes each row's modality, and attention runs per row over exactly that row's cached
+// positions. Rows never mix: the W4 kernel and the adapter treat each row alone in a fixed order, so a row's
+// logits are bitwise those of the same sequence stepped alone (step() is step_rows with m = 1).
 // A linear is one or more W4 parts: parts write consecutive output columns (q|k|v when the
 // act-order permutations differ) or, with `accumulate`, add into the previous part's columns
 // (the lm_head's 4-bit value + 4-bit residual).
@@ -154,13 +159,24 @@ struct DecodeNorm {
 struct DecodeLayer {
   DecodeNorm attn_in, ffn_norm;
   std::vector<DecodeLinearPart> wqkv, wo, w13, w2;
-  float* k_cache;  // [n_kv][ctx][head_dim]
+  float* k_cache;  // [slots][n_kv][ctx][head_dim]
   float* v_cache;
+};
+// The head's exact re-scoring (RescoredHead, lavin_edge/runtime/ops.py): after the 4-bit head, each row's `top`
+// largest logits are recomputed from the fp weight rows [vocab][dim] as sums of exact products in double.
+// weight == nullptr: none.
+constexpr int64_t kMaxRescore = 64;
+struct DecodeRescore {
+  enum Dtype : int32_t { kF32 = 0, kF16 = 1, kBF16 = 2 };
+  const void* weight = nullptr;
+  int32_t dtype = kF32;
+  int64_t top = 0;  // <= kMaxRescore
 };
 struct DecodeShape {
   int64_t dim, n_heads, n_kv, head_dim, ffn, ctx, vocab;
   float eps;
   const float* rope;  // [ctx][head_dim / 2][2]: cos, sin of runtime slot p
+  int64_t rows = 1;   // most rows per step_rows call (the number of cache slots)
 };
 using W4GemmFn = void (*)(const W4Prepared&, const XQuant&, float*, int64_t, int);
 using LlmAdapterFn = void (*)(const LlmAdapterArgs&, int);
@@ -173,17 +189,22 @@ class DecodeStack {
   DecodeStack(const DecodeStack&) = delete;
   DecodeStack& operator=(const DecodeStack&) = delete;
   void add_layer(const DecodeLayer& layer);
-  void set_head(const DecodeNorm& norm, const std::vector<DecodeLinearPart>& head);
+  void set_head(const DecodeNorm& norm, const std::vector<DecodeLinearPart>& head, const DecodeRescore& rescore);
   // x [dim] (the new position's embedding) is overwritten with the last hidden state; out
   // receives the head's logits [vocab], or with an empty head the final-normed state [dim] for
-  // the caller's own head; pos = the runtime slot (< ctx), modality 0 text / 1 image.
+  // the caller's own head; pos = the runtime slot (< ctx), modality 0 text / 1 image. Cache slot 0.
   void step(float* x, int64_t pos, int32_t modality, float* out);
+  // The same for m <= rows rows: x [m][dim], out [m][vocab or dim]; row r writes and attends cache slot slot[r]
+  // (distinct) at position pos[r] with modality[r].
+  void step_rows(float* x, int64_t m, const int64_t* slot, const int64_t* pos, const int32_t* modality, float* out);
   int64_t n_layers() const { return static_cast<int64_t>(layers_.size()); }
 
  private:
-  void linear(const std::vector<DecodeLinearPart>& parts, const float* x, float* y);
-  void norm(const DecodeNorm& n, const float* x, float* y, const int32_t* modality);
-  void attention(const DecodeLayer& l, const float* q, int64_t end, float* out);
+  void linear(const std::vector<DecodeLinearPart>& parts, const float* x, int64_t m, float* y, int64_t ldy);
+  void norm(const DecodeNorm& n, const float* x, float* y, int64_t m, const int32_t* modality);
+  void attention(const DecodeLayer& l, const float* q, int64_t m, const int64_t* slot, const int64_t* end,
+                 float* out);
+  void rescore(const float* xn, float* logits);
   DecodeShape shape_;
   W4GemmFn gemm_;
   LlmAdapterFn adapter_;
@@ -192,6 +213,7 @@ class DecodeStack {
   std::vector<DecodeLayer> layers_;
   DecodeNorm head_norm_{};
   std::vector<DecodeLinearPart> head_;
+  DecodeRescore rescore_{};
   DecodeScratch* s_;
 };
 

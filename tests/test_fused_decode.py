@@ -113,11 +113,48 @@ def test_fused_step_with_act_order_parts_and_w4_head(act_order_dir: Path) -> Non
 
     assert isinstance(eng.layers[0].wqkv, ConcatLinear) and isinstance(eng.lm_head, RescoredHead)
     assert isinstance(eng.lm_head.approx, SumLinear)
-    # The W4 head and its exact re-scoring of the top logits run after the native layers.
-    assert eng.native_decode is not None and eng.native_decode.head is eng.lm_head
+    # The W4 head and its exact re-scoring of the top logits run inside the native step.
+    assert eng.native_decode is not None and eng.native_decode.head is None
     rel, agree = _compare(eng, 5, 24, IMAGE, seed=3)
     assert rel < 2e-2, rel
     assert agree >= 0.9, agree
+
+
+def _native_vs_python_head(eng: Engine, n_prompt: int, n_steps: int, seed: int) -> None:
+    """The stack's head (two W4 passes + top-8 re-scoring in fp64) against the same stack stopping at the final
+    norm with ``RescoredHead`` applied in Python: bitwise equal logits, text and image."""
+    from lavin_edge.runtime.native_decode import build_native_decode
+
+    native = eng.native_decode
+    assert native is not None and native.head is None
+    python_head = build_native_decode(eng, eng.backend_impl.isa, native_head=False)
+    assert python_head is not None and python_head.head is eng.lm_head
+    g = torch.Generator().manual_seed(seed)
+    vocab = eng.embed.shape[0]
+    for modality in (TEXT, IMAGE):
+        eng.reset(modality)
+        eng.forward(eng.embed[torch.randint(0, vocab, (n_prompt,), generator=g)].float())
+        for t in torch.randint(0, vocab, (n_steps,), generator=g).tolist():
+            h = eng.embed[torch.tensor([t])].float()
+            # Both write the same k/v at this position; the engine's step runs last and advances the length.
+            want = python_head.step(h, eng.length, modality)
+            got = eng.forward(h)
+            assert torch.equal(got, want)
+
+
+def test_native_head_equals_python_rescored_head(act_order_dir: Path) -> None:
+    _native_vs_python_head(Engine.load(act_order_dir, backend="kernels"), 5, 12, seed=5)
+
+
+def test_native_head_equals_python_rescored_head_demo() -> None:
+    """The same on the demo (SmolLM2's 49152-row tied head), when it is built."""
+    from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir
+
+    try:
+        qdir = demo_model_dir()
+    except DemoModelMissing as e:
+        pytest.skip(str(e))
+    _native_vs_python_head(Engine.load(qdir, backend="kernels", max_context=64), 7, 16, seed=6)
 
 
 def test_fused_step_long_context_parallel_heads(tmp_path: Path) -> None:
@@ -189,3 +226,23 @@ def test_stack_rejects_mismatched_shapes(plain_dir: Path) -> None:
         stack.step(x.data_ptr(), 0, 2, out.data_ptr())
     stack.step(x.data_ptr(), 0, 0, out.data_ptr())
     assert stack.n_layers == 1
+    # A one-slot stack: step_rows checks its rows' count, slots, positions and modalities.
+    slot, pos, mod = (torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64),
+                      torch.zeros(2, dtype=torch.int32))
+    args = (slot.data_ptr(), pos.data_ptr(), mod.data_ptr(), out.data_ptr())
+    with pytest.raises(ValueError, match="rows must be"):
+        stack.step_rows(x.data_ptr(), 2, *args)
+    slot[0] = 1
+    with pytest.raises(ValueError, match="slot outside"):
+        stack.step_rows(x.data_ptr(), 1, *args)
+    slot[0], pos[0] = 0, eng.max_context
+    with pytest.raises(ValueError, match="outside the cache"):
+        stack.step_rows(x.data_ptr(), 1, *args)
+    pos[0], mod[0] = 0, 2
+    with pytest.raises(ValueError, match="modality"):
+        stack.step_rows(x.data_ptr(), 1, *args)
+    mod[0] = 1
+    stack.step_rows(x.data_ptr(), 1, *args)
+    with pytest.raises(ValueError, match="rescore"):
+        stack.set_head(norm_args(eng.norm, keep), linear_parts(eng.layers[0].wo, keep), eng.embed.data_ptr(),
+                       "float64", eng.embed.numel(), 8)

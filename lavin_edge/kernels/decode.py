@@ -32,14 +32,16 @@ def linear_part(w: PreparedW4, out_offset: int = 0, accumulate: bool = False, th
 
 
 def new_decode_stack(isa: str, dim: int, n_heads: int, n_kv: int, head_dim: int, ffn: int, ctx: int, vocab: int,
-                     eps: float, rope: torch.Tensor, threads: int = 0) -> Any:
+                     eps: float, rope: torch.Tensor, threads: int = 0, slots: int = 1) -> Any:
     """An empty ``DecodeStack`` (add layers with ``add_layer(attn_in, ffn_norm, wqkv, wo, w13, w2, k_cache_ptr,
-    v_cache_ptr)``, then ``set_head(norm, parts)``); ``rope`` fp32 [ctx, head_dim/2, 2] (cos, sin), kept
-    alive by the caller."""
+    v_cache_ptr)``, then ``set_head(norm, parts[, rescore_weight_ptr, dtype, numel, top])``); ``rope`` fp32 [ctx,
+    head_dim/2, 2] (cos, sin), kept alive by the caller. ``slots``: the caches' first dimension ([slots, n_kv,
+    ctx, head_dim]) and the most rows one ``step_rows`` call takes."""
     c = extension()
     if c is None:
         raise RuntimeError("the native decode step needs the lavin_edge._C extension")
-    return c.DecodeStack(isa, dim, n_heads, n_kv, head_dim, ffn, ctx, vocab, float(eps), rope.data_ptr(), threads)
+    return c.DecodeStack(isa, dim, n_heads, n_kv, head_dim, ffn, ctx, vocab, float(eps), rope.data_ptr(), threads,
+                         slots)
 
 
 def norm_descriptor(norm: PreparedNormAdapter) -> Any:

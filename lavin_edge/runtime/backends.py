@@ -70,8 +70,10 @@ class Backend:
     def vision_tower(self, tower: torch.nn.Module) -> torch.nn.Module:
         return tower
 
-    def native_decode(self, model: Any) -> NativeDecode | None:
-        """The decode step in one native call over ``model``'s ops, or None (the per-op loop runs)."""
+    def native_decode(self, model: Any, kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+                      ) -> NativeDecode | None:
+        """The decode step in one native call over ``model``'s ops, or None (the per-op loop runs). ``kv_cache``:
+        a batch's [slots, n_kv, ctx, head_dim] caches (``BatchDecoder``) instead of the model's own."""
         return None
 
 
@@ -111,12 +113,13 @@ class CpuBackend(Backend):
 
         return route_adapters_through_kernel(tower)
 
-    def native_decode(self, model: Any) -> NativeDecode | None:
+    def native_decode(self, model: Any, kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+                      ) -> NativeDecode | None:
         if self.isa is None:
             return None
         from lavin_edge.runtime.native_decode import build_native_decode
 
-        return build_native_decode(model, self.isa)
+        return build_native_decode(model, self.isa, kv_cache)
 
 
 def select_backend(name: str) -> Backend:

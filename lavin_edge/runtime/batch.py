@@ -4,11 +4,17 @@ advance one token together in one step (continuous batching; ``lavin_edge.serve`
 One step runs every linear once for all active rows (the W4 GEMM with m = active rows reads each weight
 once per step instead of once per sequence), the fused norm + adapter kernel with each row's own modality
 (a text row and an image row in one call), and attention per row over that slot's own cache length.
+With the CPU backend the whole step, head and the head's exact re-scoring included, is one native call
+(``DecodeStack.step_rows``, csrc/decode.cpp, built over this object's caches by ``native_decode``): the same
+per-op step in Python costs more in dispatch than a small model's arithmetic, so one client decoded slower
+than ``chat`` and the batch gained less. ``step_reference`` keeps the per-op PyTorch step as the readable
+reference (and the torch backend's path); tests/test_serve_batch.py holds the two together.
 
 Rows never interact, so a sequence's logits do not depend on what else is in the batch: the W4 kernel
-quantizes activations to int8 per row and accumulates each row in its own registers in the same order for
-any m; the adapter kernel runs row by row; attention is one call per row over exactly that row's keys.
-(tests/test_serve_batch.py checks bitwise equality against the same sequence decoded alone.)
+quantizes activations per row and accumulates each row in its own registers in the same order for
+any m; the adapter kernel runs row by row; attention is one call per row over exactly that row's keys; the
+head's re-scoring sums in fp64. (tests/test_serve_batch.py checks bitwise equality against the same
+sequence decoded alone, and the native step against ``chat``'s single-sequence step.)
 
 Prefill stays one sequence at a time through ``Engine.prefill``, on a slot view: a shallow copy of the
 engine whose KV cache is that slot's [1, kv_heads, ctx, head_dim] slice of the batched cache (same
@@ -56,6 +62,8 @@ class BatchDecoder:
         dev = engine.rope.device  # where the engine keeps its state (only the CPU is served and tested)
         self.kv_cache = [(torch.zeros(shape, device=dev), torch.zeros(shape, device=dev)) for _ in engine.layers]
         self.views = [self._slot_view(s) for s in range(slots)]
+        # The whole step in one native call over these caches when the backend has one (None: step_reference).
+        self.native = engine.backend_impl.native_decode(engine, self.kv_cache)
 
     def _slot_view(self, slot: int) -> Engine:
         view = copy.copy(self.engine)
@@ -87,22 +95,44 @@ class BatchDecoder:
         view.history.extend(ids)
         return logits
 
+    def _check(self, slots: list[int], tokens: list[int]) -> list[int]:
+        """The rows' positions, after checking the step is valid."""
+        m = len(slots)
+        if m == 0 or m != len(tokens) or len(set(slots)) != m:
+            raise ValueError(f"step needs distinct slots and one token each, got slots={slots} tokens={tokens}")
+        pos = [self.views[s].length for s in slots]
+        for s, p in zip(slots, pos, strict=True):
+            if p == 0:
+                raise ValueError(f"slot {s} holds no sequence (prefill it first)")
+            if p >= self.engine.max_context:
+                raise ContextError(f"slot {s}: {p + 1} positions exceed the context of {self.engine.max_context}")
+        return pos
+
+    def _advance(self, slots: list[int], tokens: list[int]) -> None:
+        for s, t in zip(slots, tokens, strict=True):
+            self.views[s].length += 1
+            self.views[s].history.append(t)
+
     @torch.inference_mode()
     def step(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
         """Feed ``tokens[i]`` to ``slots[i]`` at that slot's next position, all rows in one pass; logits
         [m, vocab]. Slots must be distinct and hold a prefilled sequence with room for one more token."""
+        if self.native is None:
+            return self.step_reference(slots, tokens)
+        pos = self._check(slots, tokens)
+        x = self.engine.embed[torch.tensor(tokens, dtype=torch.long)].float()
+        logits = self.native.step_rows(x, slots, pos, [self.views[s].modality for s in slots])
+        self._advance(slots, tokens)
+        return logits
+
+    @torch.inference_mode()
+    def step_reference(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        """``step`` op by op in PyTorch and the extension's per-op kernels: the reference of the native step, and
+        the path of the torch backend."""
         eng = self.engine
+        pos = self._check(slots, tokens)
         m = len(slots)
-        if m == 0 or m != len(tokens) or len(set(slots)) != m:
-            raise ValueError(f"step needs distinct slots and one token each, got slots={slots} tokens={tokens}")
-        views = [self.views[s] for s in slots]
-        pos = [v.length for v in views]
-        for s, p in zip(slots, pos, strict=True):
-            if p == 0:
-                raise ValueError(f"slot {s} holds no sequence (prefill it first)")
-            if p >= eng.max_context:
-                raise ContextError(f"slot {s}: {p + 1} positions exceed the context of {eng.max_context}")
-        mods = [v.modality for v in views]
+        mods = [self.views[s].modality for s in slots]
         nh, nkv, hd = eng.n_heads, eng.n_kv, eng.hd
         qk_w = (nh + nkv) * hd
         gqa = nkv != nh
@@ -128,7 +158,5 @@ class BatchDecoder:
             g = lyr.w13(norm_rows(lyr.ffn_norm, x, row_mod, mods))
             x = x + lyr.w2(F.silu(g[:, :f], inplace=True).mul_(g[:, f:]))
         logits = eng.lm_head(norm_rows(eng.norm, x, row_mod, mods))
-        for v, t in zip(views, tokens, strict=True):
-            v.length += 1
-            v.history.append(t)
+        self._advance(slots, tokens)
         return logits

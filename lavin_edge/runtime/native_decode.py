@@ -1,9 +1,11 @@
-"""The whole decode step in one native call (``DecodeStack``, csrc/decode.cpp).
+"""The whole decode step in one native call (``DecodeStack``, csrc/decode.cpp), for one sequence (the engine)
+or for the m rows of a continuous batch (``lavin_edge.runtime.batch.BatchDecoder``).
 
 ``Model.decode_step_reference`` is the reference: ~20 PyTorch ops and kernel calls per layer. On a small
 model each costs more in Python dispatch than its arithmetic, so when every linear of the model runs on the
 extension's W4 kernel the CPU backend hands the step to ``DecodeStack``, which runs the same ops (norm +
-folded adapter, q|k|v, rotary, cache write, GQA attention, o, norm, gate|up, SwiGLU, down, final norm, head)
+folded adapter, q|k|v, rotary, cache write, GQA attention, o, norm, gate|up, SwiGLU, down, final norm, head and
+the head's exact re-scoring of its top logits)
 back to back in C++ on preallocated buffers. It takes the ops' prepared descriptors (``W4Linear.prepared``,
 ``NormAdapter.prepared``), the same objects the per-op path calls.
 
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 
 from lavin_edge.kernels.decode import linear_part, native_decode_available, new_decode_stack, norm_descriptor
-from lavin_edge.runtime.ops import ConcatLinear, LinearOp, NormAdapter, SumLinear, W4Linear
+from lavin_edge.runtime.ops import ConcatLinear, LinearOp, NormAdapter, RescoredHead, SumLinear, W4Linear
 
 
 def linear_parts(op: LinearOp, keep: list[Any]) -> list[Any] | None:
@@ -52,9 +54,12 @@ def norm_args(norm: NormAdapter, keep: list[Any]) -> Any:
 
 
 class NativeDecode:
-    """``step(h, pos, modality)`` -> logits [vocab], the same as the reference step up to float rounding.
-    ``head`` is None when the stack runs the head too, else the op applied here to the normed state (an fp
-    head the kernels do not cover, e.g. a vocabulary that W4 cannot pack)."""
+    """``step(h, pos, modality)`` -> logits [vocab], the same as the reference step up to float rounding;
+    ``step_rows(x, slots, pos, modality)`` -> logits [m, vocab] for m batch rows (a stack built with ``slots`` >
+    1 over a ``BatchDecoder``'s cache), each row bitwise what ``step`` gives that sequence alone. ``head`` is None
+    when the stack runs the head too (the 4-bit passes and, for a ``RescoredHead``, the re-scoring of the top
+    logits), else the op applied here to the normed state (an fp head the kernels do not cover, e.g. a
+    vocabulary that W4 cannot pack)."""
 
     def __init__(self, stack: Any, dim: int, vocab: int, head: LinearOp | None, keep: list[Any]) -> None:
         self.stack, self.dim, self.vocab, self.head, self.keep = stack, dim, vocab, head, keep
@@ -66,24 +71,60 @@ class NativeDecode:
         self.stack.step(x.data_ptr(), pos, modality, out.data_ptr())
         return out if self.head is None else self.head(out[None])[0]
 
+    def step_rows(self, x: torch.Tensor, slots: list[int], pos: list[int], modality: list[int]) -> torch.Tensor:
+        """x [m, dim] fp32 (the rows' embeddings; overwritten with the last hidden states)."""
+        m = len(slots)
+        x = x.float().contiguous()
+        slot_t = torch.tensor(slots, dtype=torch.int64)
+        pos_t = torch.tensor(pos, dtype=torch.int64)
+        mod_t = torch.tensor(modality, dtype=torch.int32)
+        out = torch.empty(m, self.vocab if self.head is None else self.dim)
+        self.stack.step_rows(x.data_ptr(), m, slot_t.data_ptr(), pos_t.data_ptr(), mod_t.data_ptr(), out.data_ptr())
+        return out if self.head is None else self.head(out)
 
-def build_native_decode(model: Any, isa: str) -> NativeDecode | None:
-    """A NativeDecode over ``model``'s layers (a ``lavin_edge.runtime.model.Model``) on the native ``isa``, or
-    None when some op is not on the extension's kernels."""
+
+RESCORE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def head_parts(head: LinearOp, keep: list[Any], native_head: bool = True) -> tuple[list[Any] | None, Any]:
+    """The stack's parts for the lm head and its re-scoring ``(weight, top)`` (None: no re-scoring), or
+    ``(None, None)`` when the head stays in Python (``native_head`` False: the tests' reference)."""
+    if not native_head:
+        return None, None
+    if isinstance(head, RescoredHead):
+        w = head.weight
+        if w.dtype not in RESCORE_DTYPES or not w.is_contiguous() or w.device.type != "cpu" or head.top > 64:
+            return None, None
+        parts = linear_parts(head.approx, keep)
+        if parts is None:
+            return None, None
+        keep.append(w)
+        return parts, (w, head.top)
+    return linear_parts(head, keep), None
+
+
+def build_native_decode(model: Any, isa: str, kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                        native_head: bool = True) -> NativeDecode | None:
+    """A NativeDecode over ``model``'s layers (a ``lavin_edge.runtime.model.Engine``) on the native ``isa``, or
+    None when some op is not on the extension's kernels. ``kv_cache``: per layer (k, v) fp32 [slots, n_kv, ctx,
+    head_dim] (a ``BatchDecoder``'s; default the engine's own, one slot). ``native_head`` False leaves the head
+    to Python (the reference the tests compare the native head with)."""
     if not native_decode_available():
         return None
+    kv_cache = model.kv_cache if kv_cache is None else kv_cache
+    slots = int(kv_cache[0][0].shape[0])
     keep: list[Any] = []
     rope = torch.view_as_real(model.rope).contiguous()
     keep.append(rope)
-    head = linear_parts(model.lm_head, keep)
+    head, rescore = head_parts(model.lm_head, keep, native_head)
     head_norm = norm_args(model.norm, keep)
     if head_norm is None:
         return None
     first = model.layers[0]
     vocab = model.lm_head.n_out
     stack = new_decode_stack(isa, model.dim, model.n_heads, model.n_kv, model.hd, first.w13.n_out // 2,
-                             model.max_context, vocab, model.norm.eps, rope, torch.get_num_threads())
-    for lyr, (k_cache, v_cache) in zip(model.layers, model.kv_cache, strict=True):
+                             model.max_context, vocab, model.norm.eps, rope, torch.get_num_threads(), slots)
+    for lyr, (k_cache, v_cache) in zip(model.layers, kv_cache, strict=True):
         pieces = [linear_parts(op, keep) for op in (lyr.wqkv, lyr.wo, lyr.w13, lyr.w2)]
         norms = [norm_args(n, keep) for n in (lyr.attn_in, lyr.ffn_norm)]
         if any(p is None for p in pieces) or any(n is None for n in norms):
@@ -93,5 +134,9 @@ def build_native_decode(model: Any, isa: str) -> NativeDecode | None:
                 return None
             keep.append(cache)
         stack.add_layer(*norms, *pieces, k_cache.data_ptr(), v_cache.data_ptr())
-    stack.set_head(head_norm, head or [])
+    if rescore is None:
+        stack.set_head(head_norm, head or [])
+    else:
+        w, top = rescore
+        stack.set_head(head_norm, head, w.data_ptr(), RESCORE_DTYPES[w.dtype], w.numel(), top)
     return NativeDecode(stack, model.dim, vocab, None if head else model.lm_head, keep)
