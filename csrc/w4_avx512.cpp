@@ -142,6 +142,70 @@ void gemm(const W4Prepared& w, const XQuant& xq, float* y, int64_t ldy, int thre
 
 }  // namespace
 
+XQuant quantize_activations_avx512(const float* x, int64_t ldx, const W4Prepared& w, int64_t m, ActFormat fmt,
+                                   int8_t* q, float* d, float* gsum) {
+  // The same arithmetic as the scalar quantize_activations (w4_scalar.cpp), 16 lanes at a time:
+  // one float multiply, round to nearest even, clamp, exact integer splits and sums; the
+  // per-block float bookkeeping (scale, group sums) stays scalar and in the same order, so
+  // the result is identical to the last bit.
+  const int64_t nblocks = w.kp / kBlock;
+  const int64_t row_bytes = act_row_bytes(w.kp);
+  const bool wide = fmt == ActFormat::kInt16;
+  const float qmax = static_cast<float>(wide ? kInt16Max : kInt8Max);
+  const __m512 vqmax = _mm512_set1_ps(qmax), vqmin = _mm512_set1_ps(-qmax);
+  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+#pragma omp parallel for schedule(static) if (m >= 4)
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = x + r * ldx;
+    int8_t* hr = q + r * row_bytes;
+    int8_t* lr = hr + w.kp;
+    float* dr = d + r * nblocks;
+    float* gr = gsum + r * w.groups;
+    for (int64_t g = 0; g < w.groups; ++g) gr[g] = 0.0f;
+    for (int64_t b = 0; b < nblocks; ++b) {
+      __m512 v[2];
+      __m512 amax = _mm512_setzero_ps();
+      for (int h = 0; h < 2; ++h) {
+        const int64_t k0 = b * kBlock + h * 16;
+        const int64_t left = w.k - k0;
+        const __mmask16 valid = left >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                : left <= 0 ? static_cast<__mmask16>(0)
+                                            : static_cast<__mmask16>((1u << left) - 1u);
+        if (w.perm) {
+          const __m512i idx = _mm512_maskz_loadu_epi32(valid, w.perm + k0);
+          v[h] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, idx, xr, 4);
+        } else {
+          v[h] = _mm512_maskz_loadu_ps(valid, xr + k0);
+        }
+        amax = _mm512_max_ps(_mm512_and_ps(v[h], absmask), amax);  // a NaN input keeps amax, as std::max does
+      }
+      const float am = _mm512_reduce_max_ps(amax);
+      const float dscale = am / qmax;
+      const __m512 inv = _mm512_set1_ps(am > 0.0f ? qmax / am : 0.0f);
+      __m512i bsum = _mm512_setzero_si512();
+      for (int h = 0; h < 2; ++h) {
+        __m512 t = _mm512_roundscale_ps(_mm512_mul_ps(v[h], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        t = _mm512_min_ps(vqmax, _mm512_max_ps(vqmin, t));
+        const __m512i qi = _mm512_cvttps_epi32(t);
+        bsum = _mm512_add_epi32(bsum, qi);
+        int8_t* dst = hr + b * kBlock + h * 16;
+        if (wide) {
+          const __m512i hi = _mm512_sub_epi32(
+              _mm512_srai_epi32(_mm512_add_epi32(qi, _mm512_set1_epi32(128 + 65536)), 8), _mm512_set1_epi32(256));
+          const __m512i lo = _mm512_sub_epi32(qi, _mm512_slli_epi32(hi, 8));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(hi));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(lr + b * kBlock + h * 16), _mm512_cvtepi32_epi8(lo));
+        } else {
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(qi));
+        }
+      }
+      dr[b] = dscale;
+      gr[b / w.blocks_per_group] += dscale * static_cast<float>(_mm512_reduce_add_epi32(bsum));
+    }
+  }
+  return XQuant{q, d, gsum, m, fmt};
+}
+
 void w4_gemm_avx512(const W4Prepared& w, const XQuant& xq, float* y, int64_t ldy, int threads) {
   if (xq.fmt == ActFormat::kInt16) {
     gemm<true>(w, xq, y, ldy, threads);

@@ -11,6 +11,7 @@
 
 #include <omp.h>
 
+#include "cpu_features.h"
 #include "kernels.h"
 
 namespace lavin {
@@ -24,6 +25,12 @@ ActFormat act_format_from_env() {
 
 XQuant quantize_activations(const float* x, int64_t ldx, const W4Prepared& w, int64_t m, ActFormat fmt, int8_t* q,
                             float* d, float* gsum) {
+  if (cpu_features().can_avx512()) return quantize_activations_avx512(x, ldx, w, m, fmt, q, d, gsum);
+  return quantize_activations_scalar(x, ldx, w, m, fmt, q, d, gsum);
+}
+
+XQuant quantize_activations_scalar(const float* x, int64_t ldx, const W4Prepared& w, int64_t m, ActFormat fmt,
+                                   int8_t* q, float* d, float* gsum) {
   const int64_t nblocks = w.kp / kBlock;
   const int64_t row_bytes = act_row_bytes(w.kp);
   const bool wide = fmt == ActFormat::kInt16;
