@@ -25,17 +25,31 @@ namespace lavin {
 //     32-bit lane i = column 16t+i, byte b of that lane = q[8c+b] | q[8c+b+4] << 4.
 //     So `v & 0xF` gives, per column, the 4 values of rows 8c..8c+3 and `v >> 4 & 0xF`
 //     rows 8c+4..8c+7: exactly the u8 operand of vpdpbusd against 4 broadcast x bytes.
-//     A tile's records are contiguous (Kp/8 records), tiles follow each other: each thread
-//     streams one contiguous range of memory.
+//     Records are interleaved by units of kUnit = 4 tiles: unit u (tiles 4u..4u+3) holds, for
+//     c = 0, 1, ..., the records of its 4 tiles side by side (256 bytes per chunk), units follow
+//     each other; the last unit may have fewer tiles (Np/16 % 4) and then the same order with
+//     that many (w4_record_offset). Why: the SIMD kernels work on 4 tiles at once (independent
+//     dot-product chains, activation broadcasts shared by 4 tiles), and this order makes those 4
+//     tiles one contiguous stream; with tiles one after the other they were 4 streams of
+//     Kp/8 * 64 bytes each, too short at small k (4.6 KiB at k = 576) for the hardware
+//     prefetcher, which then ran slower than one tile at a time.
 //   * scales: fp16 bits [Np/16][G][16] (the checkpoint's values, unchanged);
 //   * zeros:  uint8     [Np/16][G][16] (true zero point, 0..16: v1's stored zero-1 is
 //     normalised at load).
 // y[m, n] = sum_g s[g,n] * (sum_{k in g} q[k,n] x[m,k] - z[g,n] sum_{k in g} x[m,k]).
 constexpr int kTile = 16;   // output columns per tile (one zmm of int32 lanes)
 constexpr int kBlock = 32;  // rows per activation block (one float scale each)
+constexpr int kUnit = 4;    // tiles whose records are interleaved (above)
+
+// Byte offset in W4Prepared::qw of the record of tile t, k-chunk c (tiles = Np/16, chunks = Kp/8).
+inline int64_t w4_record_offset(int64_t t, int64_t c, int64_t tiles, int64_t chunks) {
+  const int64_t u0 = t - t % kUnit;                                // first tile of t's unit
+  const int64_t nt = tiles - u0 < kUnit ? tiles - u0 : kUnit;     // tiles in that unit
+  return (u0 * chunks + c * nt + (t - u0)) * 64;
+}
 
 struct W4Prepared {
-  const uint8_t* qw = nullptr;       // [Np/16][Kp/8][64]
+  const uint8_t* qw = nullptr;       // Np/16 * Kp/8 records of 64 bytes, order above
   const uint16_t* scales = nullptr;  // [Np/16][G][16] fp16 bits
   const uint8_t* zeros = nullptr;    // [Np/16][G][16]
   const int32_t* perm = nullptr;     // [K] or nullptr: x is read as x[perm[k]]

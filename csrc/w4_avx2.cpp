@@ -21,11 +21,11 @@ inline int32_t load4(const int8_t* p) {
   return v;
 }
 
-// RB rows against TB consecutive 16-column tiles; with kWide each row has the two int8 planes of
-// the int16 activations (kernels.h), dotted with the same unpacked weights into separate int16
-// sums (each plane's values are within [-128, 127], so the bound above holds per plane). Each
-// row's activation broadcasts are paid once for the TB tiles, and TB weight streams run side by
-// side (as in the AVX-512 kernel, where this matters more: see there).
+// RB rows against TB tiles of one unit (kernels.h: TB = kUnit, a whole unit, or 1); with kWide
+// each row has the two int8 planes of the int16 activations (kernels.h), dotted with the same
+// unpacked weights into separate int16 sums (each plane's values are within [-128, 127], so the
+// bound above holds per plane). Each row's activation broadcasts are paid once for the TB tiles
+// (as in the AVX-512 kernel: see there).
 template <int RB, int TB, bool kWide>
 inline void tile_block(const W4Prepared& w, const XQuant& xq, int64_t t0, int64_t r0, float* y, int64_t ldy) {
   const int64_t chunks = w.kp / 8;
@@ -33,8 +33,12 @@ inline void tile_block(const W4Prepared& w, const XQuant& xq, int64_t t0, int64_
   const int64_t row_bytes = act_row_bytes(w.kp);
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256i ones16 = _mm256_set1_epi16(1);
+  // Tiles t0.. are in one unit (TB = kUnit: a whole unit; TB = 1: any tile): a tile's record for
+  // chunk cc is at its first record + cc * stride, stride = 64 * (tiles in the unit).
+  const int64_t tiles = w.np / kTile;
+  const int64_t stride = w4_record_offset(t0, 1, tiles, chunks) - w4_record_offset(t0, 0, tiles, chunks);
   const uint8_t* tile[TB];
-  for (int tt = 0; tt < TB; ++tt) tile[tt] = w.qw + (t0 + tt) * chunks * 64;
+  for (int tt = 0; tt < TB; ++tt) tile[tt] = w.qw + w4_record_offset(t0 + tt, 0, tiles, chunks);
   const int8_t* xr[RB];
   const int8_t* xl[RB];
   const float* dr[RB];
@@ -71,7 +75,7 @@ inline void tile_block(const W4Prepared& w, const XQuant& xq, int64_t t0, int64_
           }
         }
         for (int tt = 0; tt < TB; ++tt) {
-          const uint8_t* rec = tile[tt] + (b * (kBlock / 8) + c) * 64;
+          const uint8_t* rec = tile[tt] + (b * (kBlock / 8) + c) * stride;
           const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec));
           const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 32));
           const __m256i lo0 = _mm256_and_si256(v0, low4);
@@ -143,9 +147,10 @@ template <int TB, bool kWide>
 void gemm_tiles(const W4Prepared& w, const XQuant& xq, float* y, int64_t ldy, int threads) {
   const int64_t tiles = w.np / kTile;
   const int64_t units = tiles / TB;
-  // Threads take 4 tiles at a time (128 KiB of weights at k = 4096) from a shared counter, as
-  // llama.cpp does: contiguous streams, and a thread that the OS deschedules does not hold up the
-  // others (a static split waits for the slowest). The last tiles % TB go one by one.
+  // Threads take 4 tiles at a time (128 KiB of weights at k = 4096, one unit of the layout) from a
+  // shared counter, as llama.cpp does: a thread that the OS deschedules does not hold up the others
+  // (a static split waits for the slowest). With TB = kUnit the tiles of a last, partial unit go one
+  // by one.
 #pragma omp parallel num_threads(threads)
   {
 #pragma omp for schedule(dynamic, TB >= 4 ? 1 : 4 / TB) nowait
@@ -160,7 +165,7 @@ void gemm(const W4Prepared& w, const XQuant& xq, float* y, int64_t ldy, int thre
   // m = 1: four tiles per pass. m > 1: one tile and two rows per pass; with 16 ymm registers more
   // tiles per pass spill the int16 sums of the two rows.
   if (xq.m == 1) {
-    gemm_tiles<4, kWide>(w, xq, y, ldy, threads);
+    gemm_tiles<kUnit, kWide>(w, xq, y, ldy, threads);
   } else {
     gemm_tiles<1, kWide>(w, xq, y, ldy, threads);
   }

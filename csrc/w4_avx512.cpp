@@ -17,24 +17,28 @@ inline int32_t load4(const int8_t* p) {
   return v;
 }
 
-// RB activation rows against TB consecutive 16-column tiles.
+// RB activation rows against TB tiles of one unit (kernels.h: TB = kUnit, a whole unit, or 1).
 //
 // Each 64-byte record is unpacked once (low and high nibbles) and reused for every row and, with
 // kWide, for both planes of the 15-bit activations (kernels.h); each row's 4-byte activation
-// groups are broadcast once and reused for every tile. Why TB tiles at once: at m = 1 a single
-// tile leaves the core with one weight stream and a few vpdpbusd dependency chains that advance
-// one instruction per record, so it waits on latency and on the memory stream; TB independent
-// streams give the out-of-order core TB times the independent work and the hardware prefetcher
-// TB streams to follow, and the broadcasts are paid once for TB tiles. Per row, tile and plane
-// the two nibble halves accumulate into one register (TB = 4 keeps enough chains in flight).
+// groups are broadcast once and reused for every tile. Why 4 tiles at once: at m = 1 a single
+// tile leaves the core with a few vpdpbusd dependency chains that advance one instruction per
+// record, so it waits on their latency; 4 tiles give it 4 times the independent work, and the
+// broadcasts are paid once for 4 tiles. The unit-interleaved layout keeps the 4 tiles' records
+// one contiguous stream for the prefetcher. Per row, tile and plane the two nibble halves
+// accumulate into one register (4 tiles keep enough chains in flight).
 template <int RB, int TB, bool kWide>
 inline void tile_block(const W4Prepared& w, const XQuant& xq, int64_t t0, int64_t r0, float* y, int64_t ldy) {
   const int64_t chunks = w.kp / 8;
   const int64_t nblocks = w.kp / kBlock;
   const int64_t row_bytes = act_row_bytes(w.kp);
   const __m512i low4 = _mm512_set1_epi8(0x0F);
+  // Tiles t0.. are in one unit (TB = kUnit: a whole unit; TB = 1: any tile): a tile's record for
+  // chunk cc is at its first record + cc * stride, stride = 64 * (tiles in the unit).
+  const int64_t tiles = w.np / kTile;
+  const int64_t stride = w4_record_offset(t0, 1, tiles, chunks) - w4_record_offset(t0, 0, tiles, chunks);
   const uint8_t* tile[TB];
-  for (int tt = 0; tt < TB; ++tt) tile[tt] = w.qw + (t0 + tt) * chunks * 64;
+  for (int tt = 0; tt < TB; ++tt) tile[tt] = w.qw + w4_record_offset(t0 + tt, 0, tiles, chunks);
   const int8_t* xr[RB];  // high plane (the whole value for int8); the low plane is at +Kp
   const float* dr[RB];
   const float* gr[RB];
@@ -60,7 +64,7 @@ inline void tile_block(const W4Prepared& w, const XQuant& xq, int64_t t0, int64_
       for (int c = 0; c < kBlock / 8; ++c) {
         __m512i lo[TB], hi[TB];
         for (int tt = 0; tt < TB; ++tt) {
-          const __m512i v = _mm512_loadu_si512(tile[tt] + (b * (kBlock / 8) + c) * 64);
+          const __m512i v = _mm512_loadu_si512(tile[tt] + (b * (kBlock / 8) + c) * stride);
           lo[tt] = _mm512_and_si512(v, low4);                        // rows 8c..8c+3
           hi[tt] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);  // rows 8c+4..8c+7
         }
@@ -124,13 +128,13 @@ inline void tiles_all_rows(const W4Prepared& w, const XQuant& xq, int64_t t0, fl
 
 template <bool kWide>
 void gemm(const W4Prepared& w, const XQuant& xq, float* y, int64_t ldy, int threads) {
-  constexpr int kTB = 4;
+  constexpr int kTB = kUnit;
   const int64_t tiles = w.np / kTile;
   const int64_t units = tiles / kTB;
-  // Threads take units of 4 tiles (128 KiB of weights at k = 4096) from a shared counter, as
-  // llama.cpp does: each unit is four contiguous streams, and a thread that the OS deschedules
-  // does not hold up the others (a static split waits for the slowest). The last tiles % 4
-  // tiles go one by one.
+  // Threads take units of 4 tiles (128 KiB of weights at k = 4096, one contiguous range in the
+  // unit-interleaved layout) from a shared counter, as llama.cpp does: a thread that the OS
+  // deschedules does not hold up the others (a static split waits for the slowest). The tiles of
+  // a last, partial unit go one by one.
 #pragma omp parallel num_threads(threads)
   {
 #pragma omp for schedule(dynamic, 1) nowait
