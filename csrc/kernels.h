@@ -73,7 +73,9 @@ struct W4Prepared {
 //     values with a few levels or none, which moved ~6% of the engine's next-token choices
 //     away from the exact 4-bit model. 15 bits keep them (README, "Accuracy of the engine").
 //   kInt8: q = round(x * 127 / amax) in [-127, 127], one plane (llama.cpp's Q8_0): half the
-//     dot products, the format of earlier releases, kept as LAVIN_EDGE_W4_ACT=int8.
+//     dot products, the format of earlier releases, kept as LAVIN_EDGE_W4_ACT=int8 (the CLI's
+//     --activations int8). At m = 1 both formats are bound by the weight stream; the second
+//     plane costs compute at m > 1 (prefill).
 //
 // gsum holds, per group, the sum of the dequantized x (sum of d * sum q over the group's
 // blocks), which folds the zero point out of the inner loop.

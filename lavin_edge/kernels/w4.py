@@ -22,9 +22,11 @@ int32 [K/8, N], ``qzeros`` int32 [G, N/8], ``scales`` fp16 [G, N], ``g_idx`` [K]
 ``dense`` (``mode == "dense"``): W dequantized to fp32 [N, K], for what the fast paths do not take
     (group sizes that are not a multiple of 32 on CPU, act-order groups of unequal size).
 
-Accuracy of the CPU path: x is quantized to int8 in blocks of 32 (one fp32 scale each, as llama.cpp's
-Q8_0), the product is then exact in integers; ~1e-3 relative to ||y|| typically
-(``reference.quantize_activations_reference`` reproduces it exactly for tests).
+Accuracy of the CPU path: x is quantized in blocks of 32 (one fp32 scale each) to 15-bit integers (the default)
+or to int8 as llama.cpp's Q8_0 (``$LAVIN_EDGE_W4_ACT=int8``, the CLI's ``--activations int8``); the product is
+then exact in integers; ~1e-5 (int8: ~1e-3) relative to ||y|| typically
+(``reference.quantize_activations_reference`` reproduces it exactly for tests). The format is read at every
+per-call product and when a native decode step is built.
 """
 
 from __future__ import annotations
