@@ -168,7 +168,9 @@ void py_w4_gemm(const std::string& isa_name, const W4Weights& weights, uintptr_t
   const int nt = resolve_threads(threads);
   {
     py::gil_scoped_release nogil;
-    const XQuant xq = quantize_activations(ptr<const float>(x), ldx, w, m, fmt, q.data(), d.data(), gsum.data());
+    // The scalar backend runs the scalar quantizer too, so that tests can hold the SIMD one to it bit for bit.
+    const auto quantize = isa == Isa::kScalar ? &quantize_activations_scalar : &quantize_activations;
+    const XQuant xq = quantize(ptr<const float>(x), ldx, w, m, fmt, q.data(), d.data(), gsum.data());
     w4_gemm_fn(isa)(w, xq, ptr<float>(y), ldy, nt);
   }
 }

@@ -27,17 +27,31 @@ namespace lavin {
 //     32-bit lane i = column 16t+i, byte b of that lane = q[8c+b] | q[8c+b+4] << 4.
 //     So `v & 0xF` gives, per column, the 4 values of rows 8c..8c+3 and `v >> 4 & 0xF`
 //     rows 8c+4..8c+7: exactly the u8 operand of vpdpbusd against 4 broadcast x bytes.
-//     A tile's records are contiguous (Kp/8 records), tiles follow each other: each thread
-//     streams one contiguous range of memory.
+//     Records are interleaved by units of kUnit = 4 tiles: unit u (tiles 4u..4u+3) holds, for
+//     c = 0, 1, ..., the records of its 4 tiles side by side (256 bytes per chunk), units follow
+//     each other; the last unit may have fewer tiles (Np/16 % 4) and then the same order with
+//     that many (w4_record_offset). Why: the SIMD kernels work on 4 tiles at once (independent
+//     dot-product chains, activation broadcasts shared by 4 tiles), and this order makes those 4
+//     tiles one contiguous stream; with tiles one after the other they were 4 streams of
+//     Kp/8 * 64 bytes each, too short at small k (4.6 KiB at k = 576) for the hardware
+//     prefetcher, which then ran slower than one tile at a time.
 //   * scales: fp16 bits [Np/16][G][16] (the checkpoint's values, unchanged);
 //   * zeros:  uint8     [Np/16][G][16] (true zero point, 0..16: v1's stored zero-1 is
 //     normalised at load).
 // y[m, n] = sum_g s[g,n] * (sum_{k in g} q[k,n] x[m,k] - z[g,n] sum_{k in g} x[m,k]).
 constexpr int kTile = 16;   // output columns per tile (one zmm of int32 lanes)
 constexpr int kBlock = 32;  // rows per activation block (one float scale each)
+constexpr int kUnit = 4;    // tiles whose records are interleaved (above)
+
+// Byte offset in W4Prepared::qw of the record of tile t, k-chunk c (tiles = Np/16, chunks = Kp/8).
+inline int64_t w4_record_offset(int64_t t, int64_t c, int64_t tiles, int64_t chunks) {
+  const int64_t u0 = t - t % kUnit;                                // first tile of t's unit
+  const int64_t nt = tiles - u0 < kUnit ? tiles - u0 : kUnit;     // tiles in that unit
+  return (u0 * chunks + c * nt + (t - u0)) * 64;
+}
 
 struct W4Prepared {
-  const uint8_t* qw = nullptr;       // [Np/16][Kp/8][64]
+  const uint8_t* qw = nullptr;       // Np/16 * Kp/8 records of 64 bytes, order above
   const uint16_t* scales = nullptr;  // [Np/16][G][16] fp16 bits
   const uint8_t* zeros = nullptr;    // [Np/16][G][16]
   const int32_t* perm = nullptr;     // [K] or nullptr: x is read as x[perm[k]]
@@ -61,7 +75,9 @@ struct W4Prepared {
 //     values with a few levels or none, which moved ~6% of the engine's next-token choices
 //     away from the exact 4-bit model. 15 bits keep them (README, "Accuracy of the engine").
 //   kInt8: q = round(x * 127 / amax) in [-127, 127], one plane (llama.cpp's Q8_0): half the
-//     dot products, the format of earlier releases, kept as LAVIN_EDGE_W4_ACT=int8.
+//     dot products, the format of earlier releases, kept as LAVIN_EDGE_W4_ACT=int8 (the CLI's
+//     --activations int8). At m = 1 both formats are bound by the weight stream; the second
+//     plane costs compute at m > 1 (prefill).
 //
 // gsum holds, per group, the sum of the dequantized x (sum of d * sum q over the group's
 // blocks), which folds the zero point out of the inner loop.
@@ -86,8 +102,16 @@ ActFormat act_format_from_env();
 
 // Quantize (and gather by perm, and zero-pad) the rows of x [m][k] (row stride ldx) into q
 // (m * act_row_bytes(kp) bytes), d and gsum; returns the descriptor the GEMMs take.
+// quantize_activations runs the AVX-512 build when the CPU has it, else the scalar one; the two
+// give the same bytes and floats to the last bit (same operations in the same order; the scalar
+// loop is kept as the readable reference and for the "scalar" backend). Why a SIMD build: the
+// scalar loop calls libm's nearbyint per value, which cost ~5% of a k = 11008 GEMV.
 XQuant quantize_activations(const float* x, int64_t ldx, const W4Prepared& w, int64_t m, ActFormat fmt, int8_t* q,
                             float* d, float* gsum);
+XQuant quantize_activations_scalar(const float* x, int64_t ldx, const W4Prepared& w, int64_t m, ActFormat fmt,
+                                   int8_t* q, float* d, float* gsum);
+XQuant quantize_activations_avx512(const float* x, int64_t ldx, const W4Prepared& w, int64_t m, ActFormat fmt,
+                                   int8_t* q, float* d, float* gsum);
 
 // y [m][n] (row stride ldy) = x W^T on the prepared layout. One per ISA; the generic one is
 // the scalar reference of the integer algorithm (the SIMD ones agree with it to the last bit

@@ -11,6 +11,7 @@
 
 #include <omp.h>
 
+#include "cpu_features.h"
 #include "kernels.h"
 
 namespace lavin {
@@ -24,6 +25,12 @@ ActFormat act_format_from_env() {
 
 XQuant quantize_activations(const float* x, int64_t ldx, const W4Prepared& w, int64_t m, ActFormat fmt, int8_t* q,
                             float* d, float* gsum) {
+  if (cpu_features().can_avx512()) return quantize_activations_avx512(x, ldx, w, m, fmt, q, d, gsum);
+  return quantize_activations_scalar(x, ldx, w, m, fmt, q, d, gsum);
+}
+
+XQuant quantize_activations_scalar(const float* x, int64_t ldx, const W4Prepared& w, int64_t m, ActFormat fmt,
+                                   int8_t* q, float* d, float* gsum) {
   const int64_t nblocks = w.kp / kBlock;
   const int64_t row_bytes = act_row_bytes(w.kp);
   const bool wide = fmt == ActFormat::kInt16;
@@ -91,7 +98,6 @@ void w4_gemm_generic(const W4Prepared& w, const XQuant& xq, float* y, int64_t ld
   const bool wide = xq.fmt == ActFormat::kInt16;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t t = 0; t < tiles; ++t) {
-    const uint8_t* tile = w.qw + t * chunks * 64;
     for (int64_t r = 0; r < xq.m; ++r) {
       const int8_t* xr = xq.q + r * row_bytes;
       const int8_t* xl = xr + w.kp;
@@ -104,7 +110,7 @@ void w4_gemm_generic(const W4Prepared& w, const XQuant& xq, float* y, int64_t ld
           const int64_t b = g * w.blocks_per_group + bi;
           int32_t isum[kTile] = {0}, lsum[kTile] = {0};
           for (int c = 0; c < kBlock / 8; ++c) {
-            const uint8_t* rec = tile + (b * (kBlock / 8) + c) * 64;
+            const uint8_t* rec = w.qw + w4_record_offset(t, b * (kBlock / 8) + c, tiles, chunks);
             dot_record(rec, xr + b * kBlock + c * 8, isum);
             if (wide) dot_record(rec, xl + b * kBlock + c * 8, lsum);
           }
@@ -128,8 +134,8 @@ void w4_gemm_generic(const W4Prepared& w, const XQuant& xq, float* y, int64_t ld
 
 void w4_repack_gptq(const int32_t* qweight, int64_t n, int64_t k, const int32_t* perm, int64_t np, int64_t kp,
                     uint8_t* out, int threads) {
-  // out[t][c][i][b] = q[row(8c+b), 16t+i] | q[row(8c+b+4), 16t+i] << 4, where row(j) = perm[j]
-  // (act-order) or j, and q = 0 outside the true k x n (padding).
+  // record (t, c) [i][b] = q[row(8c+b), 16t+i] | q[row(8c+b+4), 16t+i] << 4, where row(j) = perm[j]
+  // (act-order) or j, and q = 0 outside the true k x n (padding); records in kernels.h's unit order.
   const uint32_t* qw = reinterpret_cast<const uint32_t*>(qweight);
   const int64_t tiles = np / kTile, chunks = kp / 8;
   auto nibble = [&](int64_t j, int64_t col) -> uint8_t {
@@ -141,7 +147,7 @@ void w4_repack_gptq(const int32_t* qweight, int64_t n, int64_t k, const int32_t*
   for (int64_t t = 0; t < tiles; ++t) {
     const bool full_tile = (t + 1) * kTile <= n;
     for (int64_t c = 0; c < chunks; ++c) {
-      uint8_t* rec = out + (t * chunks + c) * 64;
+      uint8_t* rec = out + w4_record_offset(t, c, tiles, chunks);
       if (full_tile && 8 * c + 8 <= k) {
         // Interior records (all but the padding edges): one 16-column row read per source row, in a
         // loop the compiler vectorises; this runs at every model load, so it must not be per nibble.

@@ -500,6 +500,29 @@ def test_w4_activation_formats_match_reference(fmt: str, monkeypatch: pytest.Mon
     assert (err < 1e-2) if fmt == "int16" else (err > 0.2), f"{fmt}: error {err:.4f} of the small values' part"
 
 
+@needs_native
+@pytest.mark.parametrize("fmt", ["int16", "int8"])
+@pytest.mark.parametrize("n,k,gs,act_order", [(100, 640, 128, True), (31, 200, -1, False), (72, 1056, 32, True)])
+def test_w4_simd_bit_exact_with_scalar(fmt: str, n: int, k: int, gs: int, act_order: bool,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SIMD kernels (their tile/row blocking at every m, tail tiles) and the AVX-512 activation quantizer give
+    the scalar backend's floats to the last bit: integer sums are exact and the float steps run in one order.
+    The "scalar" backend also runs the scalar quantizer, so this holds the SIMD quantizer to it too."""
+    monkeypatch.setenv("LAVIN_EDGE_W4_ACT", fmt)
+    _, d, gsz = make_gptq(n, k, gs, act_order, "gptq", seed=n + k)
+    prepared = {b: K.prepare_w4(d["qweight"], d["qzeros"], d["scales"], d["g_idx"], gsz, "gptq", backend=b)
+                for b in NATIVE}
+    gen = torch.Generator().manual_seed(5)
+    for m in (1, 2, 3, 5):
+        x = torch.randn(m, k, generator=gen) * 3.0
+        x[:, ::29] *= 400.0  # massive channels; ties and zero blocks below
+        x[0, :32] = 0.0
+        x[-1, 32:64] = torch.round(x[-1, 32:64] * 2) / 2
+        ref = prepared["scalar"].matmul(x)
+        for b, p in prepared.items():
+            assert torch.equal(p.matmul(x), ref), f"{b} m={m} differs from scalar"
+
+
 def test_w4_activation_format_env_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LAVIN_EDGE_W4_ACT", "int4")
     with pytest.raises(ValueError, match="int16.*int8"):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import click
 
+from lavin_edge.commands.options import activations_option
+
 
 @click.group(name="bench")
 def command() -> None:
@@ -15,6 +17,7 @@ def command() -> None:
 
 
 @command.command(name="kernels")
+@activations_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (read_bw_gbs, rows) instead of a table.")
 @click.option("--threads", type=int, default=None, help="Threads for every contender (default: all cores).")
 @click.option("--min-seconds", type=float, default=0.5, show_default=True,
@@ -30,6 +33,7 @@ def kernels(as_json: bool, threads: int | None, min_seconds: float, ms: tuple[in
 
 
 @command.command(name="chat")
+@activations_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with `rows` instead of a table.")
 @click.option("--fp-model", type=click.Path(exists=True, file_okay=False), default=None,
               help="Merged fp model dir (default: the demo's).")
@@ -54,6 +58,7 @@ def chat(as_json: bool, fp_model: str | None, q_model: str | None, new_tokens: i
 
 
 @command.command(name="serve")
+@activations_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with `rows` instead of a table.")
 @click.option("--model", type=click.Path(exists=True, file_okay=False), default=None,
               help="Model dir to serve (default: the demo, quantized).")
@@ -76,6 +81,7 @@ def serve(as_json: bool, model: str | None, clients: tuple[int, ...], requests: 
 
 
 @command.command(name="quality")
+@activations_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with `rows` instead of a table.")
 @click.option("--model", type=click.Path(file_okay=False), default=None,
               help="Quantized model dir (default: the demo's, built on first use).")

@@ -8,6 +8,7 @@ import warnings
 import click
 
 from lavin_edge.chat.demo import DEMO_DESCRIPTION
+from lavin_edge.commands.options import activations_option
 
 EPILOG = (DEMO_DESCRIPTION + "\n\nIn the REPL: /image PATH swaps the image, /reset clears the history, /exit "
           "quits. Answers go to stdout, everything else to stderr. Bad input (missing or broken image, a "
@@ -16,6 +17,7 @@ EPILOG = (DEMO_DESCRIPTION + "\n\nIn the REPL: /image PATH swaps the image, /res
 
 
 @click.command(name="chat", epilog=EPILOG)
+@activations_option
 @click.option("--model", "model_dir", default=None, metavar="DIR",
               help="Merged or quantized model dir (default: the built demo model, quantized).")
 @click.option("--image", "image", default=None, metavar="PATH", help="Image to talk about (none: text only).")

@@ -8,10 +8,13 @@ from pathlib import Path
 
 import click
 
+from lavin_edge.commands.options import activations_option
+
 EASY_VQA_NAMES = ("easy-vqa", "easy-vqa-mc")
 
 
 @click.command(name="eval")
+@activations_option
 @click.argument("model_dir", type=click.Path(file_okay=False))
 @click.option("--data", "data", required=True,
               help="A ScienceQA root (problems.json, pid_splits.json, images/), or 'easy-vqa' / 'easy-vqa-mc'.")

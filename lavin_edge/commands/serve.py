@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from lavin_edge.chat.demo import DEMO_DESCRIPTION
+from lavin_edge.commands.options import activations_option
 
 EPILOG = (DEMO_DESCRIPTION + "\n\nAPI: POST /v1/chat/completions (OpenAI's schema, stream=true for server-sent "
           "events), GET /v1/models, GET /health; the web page at /. Images only as data:image/...;base64 URLs "
@@ -20,6 +21,7 @@ def _fail(msg: str) -> None:
 
 
 @click.command(name="serve", epilog=EPILOG)
+@activations_option
 @click.option("--model", "model_dir", default=None, metavar="DIR",
               help="Merged or quantized model dir (default: the built demo model, quantized).")
 @click.option("--host", default="127.0.0.1", show_default=True,

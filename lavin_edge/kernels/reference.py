@@ -16,6 +16,8 @@ ACT_BLOCK = 32  # rows per activation block (one fp32 scale each) in the native 
 # Activation formats of the CPU W4 kernels (csrc/kernels.h): the largest integer of a block.
 ACT_FORMATS = {"int16": 127 * 256 + 127, "int8": 127}
 ACT_ENV = "LAVIN_EDGE_W4_ACT"
+# The CLI's ``--activations`` values (lavin_edge/commands/options.py) -> the values of $LAVIN_EDGE_W4_ACT.
+ACT_OPTION_VALUES = {"15bit": "int16", "int8": "int8"}
 
 
 def act_format() -> str:

@@ -10,8 +10,10 @@ int32 [K/8, N], ``qzeros`` int32 [G, N/8], ``scales`` fp16 [G, N], ``g_idx`` [K]
     Act-order rows are permuted once so that every group is a contiguous run of K rows (``perm``,
     int32 [K], gathers x at run time; None when the identity). K is zero-padded to ``kp`` (a multiple
     of 32, the activation block), N to ``np_`` (a multiple of 16, one tile of output columns).
-    ``qw`` uint8 [Np/16, Kp/8, 16, 4]: for tile t and k-chunk c one 64-byte record, lane i = column
-    16t+i, byte b = q[8c+b] | q[8c+b+4] << 4. ``scales`` fp16 [Np/16, G, 16]; ``zeros`` uint8
+    ``qw`` uint8 [Np/16 * Kp/8, 16, 4]: for tile t and k-chunk c one 64-byte record, lane i = column
+    16t+i, byte b = q[8c+b] | q[8c+b+4] << 4; records interleaved by units of 4 tiles (unit u: chunk 0 of
+    tiles 4u..4u+3, then chunk 1, ...; a last partial unit likewise with its tiles), so that the kernels'
+    4-tile passes read one contiguous stream (:func:`units_from_tiles`). ``scales`` fp16 [Np/16, G, 16]; ``zeros`` uint8
     [Np/16, G, 16], the true zero point 0..16 (v1's stored zero - 1 normalised here; v1's 0xF + 1 = 16
     is kept). ``native`` is the extension's ``W4Weights`` descriptor of these tensors, built once: the
     per-call product and the one-call decode step (``lavin_edge.kernels.decode``) both take it.
@@ -20,9 +22,11 @@ int32 [K/8, N], ``qzeros`` int32 [G, N/8], ``scales`` fp16 [G, N], ``g_idx`` [K]
 ``dense`` (``mode == "dense"``): W dequantized to fp32 [N, K], for what the fast paths do not take
     (group sizes that are not a multiple of 32 on CPU, act-order groups of unequal size).
 
-Accuracy of the CPU path: x is quantized to int8 in blocks of 32 (one fp32 scale each, as llama.cpp's
-Q8_0), the product is then exact in integers; ~1e-3 relative to ||y|| typically
-(``reference.quantize_activations_reference`` reproduces it exactly for tests).
+Accuracy of the CPU path: x is quantized in blocks of 32 (one fp32 scale each) to 15-bit integers (the default)
+or to int8 as llama.cpp's Q8_0 (``$LAVIN_EDGE_W4_ACT=int8``, the CLI's ``--activations int8``); the product is
+then exact in integers; ~1e-5 (int8: ~1e-3) relative to ||y|| typically
+(``reference.quantize_activations_reference`` reproduces it exactly for tests). The format is read at every
+per-call product and when a native decode step is built.
 """
 
 from __future__ import annotations
@@ -164,7 +168,7 @@ class PreparedW4:
             tl = self.tiled
             assert tl is not None
             t = tl.np_ // 16
-            qw = tl.qw.view(t, tl.kp // 8, 16, 4)
+            qw = tiles_from_units(tl.qw, t, tl.kp // 8)
             lo, hi = (qw & 0xF), (qw >> 4)
             q = torch.stack([lo, hi], dim=-1)  # [t, c, i, b, h]
             q = q.permute(1, 4, 3, 0, 2).reshape(tl.kp, tl.np_)[: self.k, : self.n].float()
@@ -261,7 +265,7 @@ def prepare_w4(
     kp = -(-k // 32) * 32
     np_ = -(-n // 16) * 16
     if c is not None and (backend or "") != "torch":
-        qw = torch.empty(np_ // 16, kp // 8, 16, 4, dtype=torch.uint8)
+        qw = torch.empty(np_ // 16 * (kp // 8), 16, 4, dtype=torch.uint8)
         c.w4_repack(
             qweight.data_ptr(), qweight.numel(), n, k, perm32.data_ptr() if perm32 is not None else 0,
             perm32.numel() if perm32 is not None else 0, np_, kp, qw.data_ptr(), qw.numel(), torch.get_num_threads(),
@@ -291,17 +295,40 @@ def w4_descriptor(tiled: TiledW4, perm: torch.Tensor | None, n: int, k: int, gro
     )  # fmt: skip
 
 
+TILE_UNIT = 4  # tiles whose records are interleaved (csrc/kernels.h, kUnit)
+
+
+def units_from_tiles(rec: torch.Tensor) -> torch.Tensor:
+    """Records [T, C, 16, 4] (tile-major) -> the kernels' order [T * C, 16, 4]: per unit of 4 tiles, chunk by
+    chunk, the unit's tiles side by side; a last unit of T % 4 tiles likewise."""
+    t, c = rec.shape[:2]
+    full = t - t % TILE_UNIT
+    head = rec[:full].reshape(full // TILE_UNIT, TILE_UNIT, c, 16, 4).transpose(1, 2).reshape(-1, 16, 4)
+    tail = rec[full:].transpose(0, 1).reshape(-1, 16, 4)
+    return torch.cat([head, tail]).contiguous()
+
+
+def tiles_from_units(qw: torch.Tensor, t: int, c: int) -> torch.Tensor:
+    """Inverse of :func:`units_from_tiles`: the kernels' records -> [T, C, 16, 4], tile-major."""
+    full = t - t % TILE_UNIT
+    flat = qw.reshape(t * c, 16, 4)
+    head = flat[: full * c].reshape(full // TILE_UNIT, c, TILE_UNIT, 16, 4).transpose(1, 2).reshape(full, c, 16, 4)
+    tail = flat[full * c :].reshape(c, t - full, 16, 4).transpose(0, 1)
+    return torch.cat([head, tail])
+
+
 def repack_tiled_reference(q: torch.Tensor, kp: int, np_: int) -> torch.Tensor:
     """PyTorch version of the tiled repack (the C++ ``w4_repack`` is tested against it).
 
-    q: uint8 [K, N] nibbles in group order -> uint8 [Np/16, Kp/8, 16, 4]: record (tile t,
-    chunk c), lane i = column 16t+i, byte b = q[8c+b] | q[8c+b+4] << 4.
+    q: uint8 [K, N] nibbles in group order -> uint8 [Np/16 * Kp/8, 16, 4]: record (tile t, chunk c), lane
+    i = column 16t+i, byte b = q[8c+b] | q[8c+b+4] << 4, in the unit-interleaved order of
+    :func:`units_from_tiles`.
     """
     k, n = q.shape
     qpad = torch.zeros(kp, np_, dtype=torch.uint8)
     qpad[:k, :n] = q
     qv = qpad.view(kp // 8, 2, 4, np_ // 16, 16).permute(3, 0, 4, 2, 1)  # [t, c, i, b, h]
-    return (qv[..., 0] | (qv[..., 1] << 4)).contiguous()
+    return units_from_tiles(qv[..., 0] | (qv[..., 1] << 4))
 
 
 def gptq_matmul_scalar(

@@ -1,0 +1,35 @@
+"""Options shared by several subcommands (not a subcommand itself)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+# lavin_edge.kernels.reference's ACT_ENV and ACT_OPTION_VALUES, repeated so that parsing a command line does not
+# import torch (tests/test_activations_option.py checks they agree).
+ACT_ENV = "LAVIN_EDGE_W4_ACT"
+ACT_OPTION_VALUES = {"15bit": "int16", "int8": "int8"}
+
+ACTIVATIONS_HELP = (
+    "Activation format of the CPU 4-bit kernels, for every model this command loads: 15bit (the default: "
+    "blocks of 32 kept as 15-bit integers, the engine's next tokens agree with the exact 4-bit model) or int8 "
+    "(earlier releases' blocks of 32: decode a few % and prompt prefill ~1.6x faster, but ~4% of next tokens "
+    f"differ from the exact model on the demo; README, 'Accuracy of the engine'). Sets ${ACT_ENV} "
+    "(int16 / int8), which is the default when the option is not given."
+)
+
+
+def _set_activations(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    # Applied while the command line is parsed, before the command's body loads a model: the kernels read
+    # the variable when a model's native decode step is built and at every per-op product.
+    if value is not None:
+        os.environ[ACT_ENV] = ACT_OPTION_VALUES[value]
+
+
+def activations_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--activations {15bit,int8}``; the command itself never sees a value."""
+    return click.option("--activations", type=click.Choice(list(ACT_OPTION_VALUES)), default=None,
+                        expose_value=False, callback=_set_activations, help=ACTIVATIONS_HELP)(f)
