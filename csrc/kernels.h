@@ -161,7 +161,7 @@ void vit_adapter_avx512(const VitAdapterArgs& p, int threads);
 //
 // The Python runtime (lavin_edge/runtime/model.py, Engine.decode_step_reference; BatchDecoder.step_reference for
 // m rows) is the readable reference: per layer, x += Wo attn(rope(Wqkv adapter(norm(x)))); x += W2 (silu(W1 n) *
-// W3 n) with n = norm(x). Calling its ~20 ops per layer from Python costs ~150 us per layer, more than the
+// W3 n) with n = norm(x). Calling its ~20 ops per layer from Python costs more dispatch time than the
 // GEMVs of a small model; here the same ops run back to back on preallocated buffers. With m rows every linear
 // runs once as a W4 GEMM over all rows (each weight read once per step, not once per sequence), the norm +
 // adapter kernel takes each row's modality, and attention runs per row over exactly that row's cached

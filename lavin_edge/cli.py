@@ -113,6 +113,19 @@ def report_error(e: BaseException, debug: bool) -> int:
     return EXIT_INTERNAL
 
 
+_skip_teardown = False
+
+
+def skip_teardown_at_exit() -> None:
+    """For a command that leaves nothing to finish (every file it wrote is closed and in place): when the
+    process's entry point returns, it ends with ``os._exit`` once stdout and stderr are flushed, without the
+    interpreter's teardown of torch's modules, which is a large share of a one-shot chat's process time.
+    Only the real entry point does this (``main()`` called with no args); in-process callers such as click's
+    test runner return as usual."""
+    global _skip_teardown
+    _skip_teardown = True
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(SUBCOMMANDS)
@@ -139,7 +152,12 @@ class LazyGroup(click.Group):
             raise
         except BaseException as e:  # noqa: BLE001 - the one place where every error is reported
             sys.exit(report_error(e, _debug_requested(argv)))
-        sys.exit(rv if isinstance(rv, int) else 0)
+        code = rv if isinstance(rv, int) else 0
+        if args is None and _skip_teardown:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        sys.exit(code)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

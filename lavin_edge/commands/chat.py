@@ -52,6 +52,7 @@ def command(model_dir: str | None, image: str | None, prompt: str | None, json_o
     from lavin_edge.chat.repl import answer_once, run_repl
     from lavin_edge.chat.sampling import GenerationConfig
     from lavin_edge.chat.session import ChatSession
+    from lavin_edge.cli import skip_teardown_at_exit
     from lavin_edge.data.image import load_image
     from lavin_edge.runtime import Engine
 
@@ -74,5 +75,6 @@ def command(model_dir: str | None, image: str | None, prompt: str | None, json_o
         session.set_image(image)
     if prompt is not None:
         answer_once(session, prompt, sys.stdout, sys.stderr, json_out, show_stats)
+        skip_teardown_at_exit()  # a one-shot answer wrote nothing that needs the interpreter's teardown
         return
     sys.exit(run_repl(session, json_out=json_out, show_stats=show_stats))
