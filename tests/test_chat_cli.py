@@ -163,13 +163,15 @@ def test_default_model_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch,
 def test_one_shot_process_ends_with_everything_written(model_dir: Path, image_path: Path, tmp_path: Path) -> None:
     """The real entry point ends a one-shot chat without the interpreter's teardown (lavin_edge.cli,
     skip_teardown_at_exit): a piped stdout still gets the whole answer, and the exit code is 0."""
+    import os
     import subprocess
     import sys
 
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a block-buffered stdout pipe
     args = ["--model", str(model_dir), "--image", str(image_path), "--prompt", "What colour?", "--json",
             "--max-new-tokens", "5", "--backend", "torch"]
     proc = subprocess.run([sys.executable, "-m", "lavin_edge.cli", "chat", *args], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=300)
+                          cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     got, want = json.loads(proc.stdout), json.loads(run(*args).stdout)
     got.pop("stats", None)  # timings

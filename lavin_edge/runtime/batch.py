@@ -60,7 +60,8 @@ class BatchDecoder:
         self.slots = slots
         shape = (slots, engine.n_kv, engine.max_context, engine.hd)
         dev = engine.rope.device  # where the engine keeps its state (only the CPU is served and tested)
-        self.kv_cache = [(torch.zeros(shape, device=dev), torch.zeros(shape, device=dev)) for _ in engine.layers]
+        # Uninitialised, as the engine's own: every reader stops at its row's filled length.
+        self.kv_cache = [(torch.empty(shape, device=dev), torch.empty(shape, device=dev)) for _ in engine.layers]
         self.views = [self._slot_view(s) for s in range(slots)]
         # The whole step in one native call over these caches when the backend has one (None: step_reference).
         self.native = engine.backend_impl.native_decode(engine, self.kv_cache)
