@@ -18,11 +18,9 @@ from lavin_edge.config import LavinConfig, preset
 from lavin_edge.io.checks import load_state_dict_strict
 from lavin_edge.io.llama_loaders import load_llm
 from lavin_edge.io.vision_loaders import load_vision
-from lavin_edge.kernels.gptq_format import pack_linear
 from lavin_edge.merge import merge_lavin, read_config, save_merged
 from lavin_edge.model.lavin import build_lavin
-from lavin_edge.quantize.gptq import rtn_quantize
-from lavin_edge.quantize.pipeline import LINEAR_NAMES, GPTQConfig, save_quantized
+from lavin_edge.quantize.pipeline import GPTQConfig, pack_llm_linears, save_quantized
 
 
 def gguf_path() -> Path:
@@ -48,12 +46,7 @@ def main(out: Path) -> None:
     merged, table = merge_lavin(model.eval())
     mdir = save_merged(merged, out / "merged", tok, {"standin": "random adapters"}, table)
     qcfg = GPTQConfig(group_size=64)
-    packed = {}
-    for i, layer in enumerate(merged.llm.layers):
-        for name in LINEAR_NAMES:
-            w = layer.get_submodule(name).weight.detach().float()
-            for suffix, t in pack_linear(rtn_quantize(w, 4, 64, True), 4, qcfg.format).items():
-                packed[f"layers.{i}.{name}.{suffix}"] = t
+    packed = pack_llm_linears(merged, qcfg)
     save_quantized(merged, packed, read_config(mdir), qcfg, out / "quantized", tok)
     print(out)
 

@@ -138,19 +138,12 @@ def test_auto_backend_warns_without_extension(tiny_dir: Path) -> None:
 def tiny_quant_dir(tiny_model: LaVIN, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A quantized dir in the project's format; RTN on the GPTQ grid instead of GPTQ itself, since the engine
     only reads the packed layout and GPTQ's own quality is the quantizer's tests' concern."""
-    from lavin_edge.kernels.gptq_format import pack_linear
     from lavin_edge.merge import read_config
-    from lavin_edge.quantize.gptq import rtn_quantize
-    from lavin_edge.quantize.pipeline import LINEAR_NAMES, GPTQConfig, save_quantized
+    from lavin_edge.quantize.pipeline import GPTQConfig, pack_llm_linears, save_quantized
 
     merged, _ = merge_lavin(tiny_model)
     qcfg = GPTQConfig(group_size=32)
-    packed = {}
-    for i, layer in enumerate(merged.llm.layers):
-        for name in LINEAR_NAMES:
-            w = layer.get_submodule(name).weight.detach().float()
-            for suffix, t in pack_linear(rtn_quantize(w, 4, 32, True), 4, qcfg.format).items():
-                packed[f"layers.{i}.{name}.{suffix}"] = t
+    packed = pack_llm_linears(merged, qcfg)
     return save_quantized(merged, packed, read_config(tiny_dir), qcfg, tmp_path_factory.mktemp("quant"))
 
 

@@ -39,25 +39,19 @@ def _model(vocab: int | None = None, dim: int | None = None, seed: int = 0) -> L
 def _quantized_dir(model: LaVIN, root: Path, act_order: bool) -> Path:
     """GPTQ-packed LLM linears. ``act_order``: GPTQ with desc_act on a different random Hessian per linear, so
     q, k and v carry different permutations and the engine keeps them as separate parts (``ConcatLinear``)."""
-    from lavin_edge.kernels.gptq_format import pack_linear
-    from lavin_edge.quantize.gptq import gptq_quantize, rtn_quantize
-    from lavin_edge.quantize.pipeline import LINEAR_NAMES, GPTQConfig, save_quantized
+    from lavin_edge.quantize.gptq import QuantResult, gptq_quantize
+    from lavin_edge.quantize.pipeline import GPTQConfig, pack_llm_linears, save_quantized
 
     merged, table = merge_lavin(model)
     fp_dir = save_merged(merged, root / "fp", None, {"test": True}, table)
     qcfg = GPTQConfig(group_size=32, desc_act=act_order)
     g = torch.Generator().manual_seed(1)
-    packed = {}
-    for i, layer in enumerate(merged.llm.layers):
-        for name in LINEAR_NAMES:
-            w = layer.get_submodule(name).weight.detach().float()
-            if act_order:
-                x = torch.randn(4 * w.shape[1], w.shape[1], generator=g) * torch.rand(w.shape[1], generator=g) * 3
-                r = gptq_quantize(w, 2 * x.T @ x / x.shape[0], 4, 32, True, desc_act=True)
-            else:
-                r = rtn_quantize(w, 4, 32, True)
-            for suffix, t in pack_linear(r, 4, qcfg.format).items():
-                packed[f"layers.{i}.{name}.{suffix}"] = t
+
+    def gptq_random_hessian(w: torch.Tensor) -> QuantResult:
+        x = torch.randn(4 * w.shape[1], w.shape[1], generator=g) * torch.rand(w.shape[1], generator=g) * 3
+        return gptq_quantize(w, 2 * x.T @ x / x.shape[0], 4, 32, True, desc_act=True)
+
+    packed = pack_llm_linears(merged, qcfg, gptq_random_hessian if act_order else None)
     return save_quantized(merged, packed, read_config(fp_dir), qcfg, root / "q")
 
 

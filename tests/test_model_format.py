@@ -25,7 +25,7 @@ from lavin_edge.kernels import gptq_format as F
 from lavin_edge.kernels.reference import dequantize_gptq
 from lavin_edge.merge import merge_lavin, save_merged
 from lavin_edge.modeldir import FORMAT_VERSION, HEAD_PARTS, ModelDirError, load_model_dir, read_config
-from lavin_edge.quantize.pipeline import LINEAR_NAMES, GPTQConfig, load_quantized_as_fp, save_quantized
+from lavin_edge.quantize.pipeline import GPTQConfig, load_quantized_as_fp, pack_llm_linears, save_quantized
 from lavin_edge.runtime import Engine
 from lavin_edge.runtime.backends import ReferenceBackend
 
@@ -39,14 +39,20 @@ def _native() -> bool:
     return kernels.extension() is not None
 
 
-def _rtn_packed(merged, gs: int = 32) -> dict[str, torch.Tensor]:
-    packed = {}
-    for i, layer in enumerate(merged.llm.layers):
-        for name in LINEAR_NAMES:
-            w = layer.get_submodule(name).weight.detach().float()
-            for suffix, t in F.pack_linear(F.rtn(w, gs, True)).items():
-                packed[f"layers.{i}.{name}.{suffix}"] = t
-    return packed
+def _rtn_packed(merged) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    return pack_llm_linears(merged, GPTQConfig(group_size=32))
+
+
+def _with_foreign_wq(tmp_path: Path, seed: int) -> tuple[Path, dict[str, torch.Tensor], torch.Tensor]:
+    """A quantized dir whose layer-0 wq is ``_foreign_v1``'s linear; returns the dir, that linear's tensors and W."""
+    merged, table = merge_lavin(trained_like(seed))
+    packed = _rtn_packed(merged)
+    foreign, want = _foreign_v1(64, 64, 32)
+    for s, t in foreign.items():
+        packed[f"layers.0.attention.wq.{s}"] = t
+    qdir = save_quantized(merged, packed, {"routing_table": table.tolist()}, GPTQConfig(group_size=32),
+                          tmp_path / "q", "bytes")
+    return qdir, foreign, want
 
 
 def _foreign_v1(n: int, k: int, gs: int, seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -68,14 +74,7 @@ def _foreign_v1(n: int, k: int, gs: int, seed: int = 0) -> tuple[dict[str, torch
 # --------------------------------------------------------------------------------------- one GPTQ format
 
 def test_v1_zero_nibble_0xF_reads_as_16_on_every_path(tmp_path: Path) -> None:
-    model = trained_like(3)
-    merged, table = merge_lavin(model)
-    packed = _rtn_packed(merged)
-    foreign, want = _foreign_v1(64, 64, 32)
-    for s, t in foreign.items():
-        packed[f"layers.0.attention.wq.{s}"] = t
-    qdir = save_quantized(merged, packed, {"routing_table": table.tolist()}, GPTQConfig(group_size=32),
-                          tmp_path / "q", "bytes")
+    qdir, foreign, want = _with_foreign_wq(tmp_path, 3)
     # The format module's readers.
     gt = F.GPTQTensors.from_dict(foreign, "gptq", 32)
     for got in (F.dequantize_packed(foreign), F.unpack_linear(foreign).dequantize(), gt.dequantize(),
@@ -119,13 +118,7 @@ def test_v1_zero_nibble_0xF_through_transformers(tmp_path: Path) -> None:
     pytest.importorskip("gptqmodel", reason="gptqmodel not installed: transformers cannot load GPTQ weights")
     from lavin_edge.quantize.export import _meta_to_hf_rows, export_hf_gptq
 
-    merged, table = merge_lavin(trained_like(3))
-    packed = _rtn_packed(merged)
-    foreign, want = _foreign_v1(64, 64, 32)
-    for s, t in foreign.items():
-        packed[f"layers.0.attention.wq.{s}"] = t
-    qdir = save_quantized(merged, packed, {"routing_table": table.tolist()}, GPTQConfig(group_size=32),
-                          tmp_path / "q", "bytes")
+    qdir, foreign, want = _with_foreign_wq(tmp_path, 3)
     hf = export_hf_gptq(qdir, tmp_path / "hf", allow_adapters=True)
     m = transformers.AutoModelForCausalLM.from_pretrained(str(hf), device_map="cpu")
     lin = m.model.layers[0].self_attn.q_proj

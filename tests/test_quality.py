@@ -57,19 +57,12 @@ def massive_model(seed: int = 0) -> LaVIN:
 
 def quantized_dir(model: LaVIN, root: Path) -> Path:
     """RTN 4-bit (group 32, symmetric) of every LLM linear, in the GPTQ layout; the merged fp dir beside it."""
-    from lavin_edge.kernels.gptq_format import pack_linear
-    from lavin_edge.quantize.gptq import rtn_quantize
-    from lavin_edge.quantize.pipeline import LINEAR_NAMES, GPTQConfig, save_quantized
+    from lavin_edge.quantize.pipeline import GPTQConfig, pack_llm_linears, save_quantized
 
     merged, table = merge_lavin(model)
     fp_dir = save_merged(merged, root / "merged", None, {"test": True}, table)
     qcfg = GPTQConfig(group_size=32)
-    packed = {}
-    for i, layer in enumerate(merged.llm.layers):
-        for name in LINEAR_NAMES:
-            r = rtn_quantize(layer.get_submodule(name).weight.detach().float(), 4, 32, True)
-            for suffix, t in pack_linear(r, 4, qcfg.format).items():
-                packed[f"layers.{i}.{name}.{suffix}"] = t
+    packed = pack_llm_linears(merged, qcfg)
     return save_quantized(merged, packed, read_config(fp_dir), qcfg, root / "quantized")
 
 

@@ -22,9 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def quantized_tiny_dir(root: Path, seed: int = 0, max_seq_len: int = 256) -> Path:
     """A tiny LaVIN with GPTQ-packed (RTN) LLM linears and a vocabulary the W4 head packs (multiple of 8)."""
-    from lavin_edge.kernels.gptq_format import pack_linear
-    from lavin_edge.quantize.gptq import rtn_quantize
-    from lavin_edge.quantize.pipeline import LINEAR_NAMES, GPTQConfig, save_quantized
+    from lavin_edge.quantize.pipeline import GPTQConfig, pack_llm_linears, save_quantized
 
     cfg = preset("tiny", "tiny")
     cfg.llm.vocab_size = 264
@@ -32,12 +30,7 @@ def quantized_tiny_dir(root: Path, seed: int = 0, max_seq_len: int = 256) -> Pat
     merged, table = merge_lavin(trained_like(seed, cfg=cfg))
     fp_dir = save_merged(merged, root / "fp", None, {"test": True}, table)
     qcfg = GPTQConfig(group_size=32)
-    packed = {}
-    for i, layer in enumerate(merged.llm.layers):
-        for name in LINEAR_NAMES:
-            w = layer.get_submodule(name).weight.detach().float()
-            for suffix, t in pack_linear(rtn_quantize(w, 4, 32, True), 4, qcfg.format).items():
-                packed[f"layers.{i}.{name}.{suffix}"] = t
+    packed = pack_llm_linears(merged, qcfg)
     return save_quantized(merged, packed, read_config(fp_dir), qcfg, root / "q")
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from lavin_edge.modeldir import HEAD_PARTS, ModelDirError, load_model_dir
 from lavin_edge.quantize.gptq import (
     SUPPORTED_GROUP_SIZES,
     HessianAccumulator,
+    QuantResult,
     asymmetric_target,
     check_group_size,
     gptq_quantize,
@@ -354,6 +356,23 @@ def head_w4_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
     out = {f"{prefix}.{k}": v for prefix, t in zip(HEAD_PARTS, parts, strict=True) for k, v in t.as_dict().items()}
     return out, {"parts": list(HEAD_PARTS), "group_size": gs, "checkpoint_format": "gptq", "bits": 4,
                  "method": "rtn value + rtn residual, symmetric"}
+
+
+def pack_llm_linears(model: MergedLaVIN, qcfg: GPTQConfig,
+                     quantize: Callable[[torch.Tensor], QuantResult] | None = None) -> dict[str, torch.Tensor]:
+    """Every LLM linear of ``model`` quantized without calibration and packed in ``qcfg``'s format, named as
+    ``save_quantized`` takes them (``layers.{i}.{name}.{suffix}``): for tests and stand-in models, where only
+    the packed layout matters. ``quantize(w)`` defaults to round-to-nearest on ``qcfg``'s grid (no clipping)."""
+    if quantize is None:
+        def quantize(w: torch.Tensor) -> QuantResult:
+            return rtn_quantize(w, qcfg.bits, qcfg.group_size, qcfg.sym)
+    packed: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(model.llm.layers):
+        for name in LINEAR_NAMES:
+            w = _get(layer, name).weight.detach().float()
+            for suffix, t in pack_linear(quantize(w), qcfg.bits, qcfg.format).items():
+                packed[f"layers.{i}.{name}.{suffix}"] = t
+    return packed
 
 
 def save_quantized(model: MergedLaVIN, packed: dict[str, torch.Tensor], merged_config: dict[str, Any],
