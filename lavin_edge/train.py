@@ -4,8 +4,9 @@
 Design points:
 - Frozen weights are cast to ``base_dtype`` (bf16 on GPU by default, fp32 on CPU); trainable tensors stay
   fp32 and the forward runs under autocast, so AdamW updates fp32 master weights.
-- The loss of an optimizer step is the mean over *all* answer tokens of the step (every micro-batch on
-  every rank): each micro-batch contributes sum(CE) x world / (global token count). DDP averages over
+- The loss of an optimizer step is the mean over *all* scored tokens of the step, every micro-batch on every
+  rank (answer tokens; with ``text_loss = "kl"`` every position of the text-only samples): each micro-batch
+  contributes sum(loss) x world / (global token count). DDP averages over
   ranks, so the update is exactly that of one process running the whole global batch (the 2-rank test).
 - Data order is a function of (seed, epoch, step) only, so ``--resume`` can restart mid-epoch and
   continue bit-exactly; RNG states are saved per rank.
@@ -70,6 +71,11 @@ class TrainConfig:
     data: list[dict[str, Any]] = field(default_factory=list)
     max_seq_len: int = 512
     strict_data: bool = False
+    # How text-only samples are scored. "ce": cross-entropy on their answer tokens, like image samples.
+    # "kl": KL divergence from the frozen base's next-token distribution at every position of the sample
+    # (prompt and answer), so the text route learns to stay the base LLM (what LaVIN's routing promises);
+    # needed by [[data]] type = "prose".
+    text_loss: str = "ce"
     # optimisation
     batch_size: int = 4
     accum_steps: int = 1
@@ -199,6 +205,33 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return ce, int((target != IGNORE_INDEX).sum())
 
 
+def scored_positions(batch: Batch, text_kl: bool) -> torch.Tensor:
+    """[B, T-1] bool: the positions whose next-token prediction is in the loss. Answer tokens; with ``text_kl``,
+    every position of a text-only row up to its last answer token (right padding is never scored)."""
+    mask = batch.labels[:, 1:] != IGNORE_INDEX
+    text = batch.image_pos < 0
+    if not text_kl or not bool(text.any()):
+        return mask
+    t = mask.shape[1]
+    last = t - 1 - mask.flip(1).int().argmax(1)  # last answer position (rows without one score nothing)
+    upto = (torch.arange(t, device=mask.device)[None] <= last[:, None]) & mask.any(1, keepdim=True)
+    return torch.where(text[:, None], upto, mask)
+
+
+def distill_loss_sum(logits: torch.Tensor, batch: Batch, model: LaVIN) -> tuple[torch.Tensor, int]:
+    """``text_loss = "kl"``: CE on the answers of image rows plus KL(base || model) at every scored position of
+    text-only rows (:func:`scored_positions`), summed in fp32, and the count of scored positions."""
+    text = batch.image_pos < 0
+    total, n = token_loss_sum(logits[~text], batch.labels[~text])
+    if bool(text.any()):
+        mask = scored_positions(batch, True)[text]
+        target = F.log_softmax(model.base_logits(batch.input_ids[text])[:, :-1].float(), dim=-1)[mask]
+        pred = F.log_softmax(logits[text][:, :-1].float(), dim=-1)[mask]
+        total = total + F.kl_div(pred, target, reduction="sum", log_target=True)
+        n += int(mask.sum())
+    return total, n
+
+
 def memory_estimate(counts: dict[str, int], cfg: TrainConfig, dtype: torch.dtype, llm_dim: int, n_layers: int,
                     vocab: int) -> dict[str, float]:
     """Rough peak memory in GiB: frozen weights + fp32 trainables x 4 (weights, grads, Adam m and v) +
@@ -278,9 +311,11 @@ class TrainResult:
     model: LaVIN | None = field(default=None, repr=False)
 
 
-def _micro_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-    """Forward one micro-batch; a seam for tests that inject non-finite losses."""
-    return token_loss_sum(model(batch), batch.labels)
+def _micro_loss(model: nn.Module, batch: Batch, teacher: LaVIN | None = None) -> tuple[torch.Tensor, int]:
+    """Forward one micro-batch (``teacher``: the model whose frozen base scores text rows, ``text_loss = "kl"``);
+    a seam for tests that inject non-finite losses."""
+    logits = model(batch)
+    return token_loss_sum(logits, batch.labels) if teacher is None else distill_loss_sum(logits, batch, teacher)
 
 
 def _write_step(what: str) -> None:
@@ -460,7 +495,7 @@ def _run_steps(run: _Run, dtype: torch.dtype, log: Any) -> tuple[bool, float, in
         while run.step < run.end_step:
             step_rng = rng_state()  # what resume restores if this step is cut off
             loss_val, ok = _train_step(run.ddp, run.model, run.ds, run.plan.micro_batches(run.step), info,
-                                       autocast, run.tok.pad_id)
+                                       autocast, run.tok.pad_id, cfg.text_loss == "kl")
             if ok:
                 run.optimizer.step()
             else:
@@ -559,10 +594,10 @@ def _final_eval(model: LaVIN, tok: Any, cfg: TrainConfig, dtype: torch.dtype, ou
 
 
 def _train_step(ddp: nn.Module, model: LaVIN, ds: LavinDataset, micro: list[list[int]], info: DistInfo,
-                autocast: Any, pad_id: int) -> tuple[float, bool]:
+                autocast: Any, pad_id: int, text_kl: bool = False) -> tuple[float, bool]:
     """Forward/backward every micro-batch of one optimizer step. Returns (mean token loss, update ok)."""
     batches = [collate_items([ds[i] for i in idx], pad_id).to(info.device) for idx in micro]
-    local_count = sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    local_count = sum(int(scored_positions(b, text_kl).sum()) for b in batches)
     global_count = int(all_reduce_sum(torch.tensor([local_count], dtype=torch.float64), info).item())
     scale = info.world_size / max(global_count, 1)
     loss_sum = torch.zeros((), dtype=torch.float64)
@@ -571,7 +606,7 @@ def _train_step(ddp: nn.Module, model: LaVIN, ds: LavinDataset, micro: list[list
         sync = contextlib.nullcontext() if (last or not info.enabled) else ddp.no_sync()  # type: ignore[operator]
         with sync:
             with autocast:
-                ce, _ = _micro_loss(ddp, batch)
+                ce, _ = _micro_loss(ddp, batch, model) if text_kl else _micro_loss(ddp, batch)
             # A non-finite loss still goes through backward (DDP needs every rank to reduce); its NaN
             # gradients then fail the check below and the whole update is dropped.
             (ce * scale).backward()

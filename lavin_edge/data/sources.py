@@ -495,11 +495,27 @@ def load_self_distill(path: str | Path | None, split: str, problems: Problems, l
     return out
 
 
+# ---------------------------------------------------------------------------------------------- prose
+
+def load_prose(problems: Problems, limit: int | None = None, seed: int = 0, name: str = "prose") -> list[Record]:
+    """Text-only prose: the calibration half of the standard library's docstring paragraphs
+    (``lavin_edge.data.prose``; the held-out half is never read here). Each paragraph is the answer of an
+    empty prompt, so all its tokens are scored; ``text_loss = "kl"`` is required (its targets are the frozen
+    base's predictions, not the text: the text route learns to read prose as the base does)."""
+    from lavin_edge.data.prose import stdlib_paragraphs
+
+    paras = stdlib_paragraphs("calibration")
+    out = [Record(f"prose-{i}", "", p, None, name, {"kind": "prose"}) for i, p in enumerate(paras)]
+    if limit is not None and limit < len(out):
+        out = random.Random(seed).sample(out, limit)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- dispatch
 
 def load_source(spec: dict[str, Any], problems: Problems, split: str | None = None) -> list[Record]:
     """One ``[[data]]`` table of a recipe: ``type`` = scienceqa | llava | alpaca | easy-vqa | easy-vqa-chat |
-    self-distill, plus its fields.
+    self-distill | prose, plus its fields.
 
     ``split`` overrides the table's split (eval uses the test split of the same source)."""
     kind = spec.get("type")
@@ -522,5 +538,7 @@ def load_source(spec: dict[str, Any], problems: Problems, split: str | None = No
     if kind == "self-distill":
         return load_self_distill(spec.get("path"), split or spec.get("split", "train"), problems, spec.get("limit"),
                                  spec.get("seed", 0), name)
+    if kind == "prose":
+        return load_prose(problems, spec.get("limit"), spec.get("seed", 0), name)
     raise DataError(f"unknown data source type {kind!r} (expected scienceqa, llava, alpaca, easy-vqa, "
-                    "easy-vqa-chat or self-distill)")
+                    "easy-vqa-chat, self-distill or prose)")

@@ -183,6 +183,16 @@ class LaVIN(nn.Module):
         h = self.embed(batch.input_ids, batch.image_pos, batch.images)
         return self.llm.forward_embeds(h)[:, 1:]
 
+    @torch.no_grad()
+    def base_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, V] of the frozen base LLM (no adapters) on text-only rows, at the same positions as
+        ``forward``: the targets of ``text_loss = "kl"``. Rotary angles shift by the modality slot, which
+        attention does not see (it depends on relative positions only)."""
+        h = self.embed(input_ids, torch.full((input_ids.shape[0],), -1, dtype=torch.long,
+                                             device=input_ids.device), None)
+        with self.llm.without_adapters():
+            return self.llm.forward_embeds(h)[:, 1:]
+
     def loss(self, batch: Batch) -> torch.Tensor:
         logits = self.forward(batch)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(),

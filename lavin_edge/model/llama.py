@@ -18,7 +18,8 @@ The serving runtime (``lavin_edge.runtime``) and its native decode step are test
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -200,6 +201,19 @@ class Llama(nn.Module):
     def capacity(self) -> int:
         """Positions that fit: the context plus LaVIN's modality token, less the slots the offset skips."""
         return self.cfg.max_seq_len + 1 - self.position_offset
+
+    @contextlib.contextmanager
+    def without_adapters(self) -> Iterator[None]:
+        """Inside, every layer runs as the frozen base alone (attention reads the normed state directly): the
+        teacher of ``text_loss = "kl"``. The modality token stays isolated, so other positions see the base."""
+        saved = [blk.adapter for blk in self.layers]
+        for blk in self.layers:
+            blk.adapter = None
+        try:
+            yield
+        finally:
+            for blk, a in zip(self.layers, saved, strict=True):
+                blk.adapter = a
 
     def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0].device != device:

@@ -64,10 +64,11 @@ def quantize_dir(model_dir: str | Path, out: str | Path, opts: QuantizeOptions |
 
     Refused before any work (ModelDirError / ValueError): ``out`` is, contains or lies inside ``model_dir``;
     ``out`` exists and ``overwrite`` is off; a setting or the model's shapes do not fit."""
+    from lavin_edge.data.prose import stdlib_paragraphs
     from lavin_edge.merge import load_merged
     from lavin_edge.modeldir import load_tokenizer_of
     from lavin_edge.quantize.pipeline import GPTQConfig, auto_group_size, quantize_model, save_quantized
-    from lavin_edge.quantize.quality import compare, packed_text_samples, record_samples, stdlib_paragraphs
+    from lavin_edge.quantize.quality import compare, packed_text_samples, record_samples
 
     opts = opts or QuantizeOptions()
     opts.check()

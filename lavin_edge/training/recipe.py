@@ -31,9 +31,10 @@ DATA_KEYS: dict[str, dict[str, str]] = {
     "easy-vqa-chat": {"type": "str", "name": "str", "split": "str", "limit": "count", "seed": "int",
                       "min_turns": "count", "max_turns": "count"},
     "self-distill": {"type": "str", "name": "str", "path": "file", "split": "str", "limit": "count", "seed": "int"},
+    "prose": {"type": "str", "name": "str", "limit": "count", "seed": "int"},
 }
 REQUIRED_DATA_KEYS = {"scienceqa": ("root",), "llava": ("path",), "alpaca": ("path",), "easy-vqa": (),
-                      "easy-vqa-chat": (), "self-distill": ()}
+                      "easy-vqa-chat": (), "self-distill": (), "prose": ()}
 # [eval] is a data table plus how to evaluate (lavin_edge.evaluate.run_eval_spec).
 EVAL_KEYS = {"method": "str", "max_new_tokens": "count", "limit": "count"}
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -42,6 +43,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mode": ("open", "mc"),
     "method": ("generate", "score"),
     "kinds": ("yes/no", "yes/no:shape", "yes/no:color", "shape", "color"),
+    "text_loss": ("ce", "kl"),
 }
 EASY_VQA_SPLITS = ("train", "test")
 
@@ -230,6 +232,9 @@ def check_recipe(d: Mapping[str, Any], fields: Mapping[str, str], loc: Locator |
                                   f"{', '.join(DATA_KEYS)})")
             for i, spec in enumerate(value):
                 _check_source(spec, loc, "data", i, {})
+                if isinstance(spec, dict) and spec.get("type") == "prose" and d.get("text_loss", "ce") != "kl":
+                    raise RecipeError(f"{loc.where('type', 'data', i)}: [[data]] #{i + 1} type 'prose' needs "
+                                      "text_loss = \"kl\" (prose is scored against the frozen base's predictions)")
             continue
         if kind == "eval":
             if value is False:
