@@ -235,3 +235,28 @@ def test_kernels_read_our_checkpoint(quantized) -> None:
         ref = x @ ours.T
         # The native path quantizes activations to int8 per block (llama.cpp's design): loose tolerance.
         assert (y.float() - ref).abs().max() <= 0.02 * ref.abs().max() + 1e-3, fmt
+
+
+def test_calibration_from_a_recipes_data(tmp_path) -> None:  # noqa: ANN001
+    """--calib-recipe: text-only records fill the text share, image records (conversations with their earlier
+    turns) the rest; too few records or a bad table is a clear error."""
+    from lavin_edge.quantize.step import QuantizeOptions, calibration_samples, read_calib_recipe
+    from lavin_edge.training.recipe import RecipeError
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[data]]\ntype = "self-distill"\nsplit = "train"\nlimit = 4\n\n'
+                      '[[data]]\ntype = "easy-vqa-chat"\nlimit = 6\nmin_turns = 2\nmax_turns = 2\n')
+    data = read_calib_recipe(recipe)
+    opts = QuantizeOptions(calib_samples=8, calib_len=512, text_fraction=0.25, calib_data=data)
+    samples = calibration_samples(opts, ByteTokenizer(), 6, 32)
+    assert len(samples) == 8 and sum(s.image is None for s in samples) == 2
+    # A 2-turn conversation holds both questions: longer than the single-turn prompt alone.
+    assert all(len(s.input_ids) > 60 for s in samples if s.image is not None)
+    with pytest.raises(ValueError, match="needs 4 and 12"):
+        calibration_samples(QuantizeOptions(calib_samples=16, calib_data=data), ByteTokenizer(), 6, 32)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[data]]\ntype = "easy-vqa"\nlimt = 3\n')
+    with pytest.raises(RecipeError, match="bad.toml:3"):
+        read_calib_recipe(bad)
+    res = CliRunner().invoke(main, ["quantize", str(tmp_path), str(tmp_path / "q"), "--calib-recipe", str(bad)])
+    assert res.exit_code == 2 and "limt" in res.output

@@ -79,10 +79,12 @@ def files_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-@pytest.fixture(scope="module")
-def server(qdir: Path, files_dir: Path) -> Iterator[LiveServer]:
+@pytest.fixture(scope="module", params=["inline", "thread"])
+def server(qdir: Path, files_dir: Path, request: pytest.FixtureRequest) -> Iterator[LiveServer]:
+    """Every server test runs with prefill on the decode loop and on a thread of its own."""
     limits = ImageLimits(max_bytes=20_000, max_pixels=300 * 300, allow_files=files_dir)
-    app, _ = build_app(Engine.load(qdir), "tiny", ServeOptions(slots=3, max_queue=8, limits=limits))
+    app, _ = build_app(Engine.load(qdir), "tiny", ServeOptions(slots=3, max_queue=8, limits=limits,
+                                                               prefill=request.param))
     with LiveServer(app) as s:
         yield s
 
@@ -91,7 +93,8 @@ def server(qdir: Path, files_dir: Path) -> Iterator[LiveServer]:
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """One slot, no queue, an API key, a long context: for 401, 503 and disconnects."""
     qdir = quantized_tiny_dir(tmp_path_factory.mktemp("long"), max_seq_len=4096)
-    app, scheduler = build_app(Engine.load(qdir), "tiny", ServeOptions(slots=1, max_queue=0, api_key=KEY))
+    app, scheduler = build_app(Engine.load(qdir), "tiny", ServeOptions(slots=1, max_queue=0, api_key=KEY,
+                                                                       prefill="thread"))
     with LiveServer(app) as s:
         s.scheduler = scheduler
         yield s
@@ -296,3 +299,12 @@ def test_serve_help_lists_every_option() -> None:
 def test_json_shape_of_health(server: LiveServer) -> None:
     h = httpx.get(server.url + "/health").json()
     assert h["slots"] == 3 and json.dumps(h)
+
+
+def test_prefill_placement_rule() -> None:
+    from lavin_edge.serve.server import prefill_on_thread
+
+    assert prefill_on_thread("auto", threads=1, cores=2) and not prefill_on_thread("auto", threads=2, cores=2)
+    assert prefill_on_thread("thread", threads=8, cores=2) and not prefill_on_thread("inline", threads=1, cores=64)
+    with pytest.raises(ValueError, match="prefill"):
+        prefill_on_thread("both")

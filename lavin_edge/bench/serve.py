@@ -134,13 +134,13 @@ def _wait_ready(base: str, proc: subprocess.Popen, timeout: float) -> None:
 
 def run_serve_bench(json_out: bool = False, model: str | None = None, clients: tuple[int, ...] = (1, 4, 8),
                     requests: int = 3, new_tokens: int = 64, slots: int | None = None, threads: int | None = None,
-                    print_results: bool = True) -> dict[str, Any]:
+                    print_results: bool = True, prefill: str = "auto") -> dict[str, Any]:
     """Start a server, run each client level, stop the server; returns ``{"rows": [...], ...}``."""
     slots = slots or max(clients)
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "lavin_edge.cli", "serve", "--port", str(port), "--slots", str(slots),
-           "--max-queue", str(max(clients)), "--log-level", "warning"]
+           "--max-queue", str(max(clients)), "--log-level", "warning", "--prefill", prefill]
     if model:
         cmd += ["--model", model]
     if threads:
@@ -160,7 +160,7 @@ def run_serve_bench(json_out: bool = False, model: str | None = None, clients: t
     one = next((r for r in rows if r["clients"] == 1), None)
     top = rows[-1]
     out = {"model": model or "demo", "slots": slots, "new_tokens": new_tokens, "requests_per_client": requests,
-           "threads": threads, "rows": rows,
+           "threads": threads, "prefill": prefill, "rows": rows,
            "speedup": round(top["aggregate_tok_s"] / one["aggregate_tok_s"], 2) if one else None,
            "peer": "llama-cpp-python server: not run (not installed here; path left for a machine that has it)"}
     if print_results:

@@ -31,6 +31,9 @@ import click
               "kept accuracy where 0.5 lost 10 points, docs/quantization.md).")
 @click.option("--calib-text", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Text-modality calibration paragraphs (blank-line separated). Default: stdlib docstrings.")
+@click.option("--calib-recipe", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Calibrate on the [[data]] tables of this training recipe (your training data: its text-only "
+              "records for the text share, its image records for the rest) instead of docstrings and easy-vqa.")
 @click.option("--modalities", default="text,image", show_default=True,
               help="Modalities the model serves; calibration must cover each.")
 @click.option("--eval-texts", default=40, show_default=True, type=int,
@@ -42,19 +45,24 @@ import click
               help="Replace OUT if it exists (the old one stays in place until the new one is complete).")
 def command(model_dir: str, out: str, bits: str, group_size: str, sym: bool, desc_act: bool, static_groups: bool,
             damp: float, mse: float, asym_calib: float, block_size: int, calib_samples: int, calib_len: int,
-            text_fraction: float, calib_text: str | None, modalities: str, eval_texts: int, eval_vqa: int,
-            seed: int, overwrite: bool) -> None:
+            text_fraction: float, calib_text: str | None, calib_recipe: str | None, modalities: str,
+            eval_texts: int, eval_vqa: int, seed: int, overwrite: bool) -> None:
     """Quantize MODEL_DIR (a merged model) into OUT with GPTQ, then print quality fp vs 4-bit.
 
     OUT is written all or nothing: an interrupted run leaves the previous OUT (or none)."""
-    from lavin_edge.quantize.step import QuantizeOptions, quantize_dir
+    from lavin_edge.quantize.step import QuantizeOptions, quantize_dir, read_calib_recipe
 
+    try:
+        calib_data = read_calib_recipe(calib_recipe) if calib_recipe else None
+    except ValueError as e:  # RecipeError: names the file and line
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
     opts = QuantizeOptions(
         bits=int(bits), group_size=None if group_size == "auto" else int(group_size), sym=sym, desc_act=desc_act,
         static_groups=static_groups, damp=damp, mse=mse, asym_calib=asym_calib, block_size=block_size,
         calib_samples=calib_samples, calib_len=calib_len, text_fraction=text_fraction, calib_text=calib_text,
-        modalities=tuple(m.strip() for m in modalities.split(",") if m.strip()), eval_texts=eval_texts,
-        eval_vqa=eval_vqa, seed=seed)
+        calib_data=calib_data, modalities=tuple(m.strip() for m in modalities.split(",") if m.strip()),
+        eval_texts=eval_texts, eval_vqa=eval_vqa, seed=seed)
     try:
         quantize_dir(model_dir, out, opts, overwrite=overwrite, echo=click.echo)
     except (ValueError, FileNotFoundError) as e:  # ModelDirError, CalibrationError, bad settings

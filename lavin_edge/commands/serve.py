@@ -49,11 +49,15 @@ def _fail(msg: str) -> None:
 @click.option("--exact-head", is_flag=True,
               help="Keep the fp32 output layer (kernels backend: it otherwise runs as 4-bit + 4-bit residual).")
 @click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads (default: all cores).")
+@click.option("--prefill", default="auto", show_default=True, type=click.Choice(["auto", "inline", "thread"]),
+              help="Where an arriving request's prefill runs: inline (on the decode loop, between batched steps: "
+                   "the other requests wait), thread (on a thread of its own, with its own --threads cores, while "
+                   "the others keep decoding), auto (thread when the cores hold both: 2 x threads <= cores).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="uvicorn's log level.")
 def command(model_dir: str | None, host: str, port: int, device: str, backend: str, slots: int, max_queue: int,
             max_context: int, api_key: str | None, max_image_bytes: int, max_image_pixels: int,
-            allow_files: Path | None, exact_head: bool, threads: int | None, log_level: str) -> None:
+            allow_files: Path | None, exact_head: bool, threads: int | None, prefill: str, log_level: str) -> None:
     """Serve a LaVIN model over HTTP: OpenAI-compatible chat completions with images, continuous batching of up
     to --slots requests, and a web page at /.
 
@@ -65,19 +69,20 @@ def command(model_dir: str | None, host: str, port: int, device: str, backend: s
     from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir
     from lavin_edge.runtime import ModelDirError
     from lavin_edge.serve.images import ImageLimits
-    from lavin_edge.serve.server import ServeOptions, load_app
+    from lavin_edge.serve.server import ServeOptions, load_app, prefill_on_thread
 
     if threads:
         torch.set_num_threads(threads)
     if api_key is not None and not api_key.strip():
         _fail("--api-key is empty")
     limits = ImageLimits(max_image_bytes, max_image_pixels, allow_files)
-    opts = ServeOptions(slots, max_queue, backend, max_context, api_key, limits, exact_head)
+    opts = ServeOptions(slots, max_queue, backend, max_context, api_key, limits, exact_head, prefill)
     try:
         path = Path(model_dir) if model_dir is not None else demo_model_dir(build=True)
         model_id = "lavin-edge-demo" if model_dir is None else path.resolve().name
         app, _ = load_app(path, model_id, opts)
     except (ModelDirError, DemoModelMissing) as e:
         _fail(str(e))
-    click.echo(f"serving {model_id} on http://{host}:{port}/ ({slots} slots)", err=True)
+    where = "own thread" if prefill_on_thread(prefill) else "inline"
+    click.echo(f"serving {model_id} on http://{host}:{port}/ ({slots} slots, prefill: {where})", err=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -48,14 +48,14 @@ def packed_text_samples(tok: TokenizerLike, paragraphs: Sequence[str], n: int, m
 
 def record_samples(records: Sequence[Any], tok: TokenizerLike, n_visual: int, image_size: int, max_len: int,
                    drop_images: bool = False) -> list[CalibSample]:
-    """Training records (``lavin_edge.data.sources.Record``: prompt, answer, image path) as the model reads
-    them, answers included. ``drop_images`` turns them into text-modality samples."""
+    """Training records (``lavin_edge.data.sources.Record``: prompt, answer, image path, earlier turns) as the
+    model reads them, answers included. ``drop_images`` turns them into text-modality samples."""
     from lavin_edge.data.image import load_image
 
     out = []
     for r in records:
         has_image = r.image is not None and not drop_images
-        ex = encode_example(tok, r.prompt, r.answer, has_image, n_visual)
+        ex = encode_example(tok, r.prompt, r.answer, has_image, n_visual, history=getattr(r, "history", ()))
         ids = ex.input_ids[:max_len]
         if has_image and ex.image_pos + n_visual > len(ids):
             continue  # the image would be cut: not a sample the model ever serves

@@ -38,6 +38,9 @@ class QuantizeOptions:
     calib_len: int = 128
     text_fraction: float = 0.25
     calib_text: str | Path | None = None
+    # [[data]] tables as in a training recipe (``--calib-recipe``): calibrate on that data, its text-only records
+    # for the text share and its image records for the rest, instead of docstrings and easy-vqa questions.
+    calib_data: list[dict[str, Any]] | None = None
     modalities: tuple[str, ...] = MODALITIES
     eval_texts: int = 40
     eval_vqa: int = 0
@@ -48,6 +51,8 @@ class QuantizeOptions:
         bad = [m for m in self.modalities if m not in MODALITIES]
         if bad or not self.modalities:
             raise ValueError(f"--modalities takes text and/or image, got {','.join(self.modalities)!r}")
+        if self.calib_data is not None and self.calib_text is not None:
+            raise ValueError("--calib-recipe and --calib-text both name the text calibration: give one")
         if not 0 <= self.text_fraction <= 1:
             raise ValueError(f"--text-fraction must lie in [0, 1], got {self.text_fraction}")
         for name in ("calib_samples", "calib_len"):
@@ -68,7 +73,7 @@ def quantize_dir(model_dir: str | Path, out: str | Path, opts: QuantizeOptions |
     from lavin_edge.merge import load_merged
     from lavin_edge.modeldir import load_tokenizer_of
     from lavin_edge.quantize.pipeline import GPTQConfig, auto_group_size, quantize_model, save_quantized
-    from lavin_edge.quantize.quality import compare, packed_text_samples, record_samples
+    from lavin_edge.quantize.quality import compare
 
     opts = opts or QuantizeOptions()
     opts.check()
@@ -90,23 +95,11 @@ def quantize_dir(model_dir: str | Path, out: str | Path, opts: QuantizeOptions |
         raise ModelDirError(f"{model_dir}: config.json records no tokenizer")
     tok = load_tokenizer_of(model_dir, mcfg)
 
-    mods = opts.modalities
-    n_text = round(opts.calib_samples * opts.text_fraction) if "text" in mods else 0
-    n_img = opts.calib_samples - n_text if "image" in mods else 0
-    texts = (Path(opts.calib_text).read_text().split("\n\n") if opts.calib_text
-             else stdlib_paragraphs("calibration"))
-    texts = [t.strip() for t in texts if t.strip()]
-    samples = packed_text_samples(tok, texts, n_text, opts.calib_len) if n_text else []
-    if n_img:
-        from lavin_edge.data.sources import Problems, load_easy_vqa
-
-        # The demo's training data, through the vision tower and the folded adapters.
-        recs = load_easy_vqa("train", Problems(), "open", limit=n_img, seed=opts.seed)
-        samples += record_samples(recs, tok, model.n_visual, model.cfg.vision.image_size, opts.calib_len)
+    samples = calibration_samples(opts, tok, model.n_visual, model.cfg.vision.image_size)
     echo(f"calibration: {len(samples)} sequences ({sum(s.image is None for s in samples)} text, "
          f"{sum(s.image is not None for s in samples)} image), {sum(len(s.input_ids) for s in samples)} tokens")
     fp = copy.deepcopy(model) if (opts.eval_texts or opts.eval_vqa) else None
-    packed, report = quantize_model(model, samples, qcfg, mods)
+    packed, report = quantize_model(model, samples, qcfg, opts.modalities)
     better = sum(r.gptq_error < r.rtn_error for r in report.linears)
     echo(f"quantized {len(report.linears)} linears in {report.seconds:.1f} s")
     echo(f"  GPTQ output error below RTN's on {better}/{len(report.linears)} linears; "
@@ -127,3 +120,47 @@ def quantize_dir(model_dir: str | Path, out: str | Path, opts: QuantizeOptions |
     path = save_quantized(model, packed, mcfg, qcfg, out, tok, rep, overwrite=overwrite)
     echo(f"  -> {path}")
     return path, rep
+
+
+def read_calib_recipe(path: str | Path) -> list[dict[str, Any]]:
+    """The [[data]] tables of a training recipe, checked as ``lavin-edge train`` checks them (RecipeError)."""
+    from lavin_edge.training.recipe import Locator, RecipeError, check_recipe, read_toml
+
+    d, text = read_toml(path)
+    if "data" not in d:
+        raise RecipeError(f"{path}: no [[data]] tables to calibrate on")
+    check_recipe({"data": d["data"]}, {"data": "list[dict[str, Any]]"}, Locator(path, text))
+    return list(d["data"])
+
+
+def calibration_samples(opts: QuantizeOptions, tok: Any, n_visual: int, image_size: int) -> list[Any]:
+    """``opts.calib_samples`` sequences, ``text_fraction`` of them text-only: from ``opts.calib_data`` (a recipe's
+    [[data]] tables, sampled with ``seed``), else docstring prose (or ``calib_text``) and easy-vqa questions."""
+    import random
+
+    from lavin_edge.data.prose import stdlib_paragraphs
+    from lavin_edge.data.sources import Problems, load_easy_vqa, load_source
+    from lavin_edge.quantize.quality import packed_text_samples, record_samples
+
+    mods = opts.modalities
+    n_text = round(opts.calib_samples * opts.text_fraction) if "text" in mods else 0
+    n_img = opts.calib_samples - n_text if "image" in mods else 0
+    if opts.calib_data is not None:
+        records = [r for spec in opts.calib_data for r in load_source(spec, Problems())]
+        rng = random.Random(opts.seed)
+        texts = [r for r in records if r.image is None]
+        images = [r for r in records if r.image is not None]
+        if len(texts) < n_text or len(images) < n_img:
+            raise ValueError(f"--calib-recipe data holds {len(texts)} text-only and {len(images)} image records; "
+                             f"calibration needs {n_text} and {n_img}")
+        picked = rng.sample(texts, n_text) + rng.sample(images, n_img)
+        return record_samples(picked, tok, n_visual, image_size, opts.calib_len)
+    texts = (Path(opts.calib_text).read_text().split("\n\n") if opts.calib_text
+             else stdlib_paragraphs("calibration"))
+    texts = [t.strip() for t in texts if t.strip()]
+    samples = packed_text_samples(tok, texts, n_text, opts.calib_len) if n_text else []
+    if n_img:
+        # The demo's training data, through the vision tower and the folded adapters.
+        recs = load_easy_vqa("train", Problems(), "open", limit=n_img, seed=opts.seed)
+        samples += record_samples(recs, tok, n_visual, image_size, opts.calib_len)
+    return samples

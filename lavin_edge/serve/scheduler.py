@@ -2,8 +2,12 @@
 all active rows; requests join (prefill into a free slot) and leave (end of text, stop string, token budget,
 cancelled) between steps; a bounded queue waits behind the slots.
 
-The loop runs on one thread of its own (the model's ops release the GIL, so the HTTP event loop keeps
-serving); each request hears about its progress through ``Job.sink``, called on that thread with
+The decode loop runs on one thread of its own (the model's ops release the GIL, so the HTTP event loop keeps
+serving). A request's prefill runs either inline, on that loop between two steps (every active row waits for
+it), or with ``overlap_prefill`` on a second thread of its own, into a slot reserved for it, while the loop
+goes on stepping the others; the row joins the batch at the next step after its prefill. The two threads
+touch disjoint KV-cache slots and each kernel call keeps its scratch to itself, so a row's tokens are the
+same either way. Each request hears about its progress through ``Job.sink``, called on those threads with
 ``("text", str)``, ``("done", dict)`` or ``("error", str)``.
 """
 
@@ -44,9 +48,10 @@ class Job:
 
 
 class Scheduler:
-    """The batching loop over one ``BatchDecoder``; ``max_queue`` jobs may wait beyond the free slots."""
+    """The batching loop over one ``BatchDecoder``; ``max_queue`` jobs may wait beyond the free slots;
+    ``overlap_prefill``: prefill on a thread of its own (see the module docstring)."""
 
-    def __init__(self, decoder: BatchDecoder, max_queue: int) -> None:
+    def __init__(self, decoder: BatchDecoder, max_queue: int, overlap_prefill: bool = False) -> None:
         self.decoder = decoder
         self.engine = decoder.engine
         self.max_queue = max_queue
@@ -55,64 +60,95 @@ class Scheduler:
         self.vocab = self.engine.embed.shape[0]
         self.waiting: deque[Job] = deque()
         self.active: dict[int, Job] = {}
+        self.starting: dict[int, Job] = {}  # slots reserved by jobs whose prefill runs on the prefill thread
         self.cv = threading.Condition()
         self.closing = False
         self.steps = 0
-        self.thread = threading.Thread(target=self.run, name="lavin-edge-batching", daemon=True)
+        self.overlap_prefill = overlap_prefill
+        self.threads = [threading.Thread(target=self.run, name="lavin-edge-batching", daemon=True)]
+        if overlap_prefill:
+            self.threads.append(threading.Thread(target=self.run_prefill, name="lavin-edge-prefill", daemon=True))
 
     # -- called from request handlers -----------------------------------------------------------------
     def start(self) -> None:
-        self.thread.start()
+        for t in self.threads:
+            t.start()
 
     def stop(self) -> None:
         with self.cv:
             self.closing = True
             self.cv.notify_all()
-        self.thread.join(timeout=30)
+        for t in self.threads:
+            t.join(timeout=30)
 
     def submit(self, job: Job) -> None:
         with self.cv:
-            free = self.decoder.slots - len(self.active)
+            free = self.decoder.slots - len(self.active) - len(self.starting)
             if len(self.waiting) >= self.max_queue + max(free, 0):
                 raise QueueFull(f"all {self.decoder.slots} slots busy and {len(self.waiting)} requests queued")
             self.waiting.append(job)
-            self.cv.notify()
+            self.cv.notify_all()
 
     def cancel(self, job: Job) -> None:
         """Drop ``job`` before the next step (its slot is free for the next waiting request)."""
         with self.cv:
             job.cancelled = True
-            self.cv.notify()
+            self.cv.notify_all()
 
     def load(self) -> dict[str, int]:
         with self.cv:
-            return {"slots": self.decoder.slots, "active": len(self.active),
+            return {"slots": self.decoder.slots, "active": len(self.active) + len(self.starting),
                     "queued": sum(not j.cancelled for j in self.waiting), "max_queue": self.max_queue}
 
-    # -- the loop ---------------------------------------------------------------------------------------
+    # -- the loops -------------------------------------------------------------------------------------
+    def _admit(self) -> list[Job]:
+        """Under the lock: give waiting jobs the free slots (all of them inline, one on the prefill thread)."""
+        admit = []
+        free = [s for s in range(self.decoder.slots) if s not in self.active and s not in self.starting]
+        while free and self.waiting and not (self.overlap_prefill and admit):
+            job = self.waiting.popleft()
+            if not job.cancelled:
+                job.slot = free.pop(0)
+                (self.starting if self.overlap_prefill else self.active)[job.slot] = job
+                admit.append(job)
+        return admit
+
     def run(self) -> None:
+        """The decode loop (and, without ``overlap_prefill``, the prefills between its steps)."""
         torch.set_grad_enabled(False)
         while True:
             with self.cv:
                 for slot in [s for s, j in self.active.items() if j.cancelled]:
                     del self.active[slot]
-                while not self.closing and not self.active and not self.waiting:
+                while not self.closing and not self.active and (self.overlap_prefill or not self.waiting):
                     self.cv.wait()
                 if self.closing:
                     return
-                admit = []
-                free = [s for s in range(self.decoder.slots) if s not in self.active]
-                while free and self.waiting:
-                    job = self.waiting.popleft()
-                    if not job.cancelled:
-                        job.slot = free.pop(0)
-                        self.active[job.slot] = job
-                        admit.append(job)
+                admit = [] if self.overlap_prefill else self._admit()
             for job in admit:
                 self._guarded([job], self._start)
-            rows = [j for j in self.active.values() if not j.cancelled and j.next_token >= 0]
+            with self.cv:
+                rows = [j for j in self.active.values() if not j.cancelled and j.next_token >= 0]
             if rows:
                 self._guarded(rows, self._step)
+
+    def run_prefill(self) -> None:
+        """With ``overlap_prefill``: prefill arriving jobs one at a time into reserved slots; each joins the
+        decode batch when its first token is out."""
+        torch.set_grad_enabled(False)
+        while True:
+            with self.cv:
+                while not self.closing and not (admit := self._admit()):
+                    self.cv.wait()
+                if self.closing:
+                    return
+            (job,) = admit
+            self._guarded([job], self._start)
+            with self.cv:
+                self.starting.pop(job.slot, None)
+                if job.next_token >= 0 and not job.cancelled:
+                    self.active[job.slot] = job
+                self.cv.notify_all()
 
     def _guarded(self, jobs: list[Job], fn: Callable[[list[Job]], None]) -> None:
         """Run ``fn``; a failure ends these jobs with an error and the server keeps serving."""
@@ -174,3 +210,4 @@ class Scheduler:
         with self.cv:
             if self.active.get(job.slot) is job:
                 del self.active[job.slot]
+            self.cv.notify_all()  # a slot is free: the prefill thread may be waiting for one

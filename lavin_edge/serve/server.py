@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from starlette.applications import Starlette
 
 from lavin_edge.runtime import Engine
@@ -25,11 +27,25 @@ class ServeOptions:
     api_key: str | None = None
     limits: ImageLimits | None = None
     exact_head: bool = False
+    prefill: str = "auto"  # inline | thread | auto (see prefill_on_thread)
+
+
+def prefill_on_thread(prefill: str, threads: int | None = None, cores: int | None = None) -> bool:
+    """Whether prefills run on their own thread: "thread" / "inline" say so; "auto" does when the cores hold two
+    sets of the kernels' threads (2 x threads <= cores), so the prefill thread never competes with the decode
+    loop's OpenMP team for a core."""
+    if prefill not in ("auto", "inline", "thread"):
+        raise ValueError(f"prefill must be auto, inline or thread, not {prefill!r}")
+    if prefill != "auto":
+        return prefill == "thread"
+    threads = threads or torch.get_num_threads()
+    cores = cores or len(os.sched_getaffinity(0))
+    return 2 * threads <= cores
 
 
 def build_app(engine: Engine, model_id: str, opts: ServeOptions) -> tuple[Starlette, Scheduler]:
     """An app over an already loaded engine (tests build tiny ones in code)."""
-    scheduler = Scheduler(BatchDecoder(engine, opts.slots), opts.max_queue)
+    scheduler = Scheduler(BatchDecoder(engine, opts.slots), opts.max_queue, prefill_on_thread(opts.prefill))
     config = ServerConfig(model_id, opts.limits or ImageLimits(), opts.api_key)
     return create_app(scheduler, config), scheduler
 
