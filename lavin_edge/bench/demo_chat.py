@@ -70,7 +70,7 @@ def run_demo_chat_bench(followups: int = 200, single: int = 1000, followups_fp: 
         log(f"text {name}: {json.dumps(report[f'text_{name}'])}")
     del base
 
-    cases = followup_cases(followups, seed=0)
+    cases = followup_cases(max(followups, followups_fp or 0), seed=0)
     for name, path in (("4bit", root / "quantized"), ("fp", root / "merged")):
         eng = Engine.load(path)
         n_fu = followups if name == "4bit" or followups_fp is None else followups_fp

