@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -254,6 +255,9 @@ def test_calibration_from_a_recipes_data(tmp_path) -> None:  # noqa: ANN001
     assert all(len(s.input_ids) > 60 for s in samples if s.image is not None)
     with pytest.raises(ValueError, match="needs 4 and 12"):
         calibration_samples(QuantizeOptions(calib_samples=16, calib_data=data), ByteTokenizer(), 6, 32)
+    # The demo's own recipe (prose tables, text_loss = "kl"), as the demo build and BUILD_HINT use it.
+    demo = Path(__file__).resolve().parents[1] / "recipes" / "demo-chat.toml"
+    assert {t["type"] for t in read_calib_recipe(demo)} >= {"prose", "easy-vqa-chat"}
     bad = tmp_path / "bad.toml"
     bad.write_text('[[data]]\ntype = "easy-vqa"\nlimt = 3\n')
     with pytest.raises(RecipeError, match="bad.toml:3"):

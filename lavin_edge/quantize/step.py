@@ -129,7 +129,9 @@ def read_calib_recipe(path: str | Path) -> list[dict[str, Any]]:
     d, text = read_toml(path)
     if "data" not in d:
         raise RecipeError(f"{path}: no [[data]] tables to calibrate on")
-    check_recipe({"data": d["data"]}, {"data": "list[dict[str, Any]]"}, Locator(path, text))
+    # text_loss comes along: the tables' own rules depend on it (a "prose" table needs "kl").
+    check_recipe({"data": d["data"], "text_loss": d.get("text_loss", "ce")},
+                 {"data": "list[dict[str, Any]]", "text_loss": "str"}, Locator(path, text))
     return list(d["data"])
 
 
