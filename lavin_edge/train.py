@@ -606,7 +606,7 @@ def _train_step(ddp: nn.Module, model: LaVIN, ds: LavinDataset, micro: list[list
         sync = contextlib.nullcontext() if (last or not info.enabled) else ddp.no_sync()  # type: ignore[operator]
         with sync:
             with autocast:
-                ce, _ = _micro_loss(ddp, batch, model) if text_kl else _micro_loss(ddp, batch)
+                ce, _ = _micro_loss(ddp, batch, model if text_kl else None)
             # A non-finite loss still goes through backward (DDP needs every rank to reduce); its NaN
             # gradients then fail the check below and the whole update is dropped.
             (ce * scale).backward()

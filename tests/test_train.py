@@ -129,11 +129,11 @@ def test_ctrl_c_saves_then_resume_matches(tmp_path: Path, reference_run: Path, m
     calls = {"n": 0}
     real = train_mod._micro_loss
 
-    def interrupt_at_4th(model, batch):  # noqa: ANN001, ANN202
+    def interrupt_at_4th(model, batch, teacher):  # noqa: ANN001, ANN202
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt
-        return real(model, batch)
+        return real(model, batch, teacher)
 
     monkeypatch.setattr(train_mod, "_micro_loss", interrupt_at_4th)
     res = train(_cfg(tmp_path, max_steps=6, dropout=0.1))
@@ -149,9 +149,9 @@ def test_non_finite_loss_step_is_skipped(tmp_path: Path, monkeypatch: pytest.Mon
     calls = {"n": 0}
     real = train_mod._micro_loss
 
-    def nan_on_2nd(model, batch):  # noqa: ANN001, ANN202
+    def nan_on_2nd(model, batch, teacher):  # noqa: ANN001, ANN202
         calls["n"] += 1
-        ce, n = real(model, batch)
+        ce, n = real(model, batch, teacher)
         return (ce * float("nan") if calls["n"] == 2 else ce), n
 
     monkeypatch.setattr(train_mod, "_micro_loss", nan_on_2nd)

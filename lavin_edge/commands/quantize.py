@@ -53,18 +53,14 @@ def command(model_dir: str, out: str, bits: str, group_size: str, sym: bool, des
     from lavin_edge.quantize.step import QuantizeOptions, quantize_dir, read_calib_recipe
 
     try:
-        calib_data = read_calib_recipe(calib_recipe) if calib_recipe else None
-    except ValueError as e:  # RecipeError: names the file and line
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    opts = QuantizeOptions(
-        bits=int(bits), group_size=None if group_size == "auto" else int(group_size), sym=sym, desc_act=desc_act,
-        static_groups=static_groups, damp=damp, mse=mse, asym_calib=asym_calib, block_size=block_size,
-        calib_samples=calib_samples, calib_len=calib_len, text_fraction=text_fraction, calib_text=calib_text,
-        calib_data=calib_data, modalities=tuple(m.strip() for m in modalities.split(",") if m.strip()),
-        eval_texts=eval_texts, eval_vqa=eval_vqa, seed=seed)
-    try:
+        opts = QuantizeOptions(
+            bits=int(bits), group_size=None if group_size == "auto" else int(group_size), sym=sym,
+            desc_act=desc_act, static_groups=static_groups, damp=damp, mse=mse, asym_calib=asym_calib,
+            block_size=block_size, calib_samples=calib_samples, calib_len=calib_len, text_fraction=text_fraction,
+            calib_text=calib_text, calib_data=read_calib_recipe(calib_recipe) if calib_recipe else None,
+            modalities=tuple(m.strip() for m in modalities.split(",") if m.strip()), eval_texts=eval_texts,
+            eval_vqa=eval_vqa, seed=seed)
         quantize_dir(model_dir, out, opts, overwrite=overwrite, echo=click.echo)
-    except (ValueError, FileNotFoundError) as e:  # ModelDirError, CalibrationError, bad settings
+    except (ValueError, FileNotFoundError) as e:  # ModelDirError, RecipeError, CalibrationError, bad settings
         click.echo(f"error: {e}", err=True)  # one line, exit 2: bad input, not a crash
         sys.exit(2)

@@ -69,7 +69,7 @@ def command(model_dir: str | None, host: str, port: int, device: str, backend: s
     from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir
     from lavin_edge.runtime import ModelDirError
     from lavin_edge.serve.images import ImageLimits
-    from lavin_edge.serve.server import ServeOptions, load_app, prefill_on_thread
+    from lavin_edge.serve.server import ServeOptions, load_app
 
     if threads:
         torch.set_num_threads(threads)
@@ -80,9 +80,9 @@ def command(model_dir: str | None, host: str, port: int, device: str, backend: s
     try:
         path = Path(model_dir) if model_dir is not None else demo_model_dir(build=True)
         model_id = "lavin-edge-demo" if model_dir is None else path.resolve().name
-        app, _ = load_app(path, model_id, opts)
+        app, scheduler = load_app(path, model_id, opts)
     except (ModelDirError, DemoModelMissing) as e:
         _fail(str(e))
-    where = "own thread" if prefill_on_thread(prefill) else "inline"
+    where = "own thread" if scheduler.overlap_prefill else "inline"
     click.echo(f"serving {model_id} on http://{host}:{port}/ ({slots} slots, prefill: {where})", err=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

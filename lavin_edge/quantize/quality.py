@@ -55,7 +55,7 @@ def record_samples(records: Sequence[Any], tok: TokenizerLike, n_visual: int, im
     out = []
     for r in records:
         has_image = r.image is not None and not drop_images
-        ex = encode_example(tok, r.prompt, r.answer, has_image, n_visual, history=getattr(r, "history", ()))
+        ex = encode_example(tok, r.prompt, r.answer, has_image, n_visual, history=r.history)
         ids = ex.input_ids[:max_len]
         if has_image and ex.image_pos + n_visual > len(ids):
             continue  # the image would be cut: not a sample the model ever serves
