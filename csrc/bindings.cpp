@@ -394,6 +394,18 @@ class PyDecodeStack {
     stack_->step_rows(ptr<float>(x), m, sl, ps, md, ptr<float>(out));
   }
 
+  // A prompt of t positions in cache slot `slot` after `start` cached ones: x fp32 [t][dim], out as step().
+  void prefill(uintptr_t x, int64_t t, int64_t slot, int64_t start, int modality, uintptr_t out) {
+    require(has_head_, "decode: set_head before prefill");
+    require(t > 0, "decode: prefill needs at least one position");
+    require(slot >= 0 && slot < shape_.rows, "decode: slot outside [0, slots)");
+    require(start >= 0 && start + t <= shape_.ctx, "decode: positions outside the cache");
+    require(modality == 0 || modality == 1, "decode: modality must be 0 or 1");
+    require(x && out, "decode: null pointer");
+    py::gil_scoped_release nogil;
+    stack_->prefill(ptr<float>(x), t, slot, start, modality, ptr<float>(out));
+  }
+
   int64_t n_layers() const { return stack_->n_layers(); }
 
  private:
@@ -486,6 +498,8 @@ PYBIND11_MODULE(_C, m) {
            py::arg("rescore_dtype") = "float32", py::arg("rescore_numel") = 0, py::arg("rescore_top") = 0)
       .def("step", &PyDecodeStack::step, py::arg("x"), py::arg("pos"), py::arg("modality"), py::arg("out"))
       .def("step_rows", &PyDecodeStack::step_rows, py::arg("x"), py::arg("m"), py::arg("slot"), py::arg("pos"),
+           py::arg("modality"), py::arg("out"))
+      .def("prefill", &PyDecodeStack::prefill, py::arg("x"), py::arg("t"), py::arg("slot"), py::arg("start"),
            py::arg("modality"), py::arg("out"))
       .def_property_readonly("n_layers", &PyDecodeStack::n_layers);
   m.def("read_bandwidth", &py_read_bandwidth, "Sum a buffer with `threads` threads (STREAM-like read probe)",

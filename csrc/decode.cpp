@@ -44,21 +44,17 @@ struct DecodeScratch {
   std::vector<float> d, gsum;
   std::vector<int64_t> top;  // the rescored head's candidates of one row
   std::vector<int64_t> end;  // per row: cached positions after this step
+  // A prefill chunk's rows: all in one slot, at consecutive positions, one modality.
+  std::vector<int64_t> slot, pos;
+  std::vector<int32_t> modality;
+  int64_t rows = 0;  // rows every buffer above holds
 };
 
 DecodeStack::DecodeStack(const DecodeShape& shape, W4GemmFn gemm, LlmAdapterFn adapter, int threads)
     : shape_(shape), gemm_(gemm), adapter_(adapter), threads_(threads), act_(act_format_from_env()),
       s_(new DecodeScratch) {
-  const int64_t hd = shape.head_dim, m = std::max<int64_t>(1, shape.rows);
-  shape_.rows = m;
-  s_->xn.resize(m * shape.dim);
-  s_->qkv.resize(m * (shape.n_heads + 2 * shape.n_kv) * hd);
-  s_->att.resize(m * shape.n_heads * hd);
-  s_->tmp.resize(m * shape.dim);
-  s_->g13.resize(m * 2 * shape.ffn);
-  s_->h.resize(m * shape.ffn);
-  s_->scores.resize(m * shape.n_heads * shape.ctx);
-  s_->end.resize(m);
+  shape_.rows = std::max<int64_t>(1, shape.rows);
+  ensure_rows(shape_.rows);
 }
 
 DecodeStack::~DecodeStack() { delete s_; }
@@ -72,14 +68,35 @@ static void reserve_quant(DecodeScratch& s, const std::vector<DecodeLinearPart>&
   }
 }
 
+// Buffers for m rows per call (grown once for prefill chunks; a step's rows fit from construction).
+void DecodeStack::ensure_rows(int64_t m) {
+  DecodeScratch& s = *s_;
+  if (m <= s.rows) return;
+  const DecodeShape& sh = shape_;
+  s.xn.resize(m * sh.dim);
+  s.qkv.resize(m * (sh.n_heads + 2 * sh.n_kv) * sh.head_dim);
+  s.att.resize(m * sh.n_heads * sh.head_dim);
+  s.tmp.resize(m * sh.dim);
+  s.g13.resize(m * 2 * sh.ffn);
+  s.h.resize(m * sh.ffn);
+  s.end.resize(m);
+  s.slot.resize(m);
+  s.pos.resize(m);
+  s.modality.resize(m);
+  for (const DecodeLayer& l : layers_)
+    for (const auto* parts : {&l.wqkv, &l.wo, &l.w13, &l.w2}) reserve_quant(s, *parts, m);
+  reserve_quant(s, head_, m);
+  s.rows = m;
+}
+
 void DecodeStack::add_layer(const DecodeLayer& layer) {
-  for (const auto* parts : {&layer.wqkv, &layer.wo, &layer.w13, &layer.w2}) reserve_quant(*s_, *parts, shape_.rows);
+  for (const auto* parts : {&layer.wqkv, &layer.wo, &layer.w13, &layer.w2}) reserve_quant(*s_, *parts, s_->rows);
   layers_.push_back(layer);
 }
 
 void DecodeStack::set_head(const DecodeNorm& norm, const std::vector<DecodeLinearPart>& head,
                            const DecodeRescore& rescore) {
-  reserve_quant(*s_, head, shape_.rows);
+  reserve_quant(*s_, head, s_->rows);
   head_norm_ = norm;
   head_ = head;
   rescore_ = rescore;
@@ -117,7 +134,7 @@ void DecodeStack::norm(const DecodeNorm& n, const float* x, float* y, int64_t m,
 // function per ISA and picks one at load time (ifunc), so the file itself needs no -m flags.
 __attribute__((noinline, target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 void attend_group(const float* q, const float* K, const float* V, int64_t end, int64_t hd, int64_t group,
-                         float scale, float* sc, float* out) {
+                  float scale, int64_t ld, float* sc, float* out) {
   for (int64_t j = 0; j < end; ++j) {
     const float* kj = K + j * hd;
     for (int64_t g = 0; g < group; ++g) {
@@ -125,11 +142,11 @@ void attend_group(const float* q, const float* K, const float* V, int64_t end, i
       float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
       for (int64_t i = 0; i < hd; ++i) dot += qg[i] * kj[i];
-      sc[g * end + j] = dot * scale;
+      sc[g * ld + j] = dot * scale;
     }
   }
   for (int64_t g = 0; g < group; ++g) {
-    float* s = sc + g * end;
+    float* s = sc + g * ld;
     float mx = -3.0e38f;
     for (int64_t j = 0; j < end; ++j) mx = std::max(mx, s[j]);
     float sum = 0.0f;
@@ -146,7 +163,7 @@ void attend_group(const float* q, const float* K, const float* V, int64_t end, i
   for (int64_t j = 0; j < end; ++j) {
     const float* vj = V + j * hd;
     for (int64_t g = 0; g < group; ++g) {
-      const float p = sc[g * end + j];
+      const float p = sc[g * ld + j];
       float* og = out + g * hd;
 #pragma omp simd
       for (int64_t i = 0; i < hd; ++i) og[i] += p * vj[i];
@@ -160,6 +177,11 @@ void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.0f + exp_vec(-gate[i])) * up[i];
 }
 
+static float* align64(float* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  return reinterpret_cast<float*>((a + 63) & ~static_cast<uintptr_t>(63));
+}
+
 // Attention of m rows, each over exactly its own slot's first end[r] cached positions; one (row, kv head) is
 // one unit of work, computed the same way whichever thread runs it and whatever the other rows are.
 void DecodeStack::attention(const DecodeLayer& l, const float* q, int64_t m, const int64_t* slot,
@@ -167,9 +189,16 @@ void DecodeStack::attention(const DecodeLayer& l, const float* q, int64_t m, con
   const int64_t nh = shape_.n_heads, nkv = shape_.n_kv, hd = shape_.head_dim, group = nh / nkv, ctx = shape_.ctx;
   const int64_t qkv_w = (nh + 2 * nkv) * hd, slot_stride = nkv * ctx * hd;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  float* scores = s_->scores.data();
-  int64_t work = 0;
-  for (int64_t r = 0; r < m; ++r) work += end[r];
+  int64_t work = 0, longest = 0;
+  for (int64_t r = 0; r < m; ++r) {
+    work += end[r];
+    longest = std::max(longest, end[r]);
+  }
+  // Each (row, head) gets a scores row of the longest length in this call, rounded to 16 floats so every
+  // row starts 64-byte aligned whatever the call's length (the vectorised softmax sums in the same order).
+  const int64_t stride = (longest + 15) / 16 * 16;
+  if (static_cast<int64_t>(s_->scores.size()) < m * nh * stride + 16) s_->scores.resize(m * nh * stride + 16);
+  float* scores = align64(s_->scores.data());
   // In parallel only when the caches are long enough to pay for the fork.
   const bool par = threads_ > 1 && m * nkv > 1 && work * nh * hd >= (1 << 18);
 #pragma omp parallel for num_threads(threads_) schedule(static) if (par)
@@ -177,7 +206,7 @@ void DecodeStack::attention(const DecodeLayer& l, const float* q, int64_t m, con
     const int64_t r = u / nkv, kv = u % nkv;
     const int64_t base = slot[r] * slot_stride + kv * ctx * hd;
     attend_group(q + r * qkv_w + kv * group * hd, l.k_cache + base, l.v_cache + base, end[r], hd, group, scale,
-                 scores + (r * nh + kv * group) * ctx, out + r * nh * hd + kv * group * hd);
+                 stride, scores + (r * nh + kv * group) * stride, out + r * nh * hd + kv * group * hd);
   }
 }
 
@@ -248,6 +277,30 @@ void DecodeStack::step(float* x, int64_t pos, int32_t modality, float* out) {
 
 void DecodeStack::step_rows(float* x, int64_t m, const int64_t* slot, const int64_t* pos, const int32_t* modality,
                             float* out) {
+  layers(x, m, slot, pos, modality);
+  head(x, m, modality, out);
+}
+
+// A prompt of t positions of one sequence: chunks of rows that each write their keys and values before any
+// of them attends (attention() runs after every row's cache write), so row r sees the cached history and the
+// rows before it, as t single steps would; each row is computed as a single step computes it, so the result is
+// bitwise t calls of step(). The head runs on the last row only.
+void DecodeStack::prefill(float* x, int64_t t, int64_t slot, int64_t start, int32_t modality, float* out) {
+  ensure_rows(std::min(t, kPrefillChunk));
+  DecodeScratch& s = *s_;
+  for (int64_t c0 = 0; c0 < t; c0 += kPrefillChunk) {
+    const int64_t m = std::min(kPrefillChunk, t - c0);
+    for (int64_t r = 0; r < m; ++r) {
+      s.slot[r] = slot;
+      s.pos[r] = start + c0 + r;
+      s.modality[r] = modality;
+    }
+    layers(x + c0 * shape_.dim, m, s.slot.data(), s.pos.data(), s.modality.data());
+  }
+  head(x + (t - 1) * shape_.dim, 1, &modality, out);
+}
+
+void DecodeStack::layers(float* x, int64_t m, const int64_t* slot, const int64_t* pos, const int32_t* modality) {
   const int64_t D = shape_.dim, nh = shape_.n_heads, nkv = shape_.n_kv, hd = shape_.head_dim;
   const int64_t ctx = shape_.ctx, F = shape_.ffn, half = hd / 2, qkv_w = (nh + 2 * nkv) * hd;
   const int64_t slot_stride = nkv * ctx * hd;
@@ -286,10 +339,15 @@ void DecodeStack::step_rows(float* x, int64_t m, const int64_t* slot, const int6
     linear(l.w2, h, m, tmp, D);
     for (int64_t i = 0; i < m * D; ++i) x[i] += tmp[i];
   }
+}
+
+void DecodeStack::head(const float* x, int64_t m, const int32_t* modality, float* out) {
+  const int64_t D = shape_.dim;
   if (head_.empty()) {  // the caller applies its own head to the normed state
     norm(head_norm_, x, out, m, modality);
     return;
   }
+  float* xn = s_->xn.data();
   norm(head_norm_, x, xn, m, modality);
   linear(head_, xn, m, out, shape_.vocab);
   if (rescore_.weight != nullptr && rescore_.top > 0) {

@@ -204,7 +204,10 @@ struct DecodeShape {
 };
 using W4GemmFn = void (*)(const W4Prepared&, const XQuant&, float*, int64_t, int);
 using LlmAdapterFn = void (*)(const LlmAdapterArgs&, int);
-struct DecodeScratch;  // buffers sized once (decode.cpp)
+struct DecodeScratch;  // buffers for the most rows of a call (decode.cpp)
+// Rows per prefill chunk: every weight is read once per chunk, and the chunk's scores buffer
+// (rows x heads x cached positions) stays bounded for long contexts.
+constexpr int64_t kPrefillChunk = 64;
 
 class DecodeStack {
  public:
@@ -221,9 +224,16 @@ class DecodeStack {
   // The same for m <= rows rows: x [m][dim], out [m][vocab or dim]; row r writes and attends cache slot slot[r]
   // (distinct) at position pos[r] with modality[r].
   void step_rows(float* x, int64_t m, const int64_t* slot, const int64_t* pos, const int32_t* modality, float* out);
+  // A prompt: x [t][dim], the embeddings of runtime positions start .. start + t - 1 of cache slot `slot` (whose
+  // first `start` positions hold the history), overwritten with the last hidden states; out receives the head's
+  // output for the last position only (as step()). Bitwise t calls of step() at those positions.
+  void prefill(float* x, int64_t t, int64_t slot, int64_t start, int32_t modality, float* out);
   int64_t n_layers() const { return static_cast<int64_t>(layers_.size()); }
 
  private:
+  void ensure_rows(int64_t m);
+  void layers(float* x, int64_t m, const int64_t* slot, const int64_t* pos, const int32_t* modality);
+  void head(const float* x, int64_t m, const int32_t* modality, float* out);
   void linear(const std::vector<DecodeLinearPart>& parts, const float* x, int64_t m, float* y, int64_t ldy);
   void norm(const DecodeNorm& n, const float* x, float* y, int64_t m, const int32_t* modality);
   void attention(const DecodeLayer& l, const float* q, int64_t m, const int64_t* slot, const int64_t* end,

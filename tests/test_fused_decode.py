@@ -182,6 +182,54 @@ def test_greedy_generation_identical_tokens(plain_dir: Path) -> None:
     assert len(out[0]) == 16
 
 
+def _stepped(eng: Engine, h: torch.Tensor) -> torch.Tensor:
+    """The logits after h's last row, h fed one position at a time through the native step."""
+    for i in range(h.shape[0]):
+        logits = eng.forward(h[i:i + 1])
+    return logits
+
+
+@pytest.mark.parametrize("modality", [TEXT, IMAGE])
+def test_native_prefill_is_the_native_step_token_by_token(act_order_dir: Path, modality: int) -> None:
+    """One native prefill call (chunks of 64 rows, the W4 head and its re-scoring on the last row) gives bitwise
+    the logits and the cache of feeding the prompt one position at a time; so does a turn appended after
+    cached history (start > 0), across a chunk boundary."""
+    eng = Engine.load(act_order_dir, backend="kernels")
+    assert eng.native_decode is not None and eng.native_decode.head is None
+    g = torch.Generator().manual_seed(7)
+    h = eng.embed[torch.randint(0, eng.embed.shape[0], (150,), generator=g)].float()
+    eng.reset(modality)
+    whole = eng.forward(h)
+    assert eng.length == 150
+    cache = [(k[0, :, :150].clone(), v[0, :, :150].clone()) for k, v in eng.kv_cache]
+    eng.reset(modality)
+    assert torch.equal(_stepped(eng, h), whole)
+    assert all(torch.equal(k[0, :, :150], ck) and torch.equal(v[0, :, :150], cv)
+               for (k, v), (ck, cv) in zip(eng.kv_cache, cache, strict=True))
+    eng.reset(modality)
+    eng.forward(h[:30])
+    assert torch.equal(eng.forward(h[30:]), whole)  # 120 positions after 30 cached: rows 30..93, 94..149
+
+
+def test_native_prefill_matches_reference_prefill(plain_dir: Path) -> None:
+    """The native prefill against the engine's PyTorch prefill (its reference), text and image, fresh and
+    appended: the same bound as the step's (module docstring) and the same next token."""
+    eng = Engine.load(plain_dir, backend="kernels")
+    g = torch.Generator().manual_seed(8)
+    h = eng.embed[torch.randint(0, eng.embed.shape[0], (90,), generator=g)].float()
+    for modality in (TEXT, IMAGE):
+        for start in (0, 20):
+            got, want = [], []
+            for out, run in ((got, eng.forward), (want, eng.prefill_reference)):
+                eng.reset(modality)
+                if start:
+                    eng.forward(h[:start])
+                out.append(run(h[start:]))
+            rel = ((got[0] - want[0]).norm() / want[0].norm()).item()
+            assert rel < 2e-2, (modality, start, rel)
+            assert got[0].argmax() == want[0].argmax()
+
+
 def test_torch_backend_has_no_fused_step(plain_dir: Path) -> None:
     assert Engine.load(plain_dir, backend="torch").native_decode is None
 
@@ -237,6 +285,17 @@ def test_stack_rejects_mismatched_shapes(plain_dir: Path) -> None:
         stack.step_rows(x.data_ptr(), 1, *args)
     mod[0] = 1
     stack.step_rows(x.data_ptr(), 1, *args)
+    # prefill: at least one position, all inside the cache, a slot the stack has.
+    xs = torch.zeros(3, eng.dim)
+    with pytest.raises(ValueError, match="at least one"):
+        stack.prefill(xs.data_ptr(), 0, 0, 0, 0, out.data_ptr())
+    with pytest.raises(ValueError, match="outside the cache"):
+        stack.prefill(xs.data_ptr(), 3, 0, eng.max_context - 2, 0, out.data_ptr())
+    with pytest.raises(ValueError, match="slot outside"):
+        stack.prefill(xs.data_ptr(), 3, 1, 0, 0, out.data_ptr())
+    with pytest.raises(ValueError, match="modality"):
+        stack.prefill(xs.data_ptr(), 3, 0, 0, 2, out.data_ptr())
+    stack.prefill(xs.data_ptr(), 3, 0, eng.max_context - 3, 1, out.data_ptr())
     with pytest.raises(ValueError, match="rescore"):
         stack.set_head(norm_args(eng.norm, keep), linear_parts(eng.layers[0].wo, keep), eng.embed.data_ptr(),
                        "float64", eng.embed.numel(), 8)

@@ -276,9 +276,10 @@ def test_prepared_w4_and_norm_descriptors_match_checked_calls() -> None:
         torch.testing.assert_close(na.reference(xa, m), ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="rank"):
         K.prepare_norm_adapter(eps=1e-6, **llm_params(32, 65))
+    # The tensors behind raw addresses are held by names: a temporary's memory is freed before the call.
+    out, bad = torch.empty_like(xa), torch.full((5,), 2, dtype=torch.int32)
     with pytest.raises(ValueError, match="modality"):
-        K.extension().llm_adapter(NATIVE[0], na.native, xa.data_ptr(), torch.empty_like(xa).data_ptr(), 5,
-                                  torch.full((5,), 2, dtype=torch.int32).data_ptr(), 1)
+        K.extension().llm_adapter(NATIVE[0], na.native, xa.data_ptr(), out.data_ptr(), 5, bad.data_ptr(), 1)
 
 
 # ---- adapters ---------------------------------------------------------------------------------

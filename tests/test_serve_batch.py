@@ -174,8 +174,8 @@ def test_demo_examples_same_tokens_alone_and_batched() -> None:
 
 
 def test_native_step_matches_reference_step(qdir: Path) -> None:
-    """The native batched step (``DecodeStack.step_rows``) against the per-op ``step_reference`` on the same
-    mixed batch: close (both quantize activations before each W4 GEMM, so a last-bit difference upstream, e.g.
+    """The native batched step (``DecodeStack.step_rows``) and prefill against the per-op ``step_reference`` and
+    the engine's PyTorch prefill on the same mixed batch: close (both quantize activations before each W4 GEMM, so a last-bit difference upstream, e.g.
     the attention's summation order against SDPA's, may move one activation across a rounding step:
     test_fused_decode has the bound's reasoning) and the same greedy tokens."""
     from lavin_edge import kernels
@@ -184,13 +184,15 @@ def test_native_step_matches_reference_step(qdir: Path) -> None:
         pytest.skip("lavin_edge._C not built")
     eng = Engine.load(qdir, backend="kernels")
     native, ref = BatchDecoder(eng, 3), BatchDecoder(eng, 3)
-    assert native.native is not None
-    ref.native = None
+    assert native.native is not None and native.native_prefill is not None
+    ref.native = ref.native_prefill = None
     reqs = _requests(eng)
     slots = [2, 0, 1]
     first = [native.prefill(s, *r) for s, r in zip(slots, reqs, strict=True)]
-    for s, r in zip(slots, reqs, strict=True):
-        ref.prefill(s, *r)
+    first_ref = [ref.prefill(s, *r) for s, r in zip(slots, reqs, strict=True)]
+    for a, b in zip(first, first_ref, strict=True):  # the native prefill against the engine's PyTorch one
+        assert ((a - b).norm() / b.norm()).item() < 2e-2
+        assert a.argmax() == b.argmax()
     g = torch.Generator().manual_seed(7)
     got, want = [], []
     tokens = [int(x.argmax()) for x in first]

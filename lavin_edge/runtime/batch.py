@@ -16,9 +16,10 @@ any m; the adapter kernel runs row by row; attention is one call per row over ex
 head's re-scoring sums in fp64. (tests/test_serve_batch.py checks bitwise equality against the same
 sequence decoded alone, and the native step against ``chat``'s single-sequence step.)
 
-Prefill stays one sequence at a time through ``Engine.prefill``, on a slot view: a shallow copy of the
-engine whose KV cache is that slot's [1, kv_heads, ctx, head_dim] slice of the batched cache (same
-weights, same code, no copy).
+Prefill is one sequence at a time: in one native call into that slot of the batched cache
+(``DecodeStack.prefill``), or without the extension through the engine's own code on a slot view, a shallow
+copy of the engine whose KV cache is that slot's [1, kv_heads, ctx, head_dim] slice of the batched cache
+(same weights, no copy).
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ class BatchDecoder:
         self.views = [self._slot_view(s) for s in range(slots)]
         # The whole step in one native call over these caches when the backend has one (None: step_reference).
         self.native = engine.backend_impl.native_decode(engine, self.kv_cache)
+        # Prompts go through a second stack over the same caches: its own scratch buffers, so a prefill on the
+        # server's prefill thread runs beside the decode loop's steps (the two write different slots).
+        self.native_prefill = engine.backend_impl.native_decode(engine, self.kv_cache) if self.native else None
 
     def _slot_view(self, slot: int) -> Engine:
         view = copy.copy(self.engine)
@@ -92,7 +96,13 @@ class BatchDecoder:
         view = self.views[slot]
         view.reset(modality)
         h = view.embed_prompt(ids, image_pos if has_image(image_pos) else -1, visual)
-        logits = view.forward(h)
+        if self.native_prefill is None:
+            logits = view.forward(h)
+        else:
+            if len(ids) > self.max_context:
+                raise ContextError(f"{len(ids)} positions exceed the context of {self.max_context}")
+            logits = self.native_prefill.prefill(h, slot, 0, modality)
+            view.length = len(ids)
         view.history.extend(ids)
         return logits
 

@@ -5,11 +5,11 @@ every layer applies ``n + U_m (A n + a) + u_m`` to its attention-input RMSNorm o
 sequence's modality (``lavin_edge.modality``). Runtime position p keeps its absolute index p + 1 for the
 rotary embedding, so logits equal the unmerged model's.
 
-Read top to bottom: ``prefill`` runs T new positions through every layer; ``decode_step_reference`` runs
-one, written for few dispatched ops (weights fused where exact: q|k|v and gate|up share one matmul; the KV
+Read top to bottom: ``prefill_reference`` runs T new positions through every layer; ``decode_step_reference``
+runs one, written for few dispatched ops (weights fused where exact: q|k|v and gate|up share one matmul; the KV
 cache preallocated in SDPA's [1, heads, ctx, hd] layout, so no per-step transpose or copy of the cache;
-rotary as one complex multiply for q and k together). With the CPU backend the same step runs in one
-native call (``native_decode``), tested against this loop; ``forward`` picks the path.
+rotary as one complex multiply for q and k together). With the CPU backend the same step, and a whole prompt,
+run in one native call each (``native_decode``), tested against these loops; ``forward`` picks the path.
 
 The ops come from a backend (``lavin_edge.runtime.backends``); the loader (``lavin_edge.runtime.loader``)
 reads a model dir and builds them.
@@ -129,16 +129,21 @@ class Engine:
         t = h.shape[0]
         if self.length + t > self.max_context:
             raise ContextError(f"{self.length + t} positions exceed the context of {self.max_context}")
-        if t > 1:
-            return self.prefill(h, last_only)
-        if self.native_decode is not None:
-            logits = self.native_decode.step(h, self.length, self.modality)
-            self.length += 1
+        if self.native_decode is not None and (t == 1 or last_only):
+            if t == 1:
+                logits = self.native_decode.step(h, self.length, self.modality)
+            else:
+                logits = self.native_decode.prefill(h, 0, self.length, self.modality)
+            self.length += t
             return logits
+        if t > 1:
+            return self.prefill_reference(h, last_only)
         return self.decode_step_reference(h)
 
-    def prefill(self, h: torch.Tensor, last_only: bool = True) -> torch.Tensor:
-        """T new positions after the cached ones; causal attention over history + themselves."""
+    def prefill_reference(self, h: torch.Tensor, last_only: bool = True) -> torch.Tensor:
+        """T new positions after the cached ones; causal attention over history + themselves. The reference of
+        the native prefill (which gives the last position's logits only), and the path of every-position
+        logits and of the torch backend."""
         t = h.shape[0]
         start = self.length
         nh, nkv, hd, m = self.n_heads, self.n_kv, self.hd, self.modality

@@ -1,5 +1,6 @@
 """The whole decode step in one native call (``DecodeStack``, csrc/decode.cpp), for one sequence (the engine)
-or for the m rows of a continuous batch (``lavin_edge.runtime.batch.BatchDecoder``).
+or for the m rows of a continuous batch (``lavin_edge.runtime.batch.BatchDecoder``); and a whole prompt's
+prefill in one call, in chunks of rows of that sequence, bitwise the same as stepping it token by token.
 
 ``Model.decode_step_reference`` is the reference: ~20 PyTorch ops and kernel calls per layer. On a small
 model each costs more in Python dispatch than its arithmetic, so when every linear of the model runs on the
@@ -69,6 +70,14 @@ class NativeDecode:
         x.copy_(h.reshape(-1))  # the stack overwrites x with the last hidden state
         out = torch.empty(self.vocab if self.head is None else self.dim)
         self.stack.step(x.data_ptr(), pos, modality, out.data_ptr())
+        return out if self.head is None else self.head(out[None])[0]
+
+    def prefill(self, h: torch.Tensor, slot: int, start: int, modality: int) -> torch.Tensor:
+        """A prompt's embeddings h [T, dim] at runtime positions start .. start + T - 1 of cache slot ``slot`` ->
+        the logits [vocab] after its last position; bitwise T calls of ``step`` (csrc/decode.cpp, prefill)."""
+        x = h.to(torch.float32, copy=True).contiguous()  # overwritten by the stack
+        out = torch.empty(self.vocab if self.head is None else self.dim)
+        self.stack.prefill(x.data_ptr(), x.shape[0], slot, start, modality, out.data_ptr())
         return out if self.head is None else self.head(out[None])[0]
 
     def step_rows(self, x: torch.Tensor, slots: list[int], pos: list[int], modality: list[int]) -> torch.Tensor:
