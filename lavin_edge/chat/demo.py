@@ -61,20 +61,13 @@ def _auto_root() -> Path:
     return roots[0] if os.environ.get(ENV_VAR) else roots[-1]
 
 
-def demo_model_dir(quantized: bool = True, build: bool = False) -> Path:
-    """The built demo model dir (quantized by default, else the merged fp one). With ``build``, a missing
-    demo is built once from the adapters shipped in this package (``demo_build``) under $LAVIN_EDGE_DEMO_DIR
-    or ~/.cache/lavin-edge/demo, and a demo there that was built from other adapters (its stamp differs, or
-    the cache has none) is rebuilt; otherwise raises DemoModelMissing saying how to build it. A demo under
-    the other roots, or one without a stamp under $LAVIN_EDGE_DEMO_DIR, was built by hand and is used as is;
-    one that was built automatically from other adapters or by another lavin-edge (its stamp differs) is passed
-    over, so a stale cache is never served."""
-    name = QUANTIZED_NAME if quantized else MERGED_NAME
+def _find(name: str, build: bool) -> tuple[Path | None, str | None, bool]:
+    """(the demo dir ``demo_model_dir`` serves as it is, or None; the shipped adapters' fingerprint; whether the
+    auto-built one is stale and ``build`` rebuilds it)."""
     from lavin_edge.chat.demo_build import ADAPTERS_DIR, built_fingerprint, shipped_fingerprint
 
     shipped = shipped_fingerprint() if (ADAPTERS_DIR / "adapters.safetensors").is_file() else None
     auto = _auto_root()
-    stale = False
     for root in demo_roots():
         d = root / name
         if not (d / "config.json").is_file():
@@ -84,11 +77,31 @@ def demo_model_dir(quantized: bool = True, build: bool = False) -> Path:
             if build and root == auto:
                 in_cache = not os.environ.get(ENV_VAR)
                 if stamp != shipped and (stamp is not None or in_cache):
-                    stale = True
-                    break  # rebuilt below
+                    return None, shipped, True  # rebuilt by demo_model_dir
             elif stamp is not None and stamp != shipped:
                 continue  # built automatically from other adapters or by another lavin-edge: never served
-        return d
+        return d, shipped, False
+    return None, shipped, False
+
+
+def built_demo_dir(quantized: bool = True) -> Path | None:
+    """The dir ``demo_model_dir(quantized, build=True)`` returns without building anything, else None."""
+    return _find(QUANTIZED_NAME if quantized else MERGED_NAME, True)[0]
+
+
+def demo_model_dir(quantized: bool = True, build: bool = False) -> Path:
+    """The built demo model dir (quantized by default, else the merged fp one). With ``build``, a missing
+    demo is built once from the adapters shipped in this package (``demo_build``) under $LAVIN_EDGE_DEMO_DIR
+    or ~/.cache/lavin-edge/demo, and a demo there that was built from other adapters (its stamp differs, or
+    the cache has none) is rebuilt; otherwise raises DemoModelMissing saying how to build it. A demo under
+    the other roots, or one without a stamp under $LAVIN_EDGE_DEMO_DIR, was built by hand and is used as is;
+    one that was built automatically from other adapters or by another lavin-edge (its stamp differs) is passed
+    over, so a stale cache is never served."""
+    name = QUANTIZED_NAME if quantized else MERGED_NAME
+    found, shipped, stale = _find(name, build)
+    if found is not None:
+        return found
+    auto = _auto_root()
     if build and shipped is not None:
         import sys
 

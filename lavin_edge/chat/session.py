@@ -10,39 +10,16 @@ image starts a new conversation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from lavin_edge.chat.sampling import GenerationConfig
 from lavin_edge.modality import IMAGE, NO_IMAGE, TEXT, has_image
-from lavin_edge.model.lavin import IMAGE_PREFIX, TEXT_PREFIX
-from lavin_edge.runtime import ContextError, Engine, GenerationResult, GenerationStats
-
-
-def chat_prompt(question: str) -> str:
-    """The instruction format the adapters were trained on (``lavin_edge.data.sources.chat_prompt``)."""
-    return f"Instruction: {question.strip()}\nResponse:"
-
-
-def conversation_ids(tok: Any, history: Sequence[tuple[str, list[int]]], question: str, n_visual: int = 0
-                     ) -> tuple[list[int], int]:
-    """The sequence for asking ``question`` after ``history`` ((question, answer ids) turns): the layout above,
-    with ``n_visual`` placeholder slots for an image (0: text only). Returns (ids, image_pos). The one
-    definition of the prompt format: chat and serve both build their prompts here."""
-    if n_visual:
-        ids = [tok.bos_id] + tok.encode(IMAGE_PREFIX)
-        image_pos = len(ids)
-        ids += [tok.pad_id] * n_visual
-    else:
-        ids, image_pos = [tok.bos_id] + tok.encode(TEXT_PREFIX), NO_IMAGE
-    for i, (q, answer_ids) in enumerate(history):
-        ids += tok.encode(("" if i == 0 else "\n") + chat_prompt(q)) + list(answer_ids) + [tok.eos_id]
-    ids += tok.encode(("" if not history else "\n") + chat_prompt(question))
-    return ids, image_pos
+from lavin_edge.prompt import check_prompt_fits, conversation_ids
+from lavin_edge.runtime import Engine, GenerationResult, GenerationStats
 
 
 @dataclass
@@ -101,10 +78,7 @@ class ChatSession:
         ctx = self.engine.max_context
         tok = self.engine.tokenizer
         n_visual = self.visual.shape[0] if self.has_image else 0
-        alone = len(conversation_ids(tok, [], question, n_visual)[0])
-        if alone + 1 > ctx:
-            raise ContextError(f"prompt of {alone} tokens exceeds the model's context of {ctx} tokens "
-                               "(shorten the question)")
+        check_prompt_fits(len(conversation_ids(tok, [], question, n_visual)[0]), ctx)
         reserve = min(self.gen.max_new_tokens, ctx // 4)
         notices = []
         dropped = 0

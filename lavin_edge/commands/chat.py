@@ -21,7 +21,9 @@ EPILOG = (DEMO_DESCRIPTION + "\n\nIn the REPL: /image PATH swaps the image, /res
 @click.option("--model", "model_dir", default=None, metavar="DIR",
               help="Merged or quantized model dir (default: the built demo model, quantized).")
 @click.option("--image", "image", default=None, metavar="PATH", help="Image to talk about (none: text only).")
-@click.option("--prompt", "prompt", default=None, help="Answer this once and exit (stdout: only the answer).")
+@click.option("--prompt", "prompt", default=None,
+              help="Answer this once and exit (stdout: only the answer). A greedy plain-text answer on a quantized "
+                   "model runs without loading PyTorch, for a fast start.")
 @click.option("--json", "json_out", is_flag=True, help="One JSON object per answer, for machines.")
 @click.option("--stats", "show_stats", is_flag=True,
               help="Print prefill/decode tok/s, time to first token and peak memory (stderr; in the JSON).")
@@ -46,6 +48,14 @@ def command(model_dir: str | None, image: str | None, prompt: str | None, json_o
 
     Example: lavin-edge chat --image examples/easyvqa-red-triangle.png --prompt "What shape is in the image?"
     """
+    # Library warnings (the PyTorch fallback) become one line on stderr, never on stdout.
+    warnings.showwarning = lambda msg, *a, **k: click.echo(f"warning: {msg}", err=True)
+    if prompt is not None and not prompt.strip():
+        raise click.BadParameter("is empty", param_hint="--prompt")
+    greedy_text = temperature == 0 and repetition_penalty == 1 and not (json_out or show_stats or exact_head)
+    if prompt is not None and greedy_text and backend != "torch" and _answered_without_torch(
+            model_dir, image, prompt, max_new_tokens, stop, max_context, threads):
+        return
     import torch
 
     from lavin_edge.chat.demo import demo_model_dir
@@ -58,14 +68,10 @@ def command(model_dir: str | None, image: str | None, prompt: str | None, json_o
 
     if threads:
         torch.set_num_threads(threads)
-    # Library warnings (the PyTorch fallback) become one line on stderr, never on stdout.
-    warnings.showwarning = lambda msg, *a, **k: click.echo(f"warning: {msg}", err=True)
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                            repetition_penalty=repetition_penalty, seed=seed, stop_strings=stop)
     # Bad input (a missing or broken image, a bad model dir, a prompt longer than the context) raises one of the
     # project's ValueErrors or a FileNotFoundError: the CLI's error convention prints one line, exit 2.
-    if prompt is not None and not prompt.strip():
-        raise click.BadParameter("is empty", param_hint="--prompt")
     if model_dir is None and image is not None:
         load_image(image)  # a bad image fails now, not after the first-run demo build
     path = model_dir if model_dir is not None else demo_model_dir(build=True)
@@ -78,3 +84,20 @@ def command(model_dir: str | None, image: str | None, prompt: str | None, json_o
         skip_teardown_at_exit()  # a one-shot answer wrote nothing that needs the interpreter's teardown
         return
     sys.exit(run_repl(session, json_out=json_out, show_stats=show_stats))
+
+
+def _answered_without_torch(model_dir: str | None, image: str | None, prompt: str, max_new_tokens: int,
+                            stop: tuple[str, ...], max_context: int | None, threads: int | None) -> bool:
+    """A one-shot greedy answer on the engine without PyTorch (lavin_edge.chat.oneshot), when the model (a built
+    demo, or a quantized dir) allows it; False: nothing was written, the PyTorch session answers."""
+    from lavin_edge.chat.demo import built_demo_dir
+    from lavin_edge.chat.oneshot import answer_without_torch
+    from lavin_edge.cli import skip_teardown_at_exit
+
+    path = model_dir if model_dir is not None else built_demo_dir()
+    if path is None:
+        return False  # the PyTorch path builds the demo first (or rebuilds a stale one)
+    if not answer_without_torch(path, image, prompt, max_new_tokens, stop, max_context, threads, sys.stdout):
+        return False
+    skip_teardown_at_exit()
+    return True

@@ -1,23 +1,23 @@
 """Training and evaluation data: sources (ScienceQA, LLaVA-Instruct, Alpaca, easy-vqa), image
-preprocessing, tokenised datasets."""
+preprocessing, tokenised datasets.
 
-from lavin_edge.data.dataset import Item, LavinDataset, collate_items
-from lavin_edge.data.image import ImageError, load_image, preprocess
-from lavin_edge.data.sources import (
-    BadRecord,
-    DataError,
-    Problems,
-    Record,
-    export_easy_vqa_scienceqa,
-    load_alpaca,
-    load_easy_vqa,
-    load_llava,
-    load_scienceqa,
-    load_source,
-)
+The names below are imported on first use (PEP 562): ``lavin_edge.data.image`` loads without PyTorch."""
 
-__all__ = [
-    "BadRecord", "DataError", "ImageError", "Item", "LavinDataset", "Problems", "Record", "collate_items",
-    "export_easy_vqa_scienceqa", "load_alpaca", "load_easy_vqa", "load_image", "load_llava", "load_scienceqa",
-    "load_source", "preprocess",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Item": "dataset", "LavinDataset": "dataset", "collate_items": "dataset", "ImageError": "image",
+    "load_image": "image", "preprocess": "image", "BadRecord": "sources", "DataError": "sources",
+    "Problems": "sources", "Record": "sources", "export_easy_vqa_scienceqa": "sources", "load_alpaca": "sources",
+    "load_easy_vqa": "sources", "load_llava": "sources", "load_scienceqa": "sources", "load_source": "sources",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

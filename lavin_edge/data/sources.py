@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lavin_edge.prompt import chat_prompt
+
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -70,12 +72,6 @@ class Problems:
 
 
 # ---------------------------------------------------------------------------------------------- prompts
-
-def chat_prompt(instruction: str, context: str = "") -> str:
-    """LaVIN's chat format: ``Instruction: {q}\\nResponse:`` (an Alpaca ``input`` goes on its own line)."""
-    body = instruction.strip() + (f"\n{context.strip()}" if context and context.strip() else "")
-    return f"Instruction: {body}\nResponse:"
-
 
 def followup_prompt(instruction: str) -> str:
     """A conversation's second and later turns: the chat format on a new line (``ChatSession`` encodes them so)."""

@@ -36,34 +36,22 @@ K not a multiple of 8 or of the group size, g_idx out of range -> ValueError.
 
 from __future__ import annotations
 
-from .adapters import PreparedNormAdapter, prepare_norm_adapter, rmsnorm_adapter, vit_routed_adapter
-from .dispatch import (
-    CPU_BACKENDS,
-    MAX_RANK,
-    available_backends,
-    backend,
-    cpu_features,
-    extension,
-    extension_error,
-)
-from .reference import dequantize_gptq
-from .w4 import PreparedW4, gptq_matmul_scalar, prepare_w4, repack_tiled_reference
+import importlib
+from typing import Any
 
-__all__ = [
-    "CPU_BACKENDS",
-    "MAX_RANK",
-    "PreparedNormAdapter",
-    "PreparedW4",
-    "available_backends",
-    "backend",
-    "cpu_features",
-    "dequantize_gptq",
-    "extension",
-    "extension_error",
-    "gptq_matmul_scalar",
-    "prepare_norm_adapter",
-    "prepare_w4",
-    "repack_tiled_reference",
-    "rmsnorm_adapter",
-    "vit_routed_adapter",
-]
+# Imported on first use (PEP 562): ``dispatch`` and ``tiling`` load without PyTorch, for the engine that runs
+# without it (lavin_edge.runtime.numpy_engine); the rest imports PyTorch when first touched.
+_EXPORTS = {
+    "PreparedNormAdapter": "adapters", "prepare_norm_adapter": "adapters", "rmsnorm_adapter": "adapters",
+    "vit_routed_adapter": "adapters", "CPU_BACKENDS": "dispatch", "MAX_RANK": "dispatch",
+    "available_backends": "dispatch", "backend": "dispatch", "cpu_features": "dispatch", "extension": "dispatch",
+    "extension_error": "dispatch", "dequantize_gptq": "reference", "PreparedW4": "w4", "gptq_matmul_scalar": "w4",
+    "prepare_w4": "w4", "repack_tiled_reference": "w4",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import warnings
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 try:  # the compiled extension is optional: PyTorch fallback without it
     from lavin_edge import _C  # type: ignore[attr-defined]
@@ -26,6 +27,7 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 _WARNED = False
 _AVAILABLE: dict[int, tuple[str, ...]] = {}
 CPU_BACKENDS = ("avx512", "avx2", "scalar", "torch")
+SMALL_WEIGHTS = 1 << 22  # weights below which a decode GEMV stays on one thread (4M: 2 MB at 4 bits)
 MAX_RANK = 64  # adapter rank limit of the native adapter kernels (csrc/adapters_simd.h)
 
 
@@ -102,6 +104,8 @@ def resolve_backend(backend_name: str | None) -> str:
 
 def cuda_kernels_ok() -> bool:
     """The extension was built with CUDA and a GPU is visible."""
+    import torch
+
     return _C is not None and bool(_C.cuda_compiled) and torch.cuda.is_available()
 
 
@@ -114,6 +118,8 @@ def check_tensor(
 ) -> torch.Tensor:
     """``t`` as a contiguous tensor of ``dtype`` (one of), ``shape`` (None = any size) on ``device``;
     TypeError for a wrong type or dtype, ValueError for the rest."""
+    import torch  # here, not at the top: backend() and extension() serve the engine without PyTorch
+
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     dtypes = dtype if isinstance(dtype, tuple) else (dtype,)

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from . import reference
+from . import reference, tiling
 from .dispatch import check_tensor, cuda_kernels_ok, extension, resolve_backend, warn_fallback
 from .gptq_format import CHECKPOINT_FORMATS, pack_nibbles_rows, unpack_nibbles_cols, unpack_nibbles_rows, zero_offset
 from .reference import dequantize_gptq, resolve_group_size
@@ -224,15 +224,8 @@ def prepare_w4(
     uniform = True
     if g_idx is not None:
         check_tensor("g_idx", g_idx, (torch.int32, torch.int64), (k,), dev)
-        lo, hi = int(g_idx.min()), int(g_idx.max())
-        if lo < 0 or hi >= groups:
-            raise ValueError(f"g_idx values must be in [0, {groups}), got range [{lo}, {hi}]")
-        counts = torch.bincount(g_idx.long(), minlength=groups)
-        uniform = bool((counts == gs).all())
-        if uniform:
-            perm = torch.argsort(g_idx.long(), stable=True)
-            if bool((perm == torch.arange(k, device=dev)).all()):
-                perm = None
+        uniform, order = tiling.act_order(g_idx.cpu().numpy(), groups, gs)
+        perm = torch.from_numpy(order).to(dev) if order is not None else None
     scales16 = scales.half()
 
     def dense() -> PreparedW4:
@@ -242,7 +235,7 @@ def prepare_w4(
     if g_idx is not None and not uniform:
         return dense()
     c = extension()
-    perm32 = perm.to(torch.int32).contiguous() if perm is not None else None
+    perm32 = perm.contiguous() if perm is not None else None  # int32
     needs_q = dev.type == "cuda" or c is None or backend == "torch"
     q = unpack_nibbles_rows(qweight) if needs_q else None  # [K, N] uint8, original row order
     if q is not None and perm is not None:
@@ -262,37 +255,19 @@ def prepare_w4(
         # The int8 blocks of 32 must not straddle groups; other group sizes take the dense path.
         return dense()
 
-    kp = -(-k // 32) * 32
-    np_ = -(-n // 16) * 16
+    # The layout itself is built by lavin_edge.kernels.tiling (NumPy, shared with the engine without PyTorch).
+    np_, kp = tiling.padded_sizes(n, k)
     if c is not None and (backend or "") != "torch":
-        qw = torch.empty(np_ // 16 * (kp // 8), 16, 4, dtype=torch.uint8)
-        c.w4_repack(
-            qweight.data_ptr(), qweight.numel(), n, k, perm32.data_ptr() if perm32 is not None else 0,
-            perm32.numel() if perm32 is not None else 0, np_, kp, qw.data_ptr(), qw.numel(), torch.get_num_threads(),
-        )  # fmt: skip
+        qw = torch.from_numpy(tiling.repack(c, qweight.numpy(), n, k, None if perm32 is None else perm32.numpy(),
+                                            torch.get_num_threads()))
     else:
         assert q is not None
         qw = repack_tiled_reference(q, kp, np_)
-    spad = torch.zeros(groups, np_, dtype=torch.float16)
-    spad[:, :n] = scales16
-    zpad = torch.zeros(groups, np_, dtype=torch.uint8)
-    zpad[:, :n] = zeros
-    tiled = TiledW4(qw, spad.view(groups, np_ // 16, 16).permute(1, 0, 2).contiguous(),
-                    zpad.view(groups, np_ // 16, 16).permute(1, 0, 2).contiguous(), np_, kp)
+    st, zt = tiling.tile_params(scales16.numpy(), zeros.numpy(), np_)
+    tiled = TiledW4(qw, torch.from_numpy(st), torch.from_numpy(zt), np_, kp)
     if c is not None:
-        tiled.native = w4_descriptor(tiled, perm32, n, k, groups)
+        tiled.native = tiling.descriptor(c, tiled.qw, tiled.scales, tiled.zeros, perm32, n, k, groups)
     return PreparedW4(n, k, gs, groups, "tiled", dev, perm=perm32, tiled=tiled, backend_name=backend)
-
-
-def w4_descriptor(tiled: TiledW4, perm: torch.Tensor | None, n: int, k: int, groups: int) -> Any:
-    """The extension's ``W4Weights`` for a tiled layout: its sizes checked once (csrc/bindings.cpp)."""
-    c = extension()
-    assert c is not None
-    return c.W4Weights(
-        tiled.qw.data_ptr(), tiled.qw.numel(), tiled.scales.data_ptr(), tiled.scales.numel(), tiled.zeros.data_ptr(),
-        tiled.zeros.numel(), perm.data_ptr() if perm is not None else 0, perm.numel() if perm is not None else 0,
-        n, tiled.np_, k, tiled.kp, groups,
-    )  # fmt: skip
 
 
 TILE_UNIT = 4  # tiles whose records are interleaved (csrc/kernels.h, kUnit)

@@ -20,9 +20,8 @@ from lavin_edge.modality import IMAGE, TEXT  # noqa: F401  (defined in lavin_edg
 from lavin_edge.model.adapter import VisualProjection
 from lavin_edge.model.llama import Llama
 from lavin_edge.model.vision import build_vision_tower
+from lavin_edge.prompt import IMAGE_PREFIX, TEXT_PREFIX
 
-IMAGE_PREFIX = "Image: "
-TEXT_PREFIX = "Image: N/A"
 IGNORE_INDEX = -100
 
 

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lavin_edge.model.lavin import TEXT_PREFIX, TokenizerLike, encode_example
+from lavin_edge.model.lavin import TokenizerLike, encode_example
 from lavin_edge.model.merged import MergedLaVIN
+from lavin_edge.prompt import TEXT_PREFIX
 from lavin_edge.quantize.pipeline import CalibSample
 
 

@@ -4,16 +4,29 @@
 - ``backends``: where ops run (``ReferenceBackend``: plain PyTorch; ``CpuBackend``: the extension);
 - ``loader``: model dir -> tensors -> a backend's ops (the only module that reads model dirs);
 - ``model``: the runtime LLaMA, ``Engine``: prefill and the per-op decode step (the reference);
-- ``native_decode``: the decode step in one native call over the same prepared ops (one sequence, or the rows
-  of a batch);
+- ``native_decode``: the decode step, and a prompt's prefill, in one native call over the same prepared ops (one
+  sequence, or the rows of a batch);
 - ``batch``: ``BatchDecoder``, continuous batching over per-slot KV caches (``lavin_edge.serve`` drives it);
 - ``generate``: the generation loop, sampling, stats; ``vision``: the tower's adapters on the kernel;
-- ``compare``: top-1 agreement of two engines.
+- ``compare``: top-1 agreement of two engines;
+- ``numpy_engine`` and ``numpy_vision``: a quantized model on the extension and NumPy alone, without importing
+  PyTorch (the one-shot ``chat``'s cold start), tested against ``Engine``.
+
+The names below are imported on first use (PEP 562): importing ``lavin_edge.runtime.numpy_engine`` must not
+import PyTorch through this package.
 """
 
 from __future__ import annotations
 
-from lavin_edge.runtime.generate import GenerationResult, GenerationStats
-from lavin_edge.runtime.model import ContextError, Engine, ModelDirError
+import importlib
+from typing import Any
 
-__all__ = ["ContextError", "Engine", "GenerationResult", "GenerationStats", "ModelDirError"]
+_EXPORTS = {"GenerationResult": "generate", "GenerationStats": "generate", "ContextError": "model",
+            "Engine": "model", "ModelDirError": "model"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -16,13 +16,19 @@ import torch
 
 from lavin_edge.config import LavinConfig
 from lavin_edge.kernels.gptq_format import GPTQTensors, residual_w4
-from lavin_edge.modeldir import LINEAR_NAMES, ModelDir, ModelDirError, load_model_dir, stored_head, take_linear
+from lavin_edge.modeldir import (
+    HEAD_RESCORE_TOP,
+    LINEAR_NAMES,
+    ModelDir,
+    ModelDirError,
+    load_model_dir,
+    stored_head,
+    take_linear,
+)
 from lavin_edge.runtime.ops import LinearOp, NormAdapter, RescoredHead
 
 if TYPE_CHECKING:
     from lavin_edge.runtime.backends import Backend
-
-HEAD_RESCORE_TOP = 8  # logits of the 4-bit head re-scored from the fp weight rows (RescoredHead)
 
 __all__ = ["ModelDir", "ModelDirError", "RuntimeLayer", "RuntimeWeights", "build_weights", "read_model_dir"]
 

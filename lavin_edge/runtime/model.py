@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from lavin_edge.config import LavinConfig
 from lavin_edge.modality import IMAGE, TEXT, has_image
+from lavin_edge.prompt import ContextError
 from lavin_edge.runtime.backends import select_backend
 from lavin_edge.runtime.loader import ModelDirError, build_weights, read_model_dir
 
@@ -34,10 +35,6 @@ if TYPE_CHECKING:
     from lavin_edge.runtime.generate import GenerationResult, GenerationStats
 
 __all__ = ["ContextError", "Engine", "ModelDirError"]
-
-
-class ContextError(ValueError):
-    """A prompt that does not fit the context window."""
 
 
 class Engine:

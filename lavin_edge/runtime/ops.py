@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from lavin_edge.kernels import PreparedNormAdapter, PreparedW4, prepare_norm_adapter, prepare_w4
+from lavin_edge.kernels.dispatch import SMALL_WEIGHTS
 from lavin_edge.kernels.gptq_format import GPTQTensors
-
-SMALL_WEIGHTS = 1 << 22  # weights below which a decode GEMV stays on one thread (4M: 2 MB at 4 bits)
 
 
 class LinearOp:

@@ -1,5 +1,5 @@
 """A chat-completions request body (OpenAI's schema) -> a validated ``Completion``: the prompt ids in the
-exact format ``lavin-edge chat`` uses (``lavin_edge.chat.session.conversation_ids``), the image, and the
+exact format ``lavin-edge chat`` uses (``lavin_edge.prompt.conversation_ids``), the image, and the
 sampling settings. Every problem is an ``APIError`` naming the field (``messages[2].content[0].image_url``).
 
 Conversation mapping: ``system``/``developer`` text is put before the first user question (the prompt format
@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from lavin_edge.chat.sampling import GenerationConfig
-from lavin_edge.chat.session import conversation_ids
 from lavin_edge.modality import IMAGE, TEXT
+from lavin_edge.prompt import conversation_ids
 from lavin_edge.serve.errors import APIError, bad_request
 from lavin_edge.serve.images import ImageLimits, load_image_url
 

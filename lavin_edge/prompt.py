@@ -1,0 +1,52 @@
+"""The prompt format of a LaVIN sequence, the one definition training (``lavin_edge.model.lavin.encode_example``),
+``chat`` and ``serve`` share:
+
+    BOS "Image: " <n_visual image slots> "Instruction: Q\nResponse:" answer EOS "\nInstruction: ..."
+
+with "Image: N/A" and no slots for a text-only sequence. No PyTorch here: the engine without it
+(``lavin_edge.runtime.numpy_engine``) builds its prompts from this module too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from lavin_edge.modality import NO_IMAGE
+
+
+class ContextError(ValueError):
+    """A prompt that does not fit the context window."""
+
+
+IMAGE_PREFIX = "Image: "
+TEXT_PREFIX = "Image: N/A"
+
+
+def check_prompt_fits(n_tokens: int, context: int) -> None:
+    """ContextError unless a prompt of ``n_tokens`` leaves room for at least one new token."""
+    if n_tokens + 1 > context:
+        raise ContextError(f"prompt of {n_tokens} tokens exceeds the model's context of {context} tokens "
+                           "(shorten the question)")
+
+
+def chat_prompt(instruction: str, context: str = "") -> str:
+    """LaVIN's chat format: ``Instruction: {q}\\nResponse:`` (an Alpaca ``input`` goes on its own line)."""
+    body = instruction.strip() + (f"\n{context.strip()}" if context and context.strip() else "")
+    return f"Instruction: {body}\nResponse:"
+
+
+def conversation_ids(tok: Any, history: Sequence[tuple[str, list[int]]], question: str, n_visual: int = 0
+                     ) -> tuple[list[int], int]:
+    """The sequence for asking ``question`` after ``history`` ((question, answer ids) turns): the layout above,
+    with ``n_visual`` placeholder slots for an image (0: text only). Returns (ids, image_pos)."""
+    if n_visual:
+        ids = [tok.bos_id] + tok.encode(IMAGE_PREFIX)
+        image_pos = len(ids)
+        ids += [tok.pad_id] * n_visual
+    else:
+        ids, image_pos = [tok.bos_id] + tok.encode(TEXT_PREFIX), NO_IMAGE
+    for i, (q, answer_ids) in enumerate(history):
+        ids += tok.encode(("" if i == 0 else "\n") + chat_prompt(q)) + list(answer_ids) + [tok.eos_id]
+    ids += tok.encode(("" if not history else "\n") + chat_prompt(question))
+    return ids, image_pos
