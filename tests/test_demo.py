@@ -165,3 +165,40 @@ def test_demo_follow_up_turns(demo_env: dict[str, str], one_thread: None) -> Non
     print(f"follow-ups: {r['accuracy']:.3f} {r['kinds']}")
     assert r["accuracy"] >= 0.95, r["wrong"][:5]  # issue 15's target
     assert r["explained_right"] >= 0.95  # the explanation names the image asked about
+
+
+def test_one_shot_engine_answers_as_the_session(demo_env: dict[str, str], one_thread: None) -> None:
+    """The one-shot chat's engine without PyTorch (NumPy tower, the same native LLM path) gives the PyTorch
+    session's whole greedy answer, token for token, on 40 easy-vqa test questions about 40 images and 5 text-only
+    questions: the towers' float-rounding difference (~1e-6) moves no answer of the shipped demo."""
+    import easy_vqa
+
+    from lavin_edge.chat.sampling import GenerationConfig
+    from lavin_edge.chat.session import ChatSession
+    from lavin_edge.data.image import load_image_array
+    from lavin_edge.prompt import conversation_ids
+    from lavin_edge.runtime import Engine
+    from lavin_edge.runtime.numpy_engine import NumpyEngine
+
+    root = _built(demo_env)
+    fast, eng = NumpyEngine(root / "quantized", threads=1), Engine.load(root / "quantized", max_context=512)
+    tok = fast.tokenizer
+    questions, _, image_ids = easy_vqa.get_test_questions()
+    paths = easy_vqa.get_test_image_paths()
+    seen: set[int] = set()
+    cases: list[tuple[str, str | None]] = []
+    for q, i in zip(questions, image_ids, strict=True):
+        if i not in seen and len(cases) < 40:
+            seen.add(i)
+            cases.append((q, paths[i]))
+    cases += [(q, None) for q in ("What is the capital of France?", "Name three colours.", "What is a triangle?",
+                                  "Write a haiku about the sea.", "How many legs does a spider have?")]
+    for question, path in cases:
+        visual = None if path is None else fast.encode_image(load_image_array(path))
+        ids, pos = conversation_ids(tok, [], question, 0 if visual is None else visual.shape[0])
+        got: list[int] = []
+        fast.generate(ids, pos, visual, 24, set(tok.stop_ids), lambda t, out=got: out.append(t) or True)
+        session = ChatSession(eng, GenerationConfig(max_new_tokens=24))
+        if path is not None:
+            session.set_image(path)
+        assert got == session.ask(question)[0].ids, (question, path, tok.decode(got))

@@ -138,9 +138,13 @@ def test_what_it_does_not_serve(qdir: Path, monkeypatch: pytest.MonkeyPatch) -> 
 def _chat(qdir: Path, *args: str) -> tuple[subprocess.CompletedProcess, bool]:
     """``lavin-edge chat --model qdir ...`` in a fresh interpreter, and whether it imported PyTorch (``-X
     importtime`` lists every module a process imports on stderr, one line each)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    import lavin_edge
+
+    # The package this test imported (installed, or a checkout on the path) with its built extension.
+    env = {**os.environ, "PYTHONPATH": str(Path(lavin_edge.__file__).resolve().parents[1])}
     res = subprocess.run([sys.executable, "-X", "importtime", "-m", "lavin_edge.cli", "chat", "--model", str(qdir),
-                          *args], capture_output=True, text=True, env=env, timeout=300)
+                          *args], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=qdir)  # not a checkout: `-m` puts the working directory first on the path
     imported = {line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time:")}
     assert "lavin_edge.cli" in imported  # the listing works
     res.stderr = "\n".join(line for line in res.stderr.splitlines() if not line.startswith("import time:"))
