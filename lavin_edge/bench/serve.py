@@ -63,20 +63,13 @@ def _request_body(i: int, images: list[str], new_tokens: int, text_only: bool = 
                   ban: list[int] | None = None) -> dict[str, Any]:
     """Request i of a level: image and text questions alternating (only text with ``text_only``). ``ban``: token
     ids given logit_bias -100 instead of ``ignore_eos`` (llama-cpp-python's server)."""
-    if text_only:
-        return _text_body(i, new_tokens, ban)
-    if i % 2 == 0:
-        content: Any = [{"type": "text", "text": QUESTIONS[i // 2 % len(QUESTIONS)]},
-                        {"type": "image_url", "image_url": {"url": images[i // 2 % len(images)]}}]
+    if text_only or i % 2:
+        content: Any = TEXT_QUESTIONS[(i if text_only else i // 2) % len(TEXT_QUESTIONS)]
     else:
-        content = TEXT_QUESTIONS[i // 2 % len(TEXT_QUESTIONS)]
-    return {"model": "bench", "messages": [{"role": "user", "content": content}], "max_tokens": new_tokens,
-            "temperature": 0, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
-
-
-def _text_body(i: int, new_tokens: int, ban: list[int] | None) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": "bench", "max_tokens": new_tokens, "temperature": 0, "stream": True,
-                            "messages": [{"role": "user", "content": TEXT_QUESTIONS[i % len(TEXT_QUESTIONS)]}]}
+        content = [{"type": "text", "text": QUESTIONS[i // 2 % len(QUESTIONS)]},
+                   {"type": "image_url", "image_url": {"url": images[i // 2 % len(images)]}}]
+    body: dict[str, Any] = {"model": "bench", "messages": [{"role": "user", "content": content}],
+                            "max_tokens": new_tokens, "temperature": 0, "stream": True}
     if ban is None:
         body.update(ignore_eos=True, stream_options={"include_usage": True})
     else:

@@ -28,6 +28,12 @@ _WARNED = False
 _AVAILABLE: dict[int, tuple[str, ...]] = {}
 CPU_BACKENDS = ("avx512", "avx2", "scalar", "torch")
 SMALL_WEIGHTS = 1 << 22  # weights below which a decode GEMV stays on one thread (4M: 2 MB at 4 bits)
+
+
+def gemv_threads(n_out: int, n_in: int, threads: int) -> int:
+    """Threads for a 4-bit GEMV (m = 1): one below SMALL_WEIGHTS, where an OpenMP fork/join costs more than the
+    weight read and, on a shared machine, a barrier waiting for a descheduled thread costs milliseconds."""
+    return 1 if n_out * n_in < SMALL_WEIGHTS else threads
 MAX_RANK = 64  # adapter rank limit of the native adapter kernels (csrc/adapters_simd.h)
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from lavin_edge.kernels import tiling
-from lavin_edge.kernels.dispatch import SMALL_WEIGHTS, backend, extension
+from lavin_edge.kernels.dispatch import backend, extension, gemv_threads
 from lavin_edge.modality import IMAGE, TEXT, has_image
 from lavin_edge.modeldir import (
     HEAD_PARTS,
@@ -134,8 +134,8 @@ class NumpyEngine:
         head_q = {"checkpoint_format": q["lm_head_w4"].get("checkpoint_format", "gptq"),
                   "group_size": int(q["lm_head_w4"]["group_size"])}
         hi, lo = (self._w4(p, head_q) for p in HEAD_PARTS)
-        self.head = [ext.LinearPart(hi, 0, False, self._gemv_threads(hi)),
-                     ext.LinearPart(lo, 0, True, self._gemv_threads(lo))]
+        self.head = [ext.LinearPart(hi, 0, False, gemv_threads(hi.n, hi.k, self.threads)),
+                     ext.LinearPart(lo, 0, True, gemv_threads(lo.n, lo.k, self.threads))]
         self.rescore = self.prep.f32(sd["output.weight"]) if "output.weight" in sd else self.embed
 
     @property
@@ -143,10 +143,6 @@ class NumpyEngine:
         return self.cfg.vision.n_tokens
 
     # -- weights ----------------------------------------------------------------------------------------
-    def _gemv_threads(self, w: Any) -> int:
-        # As the engine's W4Linear: a small GEMV on one thread (a fork/join costs more than its weight read).
-        return 1 if w.n * w.k < SMALL_WEIGHTS else self.threads
-
     def _w4(self, name: str, q: dict[str, Any]) -> Any:
         sd, gs_cfg = self.sd, q["group_size"]
         qweight, qzeros, scales = sd[name + ".qweight"], sd[name + ".qzeros"], sd[name + ".scales"]
@@ -157,8 +153,7 @@ class NumpyEngine:
         if not tileable or (gs % tiling.ACT_BLOCK and groups != 1):
             raise Unsupported(f"{name}: groups the tiled kernels do not take")
         np_, _ = tiling.padded_sizes(n, k)
-        st, zt = tiling.tile_params(scales.astype(np.float16), tiling.zero_points(qzeros, n, q["checkpoint_format"]),
-                                    np_)
+        st, zt = tiling.tile_params(scales, tiling.zero_points(qzeros, n, q["checkpoint_format"]), np_)
         qw = tiling.repack(self.ext, qweight, n, k, perm, self.threads)
         self.prep.keep += [st, zt, qw, perm]
         return tiling.descriptor(self.ext, qw, st, zt, perm, n, k, groups)
@@ -168,7 +163,7 @@ class NumpyEngine:
         parts, offset = [], 0
         for name in names:
             w = self._w4(name, self.q)
-            parts.append(self.ext.LinearPart(w, offset, False, self._gemv_threads(w)))
+            parts.append(self.ext.LinearPart(w, offset, False, gemv_threads(w.n, w.k, self.threads)))
             offset += w.n
         return parts
 
@@ -222,7 +217,7 @@ class NumpyEngine:
         budget = min(max_new_tokens, room)
         stack, keep = self._stack(len(ids) + budget)  # keep: the cache and rotary table the stack points into
         modality = IMAGE if has_image(image_pos) else TEXT
-        h = self.embed[np.asarray(ids, dtype=np.int64)].copy()
+        h = self.embed[np.asarray(ids, dtype=np.int64)]  # a copy (fancy indexing): the stack overwrites it
         if has_image(image_pos):
             assert visual is not None
             h[image_pos:image_pos + visual.shape[0]] = visual

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lavin_edge.kernels import PreparedNormAdapter, PreparedW4, prepare_norm_adapter, prepare_w4
-from lavin_edge.kernels.dispatch import SMALL_WEIGHTS
+from lavin_edge.kernels.dispatch import gemv_threads
 from lavin_edge.kernels.gptq_format import GPTQTensors
 
 
@@ -53,9 +53,7 @@ class W4Linear(LinearOp):
         self.isa = isa
         # None: not on the tiled kernel (a dense fallback layout, or the torch kernels forced by $LAVIN_EDGE_KERNELS).
         self.native = self.prepared.native if isa != "torch" else None
-        # Small GEMVs run on one thread: an OpenMP fork/join costs more than a < 2 MB weight read, and on a
-        # shared machine a barrier waiting for a descheduled thread costs milliseconds.
-        self.threads_gemv = 1 if self.n_out * self.n_in < SMALL_WEIGHTS else torch.get_num_threads()
+        self.threads_gemv = gemv_threads(self.n_out, self.n_in, torch.get_num_threads())
         self.threads_gemm = torch.get_num_threads()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
