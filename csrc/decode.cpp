@@ -129,25 +129,119 @@ void DecodeStack::norm(const DecodeNorm& n, const float* x, float* y, int64_t m,
   adapter_(a, 1);  // D * r flops per row: a thread team would cost more than it saves
 }
 
+// Sixteen floats as one value: GCC lowers it to one zmm, two ymm or four xmm in each clone of attend_group, so
+// the attention is written once for every ISA. The helpers are always inlined into those clones, so no vector
+// crosses a call (which is what -Wpsabi warns about).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+
+__attribute__((always_inline)) static inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+__attribute__((always_inline)) static inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
+
+// Sum of the 16 lanes as a fixed halving tree: four dependent adds where an in-order sum is sixteen.
+__attribute__((always_inline)) static inline float sum16(f32x16 v) {
+  const f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// The scores of the `group` query heads against the `end` cached keys for hd = 16 NC: each (key, head) dot
+// product is NC multiply-adds on two alternating accumulators and one tree sum, so successive scores are
+// independent work (the in-order sum of an `omp simd` reduction made each one a 16-add chain).
+template <int NC>
+__attribute__((always_inline)) static inline void scores16(const float* q, const float* K, int64_t end, int64_t group, float scale, int64_t ld,
+                            float* sc) {
+  constexpr int64_t hd = 16 * NC;
+  for (int64_t j = 0; j < end; ++j) {
+    const float* kj = K + j * hd;
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = q + g * hd;
+      f32x16 a[2] = {load16(qg) * load16(kj), f32x16{}};
+#pragma GCC unroll 16
+      for (int c = 1; c < NC; ++c) a[c & 1] += load16(qg + 16 * c) * load16(kj + 16 * c);
+      sc[g * ld + j] = sum16(a[0] + a[1]) * scale;
+    }
+  }
+}
+
+// out[g] = sum_j p[g][j] V[j] for hd = 16 NC with the output in registers: GB heads at a time (GB NC <= 8
+// accumulators of 16 floats), each sum taken over j in order (the scalar loop's sums, to the last bit).
+template <int NC>
+__attribute__((always_inline)) static inline void weighted_values16(const float* V, int64_t end, int64_t group, int64_t ld, const float* sc,
+                                     float* out) {
+  constexpr int64_t hd = 16 * NC;
+  constexpr int GB = NC >= 8 ? 1 : 8 / NC;
+  int64_t g0 = 0;
+  for (; g0 + GB <= group; g0 += GB) {
+    f32x16 acc[GB][NC] = {};
+    for (int64_t j = 0; j < end; ++j) {
+      const float* vj = V + j * hd;
+#pragma GCC unroll 8
+      for (int g = 0; g < GB; ++g) {
+        const float p = sc[(g0 + g) * ld + j];
+#pragma GCC unroll 16
+        for (int c = 0; c < NC; ++c) acc[g][c] += p * load16(vj + 16 * c);
+      }
+    }
+    for (int g = 0; g < GB; ++g)
+      for (int c = 0; c < NC; ++c) store16(out + (g0 + g) * hd + 16 * c, acc[g][c]);
+  }
+  for (; g0 < group; ++g0) {  // the heads left over: one at a time
+    f32x16 acc[NC] = {};
+    for (int64_t j = 0; j < end; ++j) {
+      const float p = sc[g0 * ld + j];
+#pragma GCC unroll 16
+      for (int c = 0; c < NC; ++c) acc[c] += p * load16(V + j * hd + 16 * c);
+    }
+    for (int c = 0; c < NC; ++c) store16(out + g0 * hd + 16 * c, acc[c]);
+  }
+}
+
+#pragma GCC diagnostic pop
+
 // One kv head and the `group` query heads that share it (GQA): scores over the `end` cached positions,
 // softmax, weighted sum of V. Each cached k/v row is read once for the whole group. GCC clones the
 // function per ISA and picks one at load time (ifunc), so the file itself needs no -m flags.
 __attribute__((noinline, target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 void attend_group(const float* q, const float* K, const float* V, int64_t end, int64_t hd, int64_t group,
                   float scale, int64_t ld, float* sc, float* out) {
-  for (int64_t j = 0; j < end; ++j) {
-    const float* kj = K + j * hd;
-    for (int64_t g = 0; g < group; ++g) {
-      const float* qg = q + g * hd;
-      float dot = 0.0f;
+  // Head sizes that are a multiple of 16 up to 128 (SmolLM2's 64, LLaMA's 128) run on the register-blocked
+  // paths; any other size on plain loops.
+  const int nc = hd % 16 == 0 && hd <= 128 ? static_cast<int>(hd / 16) : 0;
+  switch (nc) {
+    case 1: scores16<1>(q, K, end, group, scale, ld, sc); break;
+    case 2: scores16<2>(q, K, end, group, scale, ld, sc); break;
+    case 3: scores16<3>(q, K, end, group, scale, ld, sc); break;
+    case 4: scores16<4>(q, K, end, group, scale, ld, sc); break;
+    case 5: scores16<5>(q, K, end, group, scale, ld, sc); break;
+    case 6: scores16<6>(q, K, end, group, scale, ld, sc); break;
+    case 7: scores16<7>(q, K, end, group, scale, ld, sc); break;
+    case 8: scores16<8>(q, K, end, group, scale, ld, sc); break;
+    default:
+      for (int64_t j = 0; j < end; ++j) {
+        const float* kj = K + j * hd;
+        for (int64_t g = 0; g < group; ++g) {
+          const float* qg = q + g * hd;
+          float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t i = 0; i < hd; ++i) dot += qg[i] * kj[i];
-      sc[g * ld + j] = dot * scale;
-    }
+          for (int64_t i = 0; i < hd; ++i) dot += qg[i] * kj[i];
+          sc[g * ld + j] = dot * scale;
+        }
+      }
   }
   for (int64_t g = 0; g < group; ++g) {
     float* s = sc + g * ld;
     float mx = -3.0e38f;
+#pragma omp simd reduction(max : mx)
     for (int64_t j = 0; j < end; ++j) mx = std::max(mx, s[j]);
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -158,6 +252,17 @@ void attend_group(const float* q, const float* K, const float* V, int64_t end, i
     const float inv = 1.0f / sum;
 #pragma omp simd
     for (int64_t j = 0; j < end; ++j) s[j] *= inv;
+  }
+  switch (nc) {
+    case 1: weighted_values16<1>(V, end, group, ld, sc, out); return;
+    case 2: weighted_values16<2>(V, end, group, ld, sc, out); return;
+    case 3: weighted_values16<3>(V, end, group, ld, sc, out); return;
+    case 4: weighted_values16<4>(V, end, group, ld, sc, out); return;
+    case 5: weighted_values16<5>(V, end, group, ld, sc, out); return;
+    case 6: weighted_values16<6>(V, end, group, ld, sc, out); return;
+    case 7: weighted_values16<7>(V, end, group, ld, sc, out); return;
+    case 8: weighted_values16<8>(V, end, group, ld, sc, out); return;
+    default: break;
   }
   for (int64_t i = 0; i < group * hd; ++i) out[i] = 0.0f;
   for (int64_t j = 0; j < end; ++j) {

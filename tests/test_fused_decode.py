@@ -26,13 +26,17 @@ pytestmark = pytest.mark.skipif(
     __import__("lavin_edge.kernels", fromlist=["extension"]).extension() is None, reason="lavin_edge._C not built")
 
 
-def _model(vocab: int | None = None, dim: int | None = None, seed: int = 0) -> LaVIN:
-    """A tiny LaVIN (GQA: 4 query heads on 2 kv heads) with random non-zero adapters."""
+def _model(vocab: int | None = None, dim: int | None = None, seed: int = 0, heads: tuple[int, int] | None = None
+           ) -> LaVIN:
+    """A tiny LaVIN (GQA: 4 query heads on 2 kv heads, or ``heads`` = (query, kv)) with random non-zero
+    adapters."""
     cfg = preset("tiny", "tiny")
     if vocab is not None:
         cfg.llm.vocab_size = vocab
     if dim is not None:
         cfg.llm.dim, cfg.llm.ffn_dim, cfg.llm.max_seq_len = dim, 2 * dim, 1200
+    if heads is not None:
+        cfg.llm.n_heads, cfg.llm.n_kv_heads = heads
     return trained_like(seed, cfg=cfg)
 
 
@@ -161,6 +165,20 @@ def test_fused_step_long_context_parallel_heads(tmp_path: Path) -> None:
         rel, agree = _compare(eng, 1030, 4, TEXT, seed=4)
     finally:
         torch.set_num_threads(threads)
+    assert rel < 2e-2, rel
+    assert agree >= 0.9, agree
+
+
+@pytest.mark.parametrize(("dim", "heads"), [(96, (4, 2)), (128, (4, 1)), (256, (2, 2))],
+                         ids=["hd24-plain-loops", "hd32-group4", "hd128"])
+def test_fused_step_attention_head_sizes(tmp_path: Path, dim: int, heads: tuple[int, int]) -> None:
+    """The native attention's register-blocked paths (head sizes 16..128 in steps of 16; the tiny model's 16 and
+    the demo's 64 run in the tests above) and its plain loops (any other size) against the reference."""
+    eng = Engine.load(_quantized_dir(_model(dim=dim, seed=3, heads=heads), tmp_path, act_order=False),
+                      backend="kernels")
+    assert eng.native_decode is not None
+    assert eng.hd == dim // heads[0]
+    rel, agree = _compare(eng, 70, 4, IMAGE, seed=5)
     assert rel < 2e-2, rel
     assert agree >= 0.9, agree
 
