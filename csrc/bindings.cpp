@@ -107,6 +107,10 @@ LlmAdapterFn llm_adapter_fn(Isa isa) {
   return isa == Isa::kAvx512 ? &llm_adapter_avx512 : isa == Isa::kAvx2 ? &llm_adapter_avx2 : &llm_adapter_scalar;
 }
 
+AttendFn attend_fn(Isa isa) {
+  return isa == Isa::kAvx512 ? &attend_group_avx512 : isa == Isa::kAvx2 ? &attend_group_avx2 : &attend_group_generic;
+}
+
 
 // The prepared layout's sizes, checked: a wrong call raises ValueError instead of reading out of bounds.
 W4Prepared checked_w4(const char* what, uintptr_t qw, int64_t qw_bytes, uintptr_t scales, int64_t scales_numel,
@@ -320,7 +324,8 @@ class PyDecodeStack {
     require(slots > 0 && slots <= 4096, "decode: slots must be in [1, 4096]");
     require(n_heads % n_kv == 0 && head_dim % 2 == 0, "decode: n_heads must be a multiple of n_kv, head_dim even");
     require(rope != 0, "decode: null rope table");
-    stack_ = std::make_unique<DecodeStack>(shape_, w4_gemm_fn(i), llm_adapter_fn(i), resolve_threads(threads));
+    stack_ = std::make_unique<DecodeStack>(shape_, w4_gemm_fn(i), llm_adapter_fn(i), attend_fn(i),
+                                           resolve_threads(threads));
   }
 
   void add_layer(const NormAdapterWeights& attn_in, const NormAdapterWeights& ffn_norm,
@@ -333,7 +338,7 @@ class PyDecodeStack {
                   decode_linear("decode wqkv", wqkv, s.dim, (s.n_heads + 2 * s.n_kv) * s.head_dim),
                   decode_linear("decode wo", wo, s.n_heads * s.head_dim, s.dim),
                   decode_linear("decode w13", w13, s.dim, 2 * s.ffn), decode_linear("decode w2", w2, s.ffn, s.dim),
-                  ptr<float>(k_cache), ptr<float>(v_cache)};
+                  ptr<uint16_t>(k_cache), ptr<uint16_t>(v_cache)};
     stack_->add_layer(l);
   }
 
@@ -502,6 +507,16 @@ PYBIND11_MODULE(_C, m) {
       .def("prefill", &PyDecodeStack::prefill, py::arg("x"), py::arg("t"), py::arg("slot"), py::arg("start"),
            py::arg("modality"), py::arg("out"))
       .def_property_readonly("n_layers", &PyDecodeStack::n_layers);
+  m.def(
+      "float_to_half",
+      [](uintptr_t x, uintptr_t out, int64_t n) {
+        require(x && out && n >= 0, "float_to_half: null pointer or negative count");
+        const float* in = ptr<const float>(x);
+        uint16_t* o = ptr<uint16_t>(out);
+        for (int64_t i = 0; i < n; ++i) o[i] = float_to_half(in[i]);
+      },
+      "The KV cache's fp32 -> fp16 rounding (n floats at x into n uint16 at out), for the tests",
+      py::arg("x"), py::arg("out"), py::arg("n"));
   m.def("read_bandwidth", &py_read_bandwidth, "Sum a buffer with `threads` threads (STREAM-like read probe)",
         py::arg("buf"), py::arg("nbytes"), py::arg("threads") = 0);
   m.def("max_threads", []() { return omp_get_max_threads(); });

@@ -1,9 +1,9 @@
 // DecodeStack: one decode step of the whole decoder in one call, for one sequence or for m rows of a
 // continuous batch (see kernels.h).
 //
-// Compiled without ISA flags: the heavy work goes through the W4 and adapter function pointers
-// chosen at construction (scalar / AVX2 / AVX-512 units); what is left here (rope, a softmax
-// over the cached positions, SwiGLU, residual adds) is O(dim + ctx) per layer.
+// Compiled without ISA flags: the heavy work goes through the W4, adapter and attention function pointers
+// chosen at construction (scalar / AVX2 / AVX-512 units); what is left here (rope, the fp16 cache writes,
+// SwiGLU, residual adds) is O(dim) per row and layer.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -11,31 +11,18 @@
 
 #include <omp.h>
 
+#include "exp_vec.h"
 #include "kernels.h"
 
-namespace lavin {
+// The attention of one kv head and its query heads, for the scalar backend and any CPU (the AVX2 and AVX-512
+// backends have builds of their own with F16C: attention_avx2.cpp, attention_avx512.cpp). GCC clones it per ISA
+// level and picks one at load time (ifunc), so this file itself needs no -m flags.
+#define LAVIN_ATTEND_SUFFIX generic
+#define LAVIN_ATTEND_ATTRS __attribute__((noinline, target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#define LAVIN_LOAD16H_INTEGER 1
+#include "attention_impl.h"
 
-// exp for the softmax and SiLU, written so `omp simd` loops vectorise it (libm's expf is a scalar call;
-// ~100k calls per SmolLM2 token). Range reduction x = k ln2 + r with
-// |r| <= ln2/2, then a degree-6 Taylor polynomial: relative error < 2.5e-7 (~2 ulp) over the clamped
-// range (checked against exp in double over [-87, 88]), below the rounding of the fp32 sums it feeds.
-#pragma omp declare simd
-static inline float exp_vec(float x) {
-  x = std::min(88.0f, std::max(-87.0f, x));
-  const float kf = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest without a libm call
-  const float r = (x - kf * 0.693359375f) + kf * 2.12194440e-4f;    // ln2 split in two for exactness
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(kf) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
+namespace lavin {
 
 struct DecodeScratch {
   // Row-major [rows][...] buffers for up to `rows` rows (shape.rows); acc: an accumulating part's output.
@@ -50,8 +37,9 @@ struct DecodeScratch {
   int64_t rows = 0;  // rows every buffer above holds
 };
 
-DecodeStack::DecodeStack(const DecodeShape& shape, W4GemmFn gemm, LlmAdapterFn adapter, int threads)
-    : shape_(shape), gemm_(gemm), adapter_(adapter), threads_(threads), act_(act_format_from_env()),
+DecodeStack::DecodeStack(const DecodeShape& shape, W4GemmFn gemm, LlmAdapterFn adapter, AttendFn attend,
+                         int threads)
+    : shape_(shape), gemm_(gemm), adapter_(adapter), attend_(attend), threads_(threads), act_(act_format_from_env()),
       s_(new DecodeScratch) {
   shape_.rows = std::max<int64_t>(1, shape.rows);
   ensure_rows(shape_.rows);
@@ -129,153 +117,6 @@ void DecodeStack::norm(const DecodeNorm& n, const float* x, float* y, int64_t m,
   adapter_(a, 1);  // D * r flops per row: a thread team would cost more than it saves
 }
 
-// Sixteen floats as one value: GCC lowers it to one zmm, two ymm or four xmm in each clone of attend_group, so
-// the attention is written once for every ISA. The helpers are always inlined into those clones, so no vector
-// crosses a call (which is what -Wpsabi warns about).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-
-__attribute__((always_inline)) static inline f32x16 load16(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-__attribute__((always_inline)) static inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
-
-// Sum of the 16 lanes as a fixed halving tree: four dependent adds where an in-order sum is sixteen.
-__attribute__((always_inline)) static inline float sum16(f32x16 v) {
-  const f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
-// The scores of the `group` query heads against the `end` cached keys for hd = 16 NC: each (key, head) dot
-// product is NC multiply-adds on two alternating accumulators and one tree sum, so successive scores are
-// independent work (the in-order sum of an `omp simd` reduction made each one a 16-add chain).
-template <int NC>
-__attribute__((always_inline)) static inline void scores16(const float* q, const float* K, int64_t end, int64_t group, float scale, int64_t ld,
-                            float* sc) {
-  constexpr int64_t hd = 16 * NC;
-  for (int64_t j = 0; j < end; ++j) {
-    const float* kj = K + j * hd;
-    for (int64_t g = 0; g < group; ++g) {
-      const float* qg = q + g * hd;
-      f32x16 a[2] = {load16(qg) * load16(kj), f32x16{}};
-#pragma GCC unroll 16
-      for (int c = 1; c < NC; ++c) a[c & 1] += load16(qg + 16 * c) * load16(kj + 16 * c);
-      sc[g * ld + j] = sum16(a[0] + a[1]) * scale;
-    }
-  }
-}
-
-// out[g] = sum_j p[g][j] V[j] for hd = 16 NC with the output in registers: GB heads at a time (GB NC <= 8
-// accumulators of 16 floats), each sum taken over j in order (the scalar loop's sums, to the last bit).
-template <int NC>
-__attribute__((always_inline)) static inline void weighted_values16(const float* V, int64_t end, int64_t group, int64_t ld, const float* sc,
-                                     float* out) {
-  constexpr int64_t hd = 16 * NC;
-  constexpr int GB = NC >= 8 ? 1 : 8 / NC;
-  int64_t g0 = 0;
-  for (; g0 + GB <= group; g0 += GB) {
-    f32x16 acc[GB][NC] = {};
-    for (int64_t j = 0; j < end; ++j) {
-      const float* vj = V + j * hd;
-#pragma GCC unroll 8
-      for (int g = 0; g < GB; ++g) {
-        const float p = sc[(g0 + g) * ld + j];
-#pragma GCC unroll 16
-        for (int c = 0; c < NC; ++c) acc[g][c] += p * load16(vj + 16 * c);
-      }
-    }
-    for (int g = 0; g < GB; ++g)
-      for (int c = 0; c < NC; ++c) store16(out + (g0 + g) * hd + 16 * c, acc[g][c]);
-  }
-  for (; g0 < group; ++g0) {  // the heads left over: one at a time
-    f32x16 acc[NC] = {};
-    for (int64_t j = 0; j < end; ++j) {
-      const float p = sc[g0 * ld + j];
-#pragma GCC unroll 16
-      for (int c = 0; c < NC; ++c) acc[c] += p * load16(V + j * hd + 16 * c);
-    }
-    for (int c = 0; c < NC; ++c) store16(out + g0 * hd + 16 * c, acc[c]);
-  }
-}
-
-#pragma GCC diagnostic pop
-
-// One kv head and the `group` query heads that share it (GQA): scores over the `end` cached positions,
-// softmax, weighted sum of V. Each cached k/v row is read once for the whole group. GCC clones the
-// function per ISA and picks one at load time (ifunc), so the file itself needs no -m flags.
-__attribute__((noinline, target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-void attend_group(const float* q, const float* K, const float* V, int64_t end, int64_t hd, int64_t group,
-                  float scale, int64_t ld, float* sc, float* out) {
-  // Head sizes that are a multiple of 16 up to 128 (SmolLM2's 64, LLaMA's 128) run on the register-blocked
-  // paths; any other size on plain loops.
-  const int nc = hd % 16 == 0 && hd <= 128 ? static_cast<int>(hd / 16) : 0;
-  switch (nc) {
-    case 1: scores16<1>(q, K, end, group, scale, ld, sc); break;
-    case 2: scores16<2>(q, K, end, group, scale, ld, sc); break;
-    case 3: scores16<3>(q, K, end, group, scale, ld, sc); break;
-    case 4: scores16<4>(q, K, end, group, scale, ld, sc); break;
-    case 5: scores16<5>(q, K, end, group, scale, ld, sc); break;
-    case 6: scores16<6>(q, K, end, group, scale, ld, sc); break;
-    case 7: scores16<7>(q, K, end, group, scale, ld, sc); break;
-    case 8: scores16<8>(q, K, end, group, scale, ld, sc); break;
-    default:
-      for (int64_t j = 0; j < end; ++j) {
-        const float* kj = K + j * hd;
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qg = q + g * hd;
-          float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t i = 0; i < hd; ++i) dot += qg[i] * kj[i];
-          sc[g * ld + j] = dot * scale;
-        }
-      }
-  }
-  for (int64_t g = 0; g < group; ++g) {
-    float* s = sc + g * ld;
-    float mx = -3.0e38f;
-#pragma omp simd reduction(max : mx)
-    for (int64_t j = 0; j < end; ++j) mx = std::max(mx, s[j]);
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < end; ++j) {
-      s[j] = exp_vec(s[j] - mx);
-      sum += s[j];
-    }
-    const float inv = 1.0f / sum;
-#pragma omp simd
-    for (int64_t j = 0; j < end; ++j) s[j] *= inv;
-  }
-  switch (nc) {
-    case 1: weighted_values16<1>(V, end, group, ld, sc, out); return;
-    case 2: weighted_values16<2>(V, end, group, ld, sc, out); return;
-    case 3: weighted_values16<3>(V, end, group, ld, sc, out); return;
-    case 4: weighted_values16<4>(V, end, group, ld, sc, out); return;
-    case 5: weighted_values16<5>(V, end, group, ld, sc, out); return;
-    case 6: weighted_values16<6>(V, end, group, ld, sc, out); return;
-    case 7: weighted_values16<7>(V, end, group, ld, sc, out); return;
-    case 8: weighted_values16<8>(V, end, group, ld, sc, out); return;
-    default: break;
-  }
-  for (int64_t i = 0; i < group * hd; ++i) out[i] = 0.0f;
-  for (int64_t j = 0; j < end; ++j) {
-    const float* vj = V + j * hd;
-    for (int64_t g = 0; g < group; ++g) {
-      const float p = sc[g * ld + j];
-      float* og = out + g * hd;
-#pragma omp simd
-      for (int64_t i = 0; i < hd; ++i) og[i] += p * vj[i];
-    }
-  }
-}
-
 __attribute__((noinline, target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
 #pragma omp simd
@@ -310,7 +151,7 @@ void DecodeStack::attention(const DecodeLayer& l, const float* q, int64_t m, con
   for (int64_t u = 0; u < m * nkv; ++u) {
     const int64_t r = u / nkv, kv = u % nkv;
     const int64_t base = slot[r] * slot_stride + kv * ctx * hd;
-    attend_group(q + r * qkv_w + kv * group * hd, l.k_cache + base, l.v_cache + base, end[r], hd, group, scale,
+    attend_(q + r * qkv_w + kv * group * hd, l.k_cache + base, l.v_cache + base, end[r], hd, group, scale,
                  stride, scores + (r * nh + kv * group) * stride, out + r * nh * hd + kv * group * hd);
   }
 }
@@ -431,8 +272,12 @@ void DecodeStack::layers(float* x, int64_t m, const int64_t* slot, const int64_t
       }
       for (int64_t kv = 0; kv < nkv; ++kv) {
         const int64_t at = slot[r] * slot_stride + (kv * ctx + pos[r]) * hd;
-        std::copy_n(row + (nh + kv) * hd, hd, l.k_cache + at);
-        std::copy_n(row + (nh + nkv + kv) * hd, hd, l.v_cache + at);
+        const float* k = row + (nh + kv) * hd;
+        const float* v = row + (nh + nkv + kv) * hd;
+        for (int64_t i = 0; i < hd; ++i) {
+          l.k_cache[at + i] = float_to_half(k[i]);
+          l.v_cache[at + i] = float_to_half(v[i]);
+        }
       }
     }
     attention(l, qkv, m, slot, end, att);

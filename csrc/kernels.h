@@ -183,8 +183,10 @@ struct DecodeNorm {
 struct DecodeLayer {
   DecodeNorm attn_in, ffn_norm;
   std::vector<DecodeLinearPart> wqkv, wo, w13, w2;
-  float* k_cache;  // [slots][n_kv][ctx][head_dim]
-  float* v_cache;
+  // fp16 bits [slots][n_kv][ctx][head_dim], as llama.cpp's default cache: half the memory of fp32 and half the
+  // bytes attention reads per cached position (which at long contexts is as much as the weights).
+  uint16_t* k_cache;
+  uint16_t* v_cache;
 };
 // The head's exact re-scoring (RescoredHead, lavin_edge/runtime/ops.py): after the 4-bit head, each row's `top`
 // largest logits are recomputed from the fp weight rows [vocab][dim] as sums of exact products in double.
@@ -203,6 +205,16 @@ struct DecodeShape {
   int64_t rows = 1;   // most rows per step_rows call (the number of cache slots)
 };
 using W4GemmFn = void (*)(const W4Prepared&, const XQuant&, float*, int64_t, int);
+// One kv head and its `group` query heads: q [group][hd]; K, V the head's cache rows [end][hd] (fp16 bits);
+// sc scratch [group][ld] (ld >= end); out [group][hd] = softmax(q K^T / sqrt(hd)) V with `scale` = 1/sqrt(hd).
+using AttendFn = void (*)(const float* q, const uint16_t* K, const uint16_t* V, int64_t end, int64_t hd,
+                          int64_t group, float scale, int64_t ld, float* sc, float* out);
+void attend_group_generic(const float* q, const uint16_t* K, const uint16_t* V, int64_t end, int64_t hd,
+                          int64_t group, float scale, int64_t ld, float* sc, float* out);
+void attend_group_avx2(const float* q, const uint16_t* K, const uint16_t* V, int64_t end, int64_t hd,
+                       int64_t group, float scale, int64_t ld, float* sc, float* out);
+void attend_group_avx512(const float* q, const uint16_t* K, const uint16_t* V, int64_t end, int64_t hd,
+                         int64_t group, float scale, int64_t ld, float* sc, float* out);
 using LlmAdapterFn = void (*)(const LlmAdapterArgs&, int);
 struct DecodeScratch;  // buffers for the most rows of a call (decode.cpp)
 // Rows per prefill chunk: every weight is read once per chunk, and the chunk's scores buffer
@@ -211,7 +223,7 @@ constexpr int64_t kPrefillChunk = 64;
 
 class DecodeStack {
  public:
-  DecodeStack(const DecodeShape& shape, W4GemmFn gemm, LlmAdapterFn adapter, int threads);
+  DecodeStack(const DecodeShape& shape, W4GemmFn gemm, LlmAdapterFn adapter, AttendFn attend, int threads);
   ~DecodeStack();
   DecodeStack(const DecodeStack&) = delete;
   DecodeStack& operator=(const DecodeStack&) = delete;
@@ -242,6 +254,7 @@ class DecodeStack {
   DecodeShape shape_;
   W4GemmFn gemm_;
   LlmAdapterFn adapter_;
+  AttendFn attend_;
   int threads_;
   ActFormat act_;  // $LAVIN_EDGE_W4_ACT when the stack is built
   std::vector<DecodeLayer> layers_;
@@ -278,6 +291,30 @@ inline float half_to_float(uint16_t h) {
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
+}
+
+// IEEE binary32 -> binary16, rounding to nearest even (as torch's .half() and F16C's vcvtps2ph): overflow to
+// inf, subnormals kept, nan stays nan.
+inline uint16_t float_to_half(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof x);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  const uint32_t ax = x & 0x7FFFFFFFu;
+  if (ax >= 0x7F800000u) return sign | (ax > 0x7F800000u ? 0x7E00u : 0x7C00u);  // nan, inf
+  if (ax >= 0x477FF000u) return sign | 0x7C00u;  // rounds past 65504
+  if (ax < 0x38800000u) {  // below 2^-14: a subnormal half (or zero), rounded at 2^-24
+    if (ax < 0x33000000u) return sign;  // at most half of the smallest subnormal: rounds to (even) zero
+    const uint32_t e = ax >> 23, m = (ax & 0x7FFFFFu) | 0x800000u;
+    const uint32_t shift = 126 - e;  // 14..24: bits dropped from the 24-bit significand
+    uint32_t h = m >> shift;
+    const uint32_t rest = m & ((1u << shift) - 1u), half = 1u << (shift - 1);
+    if (rest > half || (rest == half && (h & 1u))) ++h;
+    return sign | static_cast<uint16_t>(h);
+  }
+  uint32_t h = ((ax >> 13) - ((127u - 15u) << 10));
+  const uint32_t rest = ax & 0x1FFFu;
+  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;  // a carry into the exponent is still correct
+  return sign | static_cast<uint16_t>(h);
 }
 
 }  // namespace lavin

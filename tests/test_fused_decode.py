@@ -183,6 +183,24 @@ def test_fused_step_attention_head_sizes(tmp_path: Path, dim: int, heads: tuple[
     assert agree >= 0.9, agree
 
 
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("dim", [64, 96], ids=["hd16", "hd24"])
+def test_fused_step_each_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isa: str, dim: int) -> None:
+    """Every CPU backend's step (its own W4, adapter and attention builds: the attention of the scalar backend
+    converts the fp16 cache with integer vector ops, the others with F16C) against the reference, on the
+    register-blocked attention (hd 16) and the plain loops (hd 24)."""
+    from lavin_edge.kernels.dispatch import available_backends
+
+    if isa not in available_backends():
+        pytest.skip(f"this CPU has no {isa}")
+    monkeypatch.setenv("LAVIN_EDGE_KERNELS", isa)
+    eng = Engine.load(_quantized_dir(_model(dim=dim, seed=4), tmp_path, act_order=False), backend="kernels")
+    assert eng.native_decode is not None and eng.backend_impl.isa == isa
+    rel, agree = _compare(eng, 60, 4, IMAGE, seed=6)
+    assert rel < 2e-2, rel
+    assert agree >= 0.9, agree
+
+
 def test_greedy_generation_identical_tokens(plain_dir: Path) -> None:
     """End to end through generate(): the fused path produces the reference's tokens."""
     from lavin_edge.chat.sampling import GenerationConfig
@@ -317,3 +335,27 @@ def test_stack_rejects_mismatched_shapes(plain_dir: Path) -> None:
     with pytest.raises(ValueError, match="rescore"):
         stack.set_head(norm_args(eng.norm, keep), linear_parts(eng.layers[0].wo, keep), eng.embed.data_ptr(),
                        "float64", eng.embed.numel(), 8)
+
+
+def test_cache_rounding_is_numpy_half() -> None:
+    """The native step's fp32 -> fp16 rounding of keys and values (csrc/kernels.h float_to_half) gives NumPy's (and
+    torch's) bits: round to nearest even across normals, subnormals, ties, the overflow edge, inf and nan."""
+    import numpy as np
+
+    from lavin_edge.kernels import extension
+
+    rng = np.random.default_rng(0)
+    special = np.array([0.0, -0.0, 1.0, -1.0, 65504.0, 65519.99, 65520.0, -65520.0, 1e9, np.inf, -np.inf, np.nan,
+                        2.0 ** -14, 2.0 ** -24, 2.0 ** -25, 1.5 * 2.0 ** -25, 2.0 ** -26, 6.1e-5, 1e-45,
+                        1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11, 2048.0 + 1.0, 2048.0 + 3.0], dtype=np.float32)
+    wide = (rng.standard_normal(200_000) * 2.0 ** rng.uniform(-30, 18, 200_000)).astype(np.float32)
+    # Exact ties: halfway between two fp16 neighbours at many exponents.
+    ties = (np.arange(1, 2049, dtype=np.float32) + 0.5) * np.float32(2.0) ** rng.integers(-24, 5, 2048)
+    x = np.ascontiguousarray(np.concatenate([special, wide, ties.astype(np.float32)]))
+    got = np.empty(x.size, dtype=np.uint16)
+    extension().float_to_half(x.ctypes.data, got.ctypes.data, x.size)
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16).view(np.uint16)
+    nan = np.isnan(x)
+    assert np.array_equal(got[~nan], want[~nan])
+    assert np.isnan(got[nan].view(np.float16)).all()

@@ -176,6 +176,7 @@ class Contender:
     backend: str  # Engine backend: "torch" or "kernels"
     isa: str | None = None  # LAVIN_EDGE_KERNELS for a kernels engine
     decode: bool = True  # continuation through decode steps (as chat), else one prefill
+    reference: bool = False  # the fp or exact 4-bit model: fp32 keys and values (an engine caches them in fp16)
 
 
 @contextmanager
@@ -223,7 +224,7 @@ def run_contender(c: Contender, segments: Sequence[list[int]], first: int, items
 
     t0 = time.perf_counter()
     with kernel_backend(c.isa):
-        eng = Engine.load(c.model_dir, backend=c.backend)
+        eng = Engine.load(c.model_dir, backend=c.backend, kv_dtype=torch.float32 if c.reference else torch.float16)
     row: dict[str, Any] = {"contender": c.name, "model": str(c.model_dir),
                            "path": "prefill + decode steps" if c.decode else "prefill",
                            "lm_head": head_description(eng),
@@ -358,8 +359,8 @@ def run_quality_bench(model: str | None = None, fp_model: str | None = None, bac
 
     contenders: list[Contender] = []
     if fp_dir is not None:
-        contenders.append(Contender("fp", fp_dir, "torch", decode=False))
-    contenders.append(Contender("4-bit exact", q_dir, "torch", decode=False))
+        contenders.append(Contender("fp", fp_dir, "torch", decode=False, reference=True))
+    contenders.append(Contender("4-bit exact", q_dir, "torch", decode=False, reference=True))
     # The torch kernel backend dequantizes every W4 weight on every call: one prefill per sequence keeps it
     # affordable, and its maths does not depend on how the positions are batched.
     contenders += [Contender(f"engine {b}", q_dir, "kernels", b, decode=b != "torch") for b in isas]

@@ -35,7 +35,7 @@ def new_decode_stack(isa: str, dim: int, n_heads: int, n_kv: int, head_dim: int,
                      eps: float, rope: torch.Tensor, threads: int = 0, slots: int = 1) -> Any:
     """An empty ``DecodeStack`` (add layers with ``add_layer(attn_in, ffn_norm, wqkv, wo, w13, w2, k_cache_ptr,
     v_cache_ptr)``, then ``set_head(norm, parts[, rescore_weight_ptr, dtype, numel, top])``); ``rope`` fp32 [ctx,
-    head_dim/2, 2] (cos, sin), kept alive by the caller. ``slots``: the caches' first dimension ([slots, n_kv,
+    head_dim/2, 2] (cos, sin), kept alive by the caller. ``slots``: the fp16 caches' first dimension ([slots, n_kv,
     ctx, head_dim]) and the most rows one ``step_rows`` call takes."""
     c = extension()
     if c is None:

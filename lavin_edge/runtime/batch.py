@@ -61,8 +61,10 @@ class BatchDecoder:
         self.slots = slots
         shape = (slots, engine.n_kv, engine.max_context, engine.hd)
         dev = engine.rope.device  # where the engine keeps its state (only the CPU is served and tested)
-        # Uninitialised, as the engine's own: every reader stops at its row's filled length.
-        self.kv_cache = [(torch.empty(shape, device=dev), torch.empty(shape, device=dev)) for _ in engine.layers]
+        def cache() -> torch.Tensor:  # uninitialised, as the engine's: readers stop at each row's length
+            return torch.empty(shape, device=dev, dtype=engine.kv_dtype)
+
+        self.kv_cache = [(cache(), cache()) for _ in engine.layers]
         self.views = [self._slot_view(s) for s in range(slots)]
         # The whole step in one native call over these caches when the backend has one (None: step_reference).
         self.native = engine.backend_impl.native_decode(engine, self.kv_cache)
@@ -158,12 +160,13 @@ class BatchDecoder:
             qkv = lyr.wqkv(norm_rows(lyr.attn_in, x, row_mod, mods))
             qk = torch.view_as_complex(qkv[:, :qk_w].reshape(m, nh + nkv, hd // 2, 2))
             qk = torch.view_as_real(qk * rope).reshape(m, nh + nkv, hd)
-            k_cache[slot_idx, :, pos_idx] = qk[:, nh:]
-            v_cache[slot_idx, :, pos_idx] = qkv[:, qk_w:].reshape(m, nkv, hd)
+            k_cache[slot_idx, :, pos_idx] = qk[:, nh:].to(k_cache.dtype)
+            v_cache[slot_idx, :, pos_idx] = qkv[:, qk_w:].reshape(m, nkv, hd).to(v_cache.dtype)
             for i, (s, p) in enumerate(zip(slots, pos, strict=True)):
                 # One call per row over exactly its own keys: no padding, so no row sees another's length.
-                a = F.scaled_dot_product_attention(qk[i, :nh].view(1, nh, 1, hd), k_cache[s:s + 1, :, :p + 1],
-                                                   v_cache[s:s + 1, :, :p + 1], enable_gqa=gqa)
+                a = F.scaled_dot_product_attention(qk[i, :nh].view(1, nh, 1, hd),
+                                                   k_cache[s:s + 1, :, :p + 1].float(),
+                                                   v_cache[s:s + 1, :, :p + 1].float(), enable_gqa=gqa)
                 att[i] = a.view(nh * hd)
             x = x + lyr.wo(att)
             g = lyr.w13(norm_rows(lyr.ffn_norm, x, row_mod, mods))

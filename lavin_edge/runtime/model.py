@@ -30,6 +30,8 @@ from lavin_edge.prompt import ContextError
 from lavin_edge.runtime.backends import select_backend
 from lavin_edge.runtime.loader import ModelDirError, build_weights, read_model_dir
 
+KV_DTYPE = torch.float16  # the KV cache (keys and values after rotary), see Engine.__init__
+
 if TYPE_CHECKING:
     from lavin_edge.chat.sampling import GenerationConfig
     from lavin_edge.runtime.generate import GenerationResult, GenerationStats
@@ -43,7 +45,7 @@ class Engine:
 
     def __init__(self, cfg: LavinConfig, sd: Mapping[str, torch.Tensor], quant: dict[str, Any] | None = None,
                  backend: str = "auto", max_context: int | None = None, tokenizer: Any = None,
-                 position_offset: int = 1, head_w4: bool | None = None) -> None:
+                 position_offset: int = 1, head_w4: bool | None = None, kv_dtype: torch.dtype = KV_DTYPE) -> None:
         self.cfg = cfg
         llm = cfg.llm
         self.backend_impl = select_backend(backend)
@@ -58,10 +60,17 @@ class Engine:
         self.layers, self.vision, self.visual_proj = w.layers, w.vision, w.visual_proj
         dev = self.backend_impl.device
         cache_shape = (1, self.n_kv, self.max_context, self.hd)
-        # Uninitialised: every reader stops at the filled length, and zeroing the whole context (377 MB for
-        # the demo's 8,192 positions) would be most of a cold start's work after importing torch.
-        self.kv_cache = [(torch.empty(cache_shape, device=dev), torch.empty(cache_shape, device=dev))
-                         for _ in self.layers]
+        # fp16 (KV_DTYPE), as llama.cpp's default cache: half the memory, and half the bytes attention reads per
+        # cached position (the native step rounds keys and values as .half() does; the per-op path reads them
+        # back to fp32). kv_dtype=torch.float32 keeps exact caches for references (bench quality's fp and exact
+        # 4-bit models; the native step then stays off). Uninitialised: every reader stops at the filled length,
+        # and zeroing the whole context (189 MB for the demo's 8,192 positions) would be most of a cold start's
+        # work after importing torch.
+        if kv_dtype not in (torch.float16, torch.float32):
+            raise ValueError(f"kv_dtype must be torch.float16 or torch.float32, got {kv_dtype}")
+        self.kv_dtype = kv_dtype
+        self.kv_cache = [(torch.empty(cache_shape, device=dev, dtype=kv_dtype),
+                          torch.empty(cache_shape, device=dev, dtype=kv_dtype)) for _ in self.layers]
         # Rotary as complex numbers for runtime slot p = absolute position p + offset.
         inv = 1.0 / llm.rope_theta ** (torch.arange(0, self.hd, 2, dtype=torch.float64) / self.hd)
         pos = torch.arange(position_offset, position_offset + self.max_context, dtype=torch.float64)
@@ -77,9 +86,10 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", max_context: int | None = None,
-             head_w4: bool | None = None) -> Engine:
+             head_w4: bool | None = None, kv_dtype: torch.dtype = KV_DTYPE) -> Engine:
         d = read_model_dir(path)
-        return cls(d.lavin, d.tensors, d.quant, backend, max_context, d.tokenizer, d.position_offset, head_w4)
+        return cls(d.lavin, d.tensors, d.quant, backend, max_context, d.tokenizer, d.position_offset, head_w4,
+                   kv_dtype)
 
     @property
     def n_visual(self) -> int:
@@ -163,7 +173,7 @@ class Engine:
             q = qk[:, :nh].transpose(0, 1)[None]
             k_cache[0, :, start:end] = qk[:, nh:].transpose(0, 1)
             v_cache[0, :, start:end] = qkv[:, qk_w:].view(t, nkv, hd).transpose(0, 1)
-            att = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end],
+            att = F.scaled_dot_product_attention(q, k_cache[:, :, :end].float(), v_cache[:, :, :end].float(),
                                                  attn_mask=mask, is_causal=start == 0, enable_gqa=gqa)
             x = x + lyr.wo(att[0].transpose(0, 1).reshape(t, nh * hd))
             g = lyr.w13(lyr.ffn_norm(x, m, row_mod))
@@ -193,8 +203,8 @@ class Engine:
             qk = torch.view_as_real(torch.view_as_complex(qkv[:qk_w].view(nh + nkv, hd // 2, 2)) * rope)
             k_cache[0, :, pos] = qk[nh:].view(nkv, hd)
             v_cache[0, :, pos] = qkv[qk_w:].view(nkv, hd)
-            att = F.scaled_dot_product_attention(qk[:nh].view(1, nh, 1, hd), k_cache[:, :, :end],
-                                                 v_cache[:, :, :end], enable_gqa=gqa)
+            att = F.scaled_dot_product_attention(qk[:nh].view(1, nh, 1, hd), k_cache[:, :, :end].float(),
+                                                 v_cache[:, :, :end].float(), enable_gqa=gqa)
             x = x + lyr.wo(att.view(1, nh * hd))
             g = lyr.w13(lyr.ffn_norm(x, m, row_mod))
             a = g[:, :f]

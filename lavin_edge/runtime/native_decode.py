@@ -115,7 +115,7 @@ def head_parts(head: LinearOp, keep: list[Any], native_head: bool = True) -> tup
 def build_native_decode(model: Any, isa: str, kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
                         native_head: bool = True) -> NativeDecode | None:
     """A NativeDecode over ``model``'s layers (a ``lavin_edge.runtime.model.Engine``) on the native ``isa``, or
-    None when some op is not on the extension's kernels. ``kv_cache``: per layer (k, v) fp32 [slots, n_kv, ctx,
+    None when some op is not on the extension's kernels. ``kv_cache``: per layer (k, v) fp16 [slots, n_kv, ctx,
     head_dim] (a ``BatchDecoder``'s; default the engine's own, one slot). ``native_head`` False leaves the head
     to Python (the reference the tests compare the native head with)."""
     if not native_decode_available():
@@ -139,7 +139,7 @@ def build_native_decode(model: Any, isa: str, kv_cache: list[tuple[torch.Tensor,
         if any(p is None for p in pieces) or any(n is None for n in norms):
             return None
         for cache in (k_cache, v_cache):
-            if not cache.is_contiguous() or cache.dtype != torch.float32:
+            if not cache.is_contiguous() or cache.dtype != torch.float16:
                 return None
             keep.append(cache)
         stack.add_layer(*norms, *pieces, k_cache.data_ptr(), v_cache.data_ptr())

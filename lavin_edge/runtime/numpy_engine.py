@@ -191,7 +191,7 @@ class NumpyEngine:
         inv = 1.0 / llm.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
         ang = np.outer(np.arange(self.offset, self.offset + ctx, dtype=np.float64), inv)
         rope = np.ascontiguousarray(np.stack([np.cos(ang), np.sin(ang)], -1), dtype=np.float32)
-        caches = [np.empty((1, self.n_kv, ctx, hd), dtype=np.float32) for _ in range(2 * len(self.layers))]
+        caches = [np.empty((1, self.n_kv, ctx, hd), dtype=np.float16) for _ in range(2 * len(self.layers))]
         stack = self.ext.DecodeStack(self.isa, self.dim, self.n_heads, self.n_kv, hd, llm.ffn_dim, ctx,
                                      llm.vocab_size, llm.norm_eps, rope.ctypes.data, self.threads, 1)
         for layer, k, v in zip(self.layers, caches[::2], caches[1::2], strict=True):
