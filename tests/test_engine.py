@@ -65,24 +65,28 @@ def test_greedy_equals_training_model(tiny_model: LaVIN, tiny_dir: Path, has_ima
     assert len(got) == 24  # no stop id given to the reference: the engine must not stop early either
 
 
-def test_prefill_logits_match_training_model(tiny_model: LaVIN, tiny_dir: Path) -> None:
-    eng = Engine.load(tiny_dir, backend="torch")
-    ids, pos = _prompt(True)
-    image = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(7))
+def _image_prompt_logits(tiny_model: LaVIN, eng: Engine, modality: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training model's logits on an image prompt, and ``eng``'s prefill of it routed as ``modality``."""
     from lavin_edge.model.lavin import collate
 
+    ids, pos = _prompt(True)
+    image = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(7))
     batch = collate([encode_example(ByteTokenizer(), "Instruction: What shape is it?\nResponse:", None, True, 6)],
                     [image], 258)
     with torch.no_grad():
         ref = tiny_model(batch)[0]
-    eng.reset(IMAGE)
-    got = eng.forward(eng.embed_prompt(ids, pos, eng.encode_image(image)), last_only=False)
+    eng.reset(modality)
+    return ref, eng.forward(eng.embed_prompt(ids, pos, eng.encode_image(image)), last_only=False)
+
+
+def test_prefill_logits_match_training_model(tiny_model: LaVIN, tiny_dir: Path) -> None:
+    eng = Engine.load(tiny_dir, backend="torch")
+    ref, got = _image_prompt_logits(tiny_model, eng, IMAGE)
     # The engine keeps keys and values in fp16 (relative rounding 2^-11): measured 3e-4 here against logits up
     # to 0.54 (fp32 caches gave < 1e-4); the text routing below moves them by 0.3.
     assert (got - ref).abs().max().item() < 2e-3
     # The same prompt with the text routing must differ: proves the modality table is applied.
-    eng.reset(TEXT)
-    other = eng.forward(eng.embed_prompt(ids, pos, eng.encode_image(image)), last_only=False)
+    _, other = _image_prompt_logits(tiny_model, eng, TEXT)
     assert (other - ref).abs().max().item() > 2e-2
 
 
@@ -91,16 +95,7 @@ def test_fp32_cache_matches_training_model(tiny_model: LaVIN, tiny_dir: Path) ->
     the training model's to 1e-4, as before the fp16 cache; other cache types are refused."""
     eng = Engine.load(tiny_dir, backend="torch", kv_dtype=torch.float32)
     assert eng.kv_cache[0][0].dtype == torch.float32
-    ids, pos = _prompt(True)
-    image = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(7))
-    from lavin_edge.model.lavin import collate
-
-    batch = collate([encode_example(ByteTokenizer(), "Instruction: What shape is it?\nResponse:", None, True, 6)],
-                    [image], 258)
-    with torch.no_grad():
-        ref = tiny_model(batch)[0]
-    eng.reset(IMAGE)
-    got = eng.forward(eng.embed_prompt(ids, pos, eng.encode_image(image)), last_only=False)
+    ref, got = _image_prompt_logits(tiny_model, eng, IMAGE)
     assert (got - ref).abs().max().item() < 1e-4
     with pytest.raises(ValueError, match="kv_dtype"):
         Engine.load(tiny_dir, backend="torch", kv_dtype=torch.bfloat16)
