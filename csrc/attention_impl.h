@@ -113,7 +113,7 @@ __attribute__((always_inline)) static inline void scores16(const float* q, const
 }
 
 // out[g] = sum_j p[g][j] V[j] for hd = 16 NC with the output in registers: GB heads at a time (GB NC <= 8
-// accumulators of 16 floats), each sum taken over j in order (the scalar loop's sums, to the last bit).
+// accumulators of 16 floats), each sum taken over j in order, as the plain loops below sum it.
 template <int NC>
 __attribute__((always_inline)) static inline void weighted_values16(const uint16_t* V, int64_t end, int64_t group,
                                                                     int64_t ld, const float* sc, float* out) {
