@@ -68,7 +68,8 @@ class Sampler:
     (prompt and generated), kept incrementally so the penalty costs O(V) per step, not O(context).
 
     ``process`` is the readable definition: the whole logits row after each processor, filtered entries -inf.
-    ``__call__`` draws from exactly that distribution without materialising it, because on a 49k vocabulary a
+    ``__call__`` draws from that distribution without materialising it (the top-p cut summed in fp64 where
+    ``process`` sums in fp32: a token at the very edge may differ), because on a 49k vocabulary a
     full sort (top-p) or torch.multinomial costs a row more than its share of a batched decode step: NumPy's
     argmax for greedy; for sampling, the kept tokens found by partial sorts (top-k, then the top-p nucleus from
     the largest 64 probabilities, widened until the cut falls inside), then one uniform draw against their
