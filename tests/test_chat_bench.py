@@ -138,3 +138,23 @@ def test_context_row_times_a_long_text_prompt(tmp_path: Path) -> None:
     assert row["prompt_tokens"] == 300 and row["new_tokens"] == 4
     assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0
     assert bench._random_prompt_ids(264, 300) == bench._random_prompt_ids(264, 300)  # both sides' ids
+
+
+def test_children_run_this_package_not_the_working_directory(tmp_path: Path) -> None:
+    """The benchmarks' child interpreters import the lavin_edge this process imported, even where the working
+    directory holds another one (a source checkout without its built extension, as after `pip install .`):
+    plain `python -m` would import that one first."""
+    import subprocess
+    import sys
+
+    from lavin_edge.bench.child import module_command
+
+    shadow = tmp_path / "lavin_edge"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('the working directory copy was imported')\n")
+    plain = subprocess.run([sys.executable, "-m", "lavin_edge.cli", "--help"], cwd=tmp_path, capture_output=True,
+                           text=True)
+    assert plain.returncode != 0 and "working directory copy" in plain.stderr  # what module_command avoids
+    out = subprocess.run(module_command("lavin_edge.cli", "--help"), cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "Usage" in out.stdout and "bench" in out.stdout

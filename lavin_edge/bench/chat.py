@@ -24,7 +24,6 @@ Generation ignores EOS so every row decodes exactly the same number of tokens.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from lavin_edge.bench.child import module_command
 
 DEFAULT_QUESTION = "What shape is in the image?"
 DEFAULT_IMAGE = "examples/easyvqa-red-triangle.png"
@@ -117,15 +118,12 @@ def startup_row(model_dir: str, image: str, question: str, timeout: float = 600.
     its wall time. ``answer`` is what it printed."""
     import resource
 
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "lavin_edge.cli", "chat", "--model", model_dir, "--image", image, "--prompt",
-           question, *extra] + (["--threads", str(threads)] if threads else [])
+    cmd = module_command("lavin_edge.cli", "chat", "--model", model_dir, "--image", image, "--prompt", question,
+                         *extra, *(["--threads", str(threads)] if threads else []))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"skipped": f"timed out after {timeout:.0f} s"}
     wall = time.perf_counter() - t0
@@ -309,12 +307,9 @@ def _random_prompt_ids(vocab_size: int, n: int) -> list[int]:
 # ----------------------------------------------------------------------------------------- driver
 
 def _run_row_subprocess(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "lavin_edge.bench.chat", json.dumps(spec)]
+    cmd = module_command("lavin_edge.bench.chat", json.dumps(spec))
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"skipped": f"timed out after {timeout:.0f} s"}
     if out.returncode != 0:

@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lavin_edge.bench.child import module_command
+
 QUESTIONS = ("What shape is in the image?", "What colour is the shape?", "Is there a red shape?")
 TEXT_QUESTIONS = ("Name three colours.", "What is a triangle?", "Say hello.")
 
@@ -233,8 +235,8 @@ def run_serve_bench(json_out: bool = False, model: str | None = None, clients: t
         gguf, why_not = None, "only run against the demo (--model given)"
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "lavin_edge.cli", "serve", "--port", str(port), "--slots", str(slots),
-           "--max-queue", str(max(clients)), "--log-level", "warning", "--prefill", prefill]
+    cmd = module_command("lavin_edge.cli", "serve", "--port", str(port), "--slots", str(slots),
+                         "--max-queue", str(max(clients)), "--log-level", "warning", "--prefill", prefill)
     if model:
         cmd += ["--model", model]
     if threads:
