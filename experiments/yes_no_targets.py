@@ -1,5 +1,5 @@
 """Which yes/no target can rank-8 adapters on SmolLM2-135M learn? A text-only check behind recipes/demo.toml's
-`explain` format (README, "How the demo learned yes/no").
+`explain` format (docs/demo.md, "How the demo learned yes/no").
 
 The image is left out: its colour and shape are given as teacher-forced text in the target, so only the
 decision is learned. For each target format, adapters are trained on balanced easy-vqa yes/no questions

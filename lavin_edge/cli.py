@@ -1,7 +1,7 @@
 """The ``lavin-edge`` command line. Each subcommand lives in ``lavin_edge.commands.<name>`` and is
 imported only when it runs, so ``lavin-edge --help`` stays fast.
 
-One error convention for every command (README, "Errors and outputs"):
+One error convention for every command (docs/cli.md, "Errors and outputs"):
 
 - bad input or usage (a wrong option, a missing or unusable file, a recipe or model dir that cannot be
   used): one line ``error: ...`` on stderr, exit code 2;

@@ -1,7 +1,7 @@
 """A multi-turn conversation over one Engine: the sequence layout of training, history reuse through the
 KV cache, and oldest-turn-first trimming when the history outgrows the context.
 
-Layout (as ``encode_example`` builds it, README "The demo model"): ``[BOS]["Image: "][visual x 6]`` or
+Layout (as ``encode_example`` builds it, docs/demo.md): ``[BOS]["Image: "][visual x 6]`` or
 ``[BOS]["Image: N/A"]``, then per turn ``Instruction: {q}\\nResponse:`` + the answer ids + EOS, turns after
 the first starting on a new line. The demo is trained on conversations laid out exactly so (``encode_example``'s
 ``history``; tests/test_chat_turns.py checks both give the same ids). One conversation is about one image: a new

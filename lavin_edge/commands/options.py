@@ -17,7 +17,7 @@ ACTIVATIONS_HELP = (
     "Activation format of the CPU 4-bit kernels, for every model this command loads: 15bit (the default: "
     "blocks of 32 kept as 15-bit integers, the engine's next tokens agree with the exact 4-bit model) or int8 "
     "(earlier releases' blocks of 32: decode a few % and prompt prefill ~1.6x faster, but ~4% of next tokens "
-    f"differ from the exact model on the demo; README, 'Accuracy of the engine'). Sets ${ACT_ENV} "
+    f"differ from the exact model on the demo; docs/benchmarks/accuracy.md). Sets ${ACT_ENV} "
     "(int16 / int8), which is the default when the option is not given."
 )
 

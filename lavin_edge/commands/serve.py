@@ -12,7 +12,7 @@ from lavin_edge.commands.options import activations_option
 
 EPILOG = (DEMO_DESCRIPTION + "\n\nAPI: POST /v1/chat/completions (OpenAI's schema, stream=true for server-sent "
           "events), GET /v1/models, GET /health; the web page at /. Images only as data:image/...;base64 URLs "
-          "(nothing is fetched), or files under --allow-files DIR. See README, \"Serving\".")
+          "(nothing is fetched), or files under --allow-files DIR. See docs/serving.md.")
 
 
 def _fail(msg: str) -> None:

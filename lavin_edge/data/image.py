@@ -1,4 +1,4 @@
-"""Image preprocessing of LaVIN (README): resize to a square bicubic (no crop), scale to [0, 1], normalise
+"""Image preprocessing of LaVIN (docs/method.md): resize to a square bicubic (no crop), scale to [0, 1], normalise
 with ImageNet mean/std (the released checkpoints expect ImageNet's, not CLIP's constants).
 
 Any mode Pillow reads becomes RGB by what its pixels mean (:func:`to_rgb`): 16-bit and 32-bit grayscale are

@@ -95,7 +95,7 @@ def build_weights(cfg: LavinConfig, sd: Mapping[str, torch.Tensor], quant: dict[
             if not backend.runs_w4:
                 raise ModelDirError("head_w4 needs the kernels backend")
             # The top candidates are re-scored from the fp weight rows as stored (the tied embedding table
-            # costs no memory): exact near-ties for few extra bytes per step (README, "Accuracy of the engine").
+            # costs no memory): exact near-ties for few extra bytes per step (docs/benchmarks/accuracy.md).
             approx = backend.sum_linear(list(head_w4_parts(head, sd, quant, llm.dim)))
             lm_head = RescoredHead(approx, embed if out is None else out, HEAD_RESCORE_TOP)
         else:

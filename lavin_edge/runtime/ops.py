@@ -86,7 +86,7 @@ class RescoredHead(LinearOp):
 
     The two W4 passes hold the weights to about 8 bits: enough for most logits, not for the near-ties that
     decide the next token. Re-scoring the top few from the fp rows reads ``top`` x D weights instead of V x D;
-    the README's "Accuracy of the engine" has what it buys. Logits outside the top keep the W4 error."""
+    docs/benchmarks/accuracy.md has what it buys. Logits outside the top keep the W4 error."""
 
     def __init__(self, approx: LinearOp, weight: torch.Tensor, top: int) -> None:
         self.approx, self.weight, self.top = approx, weight, top
