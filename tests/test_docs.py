@@ -22,18 +22,17 @@ _HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
 def markdown_files() -> list[Path]:
     """The README, everything under docs/, and the README of each top-level folder."""
     files = [README, *sorted((ROOT / "docs").rglob("*.md")), *sorted(ROOT.glob("*/README.md"))]
-    return [f for f in files if "build" not in f.relative_to(ROOT).parts[:1]]
+    return [f for f in files if not (f.parts[len(ROOT.parts)].startswith(".") or f.parts[len(ROOT.parts)] == "build")]
 
 
-def prose_lines(text: str) -> list[tuple[int, str]]:
-    """(line number, line) outside fenced code blocks, with inline code spans blanked."""
+def prose_lines(text: str, blank_code_spans: bool = True) -> list[tuple[int, str]]:
+    """(line number, line) outside fenced code blocks, inline code spans blanked unless told otherwise."""
     out, fenced = [], False
     for no, line in enumerate(text.splitlines(), 1):
         if _FENCE.match(line):
             fenced = not fenced
-            continue
-        if not fenced:
-            out.append((no, _CODE_SPAN.sub("", line)))
+        elif not fenced:
+            out.append((no, _CODE_SPAN.sub("", line) if blank_code_spans else line))
     return out
 
 
@@ -63,7 +62,7 @@ def anchors(path: Path) -> set[str]:
     """Every heading anchor of a markdown file, with GitHub's -1, -2 suffixes for repeated headings."""
     seen: dict[str, int] = {}
     found = set()
-    for _, line in prose_lines_keep_code(path.read_text(encoding="utf-8")):
+    for _, line in prose_lines(path.read_text(encoding="utf-8"), blank_code_spans=False):  # headings slug code text
         m = _HEADING.match(line)
         if not m:
             continue
@@ -72,17 +71,6 @@ def anchors(path: Path) -> set[str]:
         seen[base] = n + 1
         found.add(base if n == 0 else f"{base}-{n}")
     return found
-
-
-def prose_lines_keep_code(text: str) -> list[tuple[int, str]]:
-    """(line number, line) outside fenced code blocks, inline code kept (headings slug its text)."""
-    out, fenced = [], False
-    for no, line in enumerate(text.splitlines(), 1):
-        if _FENCE.match(line):
-            fenced = not fenced
-        elif not fenced:
-            out.append((no, line))
-    return out
 
 
 def broken_links(path: Path, root: Path = ROOT) -> list[str]:
