@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -233,6 +234,24 @@ def test_stop_frees_the_slot_and_the_next_question_works(server: LiveServer, pag
     drv.shot("after-stop")
 
 
+def test_gone_before_the_answer_starts(server: LiveServer) -> None:
+    """Stop pressed right after Send: the client is gone before the first chunk; the job never decodes."""
+    body = json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": png_data_url(size=256)}}]}],
+        "max_tokens": CONTEXT, "temperature": 0, "stream": True}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    steps = server.scheduler.steps
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as c:
+        c.sendall(head + body)
+    time.sleep(1)
+    deadline = time.time() + 20
+    while _health(server.url)["active"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert _health(server.url)["active"] == 0 and server.scheduler.steps - steps < 100
+
+
 def test_new_image_then_new_conversation(server: LiveServer, page, tmp_path: Path) -> None:  # noqa: ANN001
     drv = page
     _enter_key(drv, KEY)
@@ -290,6 +309,8 @@ def test_files_that_are_not_images(server: LiveServer, page, tmp_path: Path) -> 
     assert "error" in err.get_attribute("class") and err.text.startswith("The image is too large")
     assert "max-image-bytes" not in err.text and "image_url" not in err.text  # the API's wording: under Details
     drv.shot("server-refused-image")
+    again = _ask(drv, "What is it?", 2)  # the refused image is no longer part of the conversation
+    assert "error" not in again.get_attribute("class") and not drv.find_elements(By.CSS_SELECTOR, ".conv-image")
 
 
 def test_drop_and_paste_an_image(server: LiveServer, page) -> None:  # noqa: ANN001
