@@ -275,9 +275,16 @@ def test_new_image_then_new_conversation(server: LiveServer, page, tmp_path: Pat
     assert not _by_id(drv, "attachment").is_displayed() and not _by_id(drv, "preview").get_attribute("src")
     assert json.loads(drv.execute_script("return localStorage.getItem('lavin-edge.conversation')")) == []
     drv.shot("new-conversation")
-    # The next question carries no history and no image: the same answer as a text-only request.
+    # The next question carries no history and no image, and the system prompt from the settings.
+    _set(drv, "system", "Answer in one word.")
+    drv.execute_script("const f = window.fetch; window.sent = [];"  # record the page's request bodies
+                       "window.fetch = (u, o) => { if (o && o.body) window.sent.push(JSON.parse(o.body));"
+                       " return f(u, o); };")
     got = _ask(drv, "Hello", 1).text
-    assert got == _api_answer(server.url, [{"role": "user", "content": "Hello"}], 16).strip()
+    want = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Hello"}]
+    (body,) = drv.execute_script("return window.sent;")
+    assert body["messages"] == want and body["max_tokens"] == 16 and body["stream"] is True
+    assert got == _api_answer(server.url, want, 16).strip()
 
 
 def test_files_that_are_not_images(server: LiveServer, page, tmp_path: Path) -> None:  # noqa: ANN001
@@ -344,6 +351,10 @@ def test_drop_and_paste_an_image(server: LiveServer, page) -> None:  # noqa: ANN
 
 def test_missing_and_wrong_api_key(server: LiveServer, page) -> None:  # noqa: ANN001
     drv = page
+    _set(drv, "max-tokens", "0")
+    _by_id(drv, "question").send_keys("Hi there", Keys.ENTER)
+    drv.wait.until(lambda d: "Max tokens" in _by_id(d, "notice").text)  # checked in the page, nothing sent
+    assert not _answers(drv) and _by_id(drv, "question").get_attribute("value") == "Hi there"
     _set(drv, "max-tokens", "8")
     err = _ask(drv, "Hi there", 1)
     assert "error" in err.get_attribute("class") and err.text.startswith("This server needs an API key")

@@ -178,7 +178,7 @@ function plainError(status, err, hadKey) {
       : "This server needs an API key. Enter it in Settings, then ask again.";
   }
   if (status === 503) return "The server is busy with other requests. Wait a moment, then ask again.";
-  if (status === 413 || code === "image_too_large") return "The image is too large for this server. Try a smaller picture.";
+  if (status === 413 || code === "image_too_large") return "The image is too large for this server. Attach a smaller picture.";
   if (code === "invalid_image" || code === "invalid_base64") return "The server could not read the image. Try another picture (PNG or JPEG).";
   if (code === "context_length_exceeded") return "This conversation is longer than the model can read. Start a new conversation.";
   if (code === "too_many_images") return "The model takes one image per conversation. Start a new conversation for another image.";
@@ -188,11 +188,14 @@ function plainError(status, err, hadKey) {
 }
 
 class ServerError extends Error {
-  constructor(sentence, detail) {
+  constructor(sentence, detail, imageRefused = false) {
     super(sentence);
     this.detail = detail;
+    this.imageRefused = imageRefused;
   }
 }
+
+const IMAGE_CODES = ["image_too_large", "invalid_image", "invalid_base64", "request_too_large"];
 
 async function ask(question) {
   const [params, problem] = readSettings();
@@ -235,6 +238,10 @@ async function ask(question) {
       turn.error = err instanceof ServerError ? { sentence: err.message, detail: err.detail }
         : { sentence: "The connection to the server was lost. Is lavin-edge serve still running?", detail: String(err) };
       if (!$("question").value) $("question").value = question;  // ready to ask again
+      if (err.imageRefused && turn.image) {  // the next question goes without it (or with another image)
+        conv.image = null;
+        turn.image = false;
+      }
       if (/API key/.test(turn.error.sentence)) {
         $("settings").open = true;
         refreshModel();
@@ -256,7 +263,9 @@ async function stream(body, signal, hadKey, onText) {
   if (!resp.ok) {
     let err = null;
     try { err = (await resp.json()).error; } catch (e) { /* not JSON */ }
-    throw new ServerError(plainError(resp.status, err, hadKey), `HTTP ${resp.status}: ${err ? err.message : resp.statusText}`);
+    const refused = resp.status === 413 || (!!err && (IMAGE_CODES.includes(err.code) || /image_url/.test(err.param || "")));
+    throw new ServerError(plainError(resp.status, err, hadKey), `HTTP ${resp.status}: ${err ? err.message : resp.statusText}`,
+      refused);
   }
   const reader = resp.body.getReader();
   const decoder = new TextDecoder();
@@ -481,7 +490,10 @@ function setupComposer() {
   $("ask").addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const question = q.value.trim();
-    if (controller) return;  // one answer at a time
+    if (controller) {  // one answer at a time
+      notice("An answer is still coming: wait for it, or press Stop.");
+      return;
+    }
     if (!question) {
       notice(attachment ? "Type a question about the image." : "");
       return;
