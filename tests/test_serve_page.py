@@ -374,3 +374,23 @@ def test_missing_and_wrong_api_key(server: LiveServer, page) -> None:  # noqa: A
     assert ok.text == _api_answer(server.url, [{"role": "user", "content": "Hi there"}], 8).strip()
     drv.shot("right-key")
 
+
+
+def test_error_sentences(server: LiveServer, page) -> None:  # noqa: ANN001
+    drv = page
+    _enter_key(drv, KEY)
+    long = "many words " * (CONTEXT // 10)  # over the context: the server's 400 context_length_exceeded
+    drv.execute_script("document.getElementById('question').value = arguments[0];", long)
+    _by_id(drv, "send").click()
+    drv.wait.until(lambda d: _answers(d) and _answers(d)[0].get_attribute("data-done") == "1")
+    err = _answers(drv)[0]
+    assert err.text.startswith("This question is longer than the model can read. Ask a shorter one.")
+    assert "tokens" not in err.text
+    drv.shot("too-long")
+    # The sentences of errors this server cannot be made to give here (busy, a failed step), as the page maps them.
+    sentence = "return plainError(arguments[0], arguments[1], {hadKey: true, followUp: true});"
+    busy = drv.execute_script(sentence, 503, {"message": "server busy: all 2 slots busy", "code": "queue_full"})
+    failed = drv.execute_script(sentence, 500, {"message": "generation failed: RuntimeError: x"})
+    long_chat = drv.execute_script(sentence, 400, {"message": "the prompt is ...", "code": "context_length_exceeded"})
+    assert long_chat == "This conversation is longer than the model can read. Start a new conversation."
+    assert busy.startswith("The server is busy") and failed.startswith("The model failed while answering")

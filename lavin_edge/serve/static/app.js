@@ -170,17 +170,21 @@ function readSettings() {
 }
 
 // An HTTP error from the server -> a sentence for the user (the server's own wording goes under Details).
-function plainError(status, err, hadKey) {
+// ask: {hadKey, followUp}: whether an API key was sent, whether the question followed answered turns.
+function plainError(status, err, ask) {
   const code = (err && err.code) || "";
   const msg = (err && err.message) || "";
   if (status === 401) {
-    return hadKey ? "The server did not accept this API key. Check it in Settings, then ask again."
+    return ask.hadKey ? "The server did not accept this API key. Check it in Settings, then ask again."
       : "This server needs an API key. Enter it in Settings, then ask again.";
   }
   if (status === 503) return "The server is busy with other requests. Wait a moment, then ask again.";
   if (status === 413 || code === "image_too_large") return "The image is too large for this server. Attach a smaller picture.";
   if (code === "invalid_image" || code === "invalid_base64") return "The server could not read the image. Try another picture (PNG or JPEG).";
-  if (code === "context_length_exceeded") return "This conversation is longer than the model can read. Start a new conversation.";
+  if (code === "context_length_exceeded") {
+    return ask.followUp ? "This conversation is longer than the model can read. Start a new conversation."
+      : "This question is longer than the model can read. Ask a shorter one.";
+  }
   if (code === "too_many_images") return "The model takes one image per conversation. Start a new conversation for another image.";
   if (/vision tower/.test(msg)) return "This model cannot see images. Start a new conversation without an image.";
   if (status >= 500) return "The model failed while answering. The server keeps running: ask again.";
@@ -220,11 +224,11 @@ async function ask(question) {
   render();
   save();
   const turnEl = $("log").lastElementChild;
-  const hadKey = !!$("api-key").value.trim();
+  const context = { hadKey: !!$("api-key").value.trim(), followUp: body.messages.some((m) => m.role === "assistant") };
   controller = new AbortController();
   setBusy(true);
   try {
-    await stream(body, controller.signal, hadKey, (text) => {
+    await stream(body, controller.signal, context, (text) => {
       turn.a += text;
       showAnswer(turnEl, turn);
       follow();
@@ -237,7 +241,10 @@ async function ask(question) {
       turn.status = "error";
       turn.error = err instanceof ServerError ? { sentence: err.message, detail: err.detail }
         : { sentence: "The connection to the server was lost. Is lavin-edge serve still running?", detail: String(err) };
-      if (!$("question").value) $("question").value = question;  // ready to ask again
+      if (!$("question").value) {  // ready to ask again
+        $("question").value = question;
+        $("question").dispatchEvent(new Event("input"));
+      }
       if (err.imageRefused && turn.image) {  // the next question goes without it (or with another image)
         conv.image = null;
         turn.image = false;
@@ -258,13 +265,13 @@ async function ask(question) {
 }
 
 // POST the request and call onText with each piece of the answer as it streams in.
-async function stream(body, signal, hadKey, onText) {
+async function stream(body, signal, context, onText) {
   const resp = await fetch("v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body), signal });
   if (!resp.ok) {
     let err = null;
     try { err = (await resp.json()).error; } catch (e) { /* not JSON */ }
     const refused = resp.status === 413 || (!!err && (IMAGE_CODES.includes(err.code) || /image_url/.test(err.param || "")));
-    throw new ServerError(plainError(resp.status, err, hadKey), `HTTP ${resp.status}: ${err ? err.message : resp.statusText}`,
+    throw new ServerError(plainError(resp.status, err, context), `HTTP ${resp.status}: ${err ? err.message : resp.statusText}`,
       refused);
   }
   const reader = resp.body.getReader();
@@ -281,7 +288,7 @@ async function stream(body, signal, hadKey, onText) {
       for (const line of event.split("\n")) {
         if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
         const obj = JSON.parse(line.slice(6));
-        if (obj.error) throw new ServerError(plainError(500, obj.error, hadKey), obj.error.message);
+        if (obj.error) throw new ServerError(plainError(500, obj.error, context), obj.error.message);
         if (obj.model && $("dot").className !== "dot ok") setModel(obj.model, "ok");
         const delta = obj.choices.length ? obj.choices[0].delta.content : null;
         if (delta) onText(delta);
