@@ -1,7 +1,8 @@
 """The HTTP side: a Starlette application over a ``Scheduler``.
 
 Routes: ``POST /v1/chat/completions`` (JSON, or server-sent events with ``stream``), ``GET /v1/models``,
-``GET /health``, and the web page at ``/`` (``static/index.html`` + ``static/app.js``, shipped in the package).
+``GET /health``, and the web page at ``/`` (``static/index.html`` + ``static/app.js``, shipped in the package;
+its style sheet, favicon and example images under ``/static/``).
 Every error is OpenAI's JSON error shape (``lavin_edge.serve.errors``). With an API key set, ``/v1/*`` needs
 ``Authorization: Bearer KEY``; the page and ``/health`` do not.
 """
@@ -24,7 +25,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from lavin_edge.serve.errors import APIError
 from lavin_edge.serve.images import ImageLimits
@@ -197,6 +199,7 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
 
     routes = [Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/models", models, methods=["GET"]), Route("/health", health, methods=["GET"]),
-              Route("/", index, methods=["GET"]), Route("/app.js", app_js, methods=["GET"])]
+              Route("/", index, methods=["GET"]), Route("/app.js", app_js, methods=["GET"]),
+              Mount("/static", StaticFiles(packages=[("lavin_edge.serve", "static")]))]
     return Starlette(routes=routes, lifespan=lifespan,
                      exception_handlers={APIError: api_error, HTTPException: http_error, Exception: server_error})
