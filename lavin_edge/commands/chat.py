@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import warnings
 
 import click
 
@@ -48,8 +47,6 @@ def command(model_dir: str | None, image: str | None, prompt: str | None, json_o
 
     Example: lavin-edge chat --image examples/easyvqa-red-triangle.png --prompt "What shape is in the image?"
     """
-    # Library warnings (the PyTorch fallback) become one line on stderr, never on stdout.
-    warnings.showwarning = lambda msg, *a, **k: click.echo(f"warning: {msg}", err=True)
     if prompt is not None and not prompt.strip():
         raise click.BadParameter("is empty", param_hint="--prompt")
     greedy_text = temperature == 0 and repetition_penalty == 1 and not (json_out or show_stats or exact_head)

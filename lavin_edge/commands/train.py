@@ -10,7 +10,8 @@ import sys
 import click
 
 EPILOG = ("The run dir (--out) must not exist or be empty, unless --resume (continue it, with its own settings) or "
-          "--overwrite (delete it and start over). It is complete when it holds lavin-edge-complete.json, written "
+          "--overwrite (delete an earlier run in it and start over; a dir that holds anything but a run is refused, "
+          "never deleted). It is complete when it holds lavin-edge-complete.json, written "
           "last at each save: a run killed mid-save keeps its previous checkpoint or is refused by --resume, merge "
           "and eval, never half-read. Every "
           "option and recipe key is checked before any model loads; bad input is one line on stderr, exit 2.")
@@ -42,7 +43,7 @@ EPILOG = ("The run dir (--out) must not exist or be empty, unless --resume (cont
 @click.option("--resume", is_flag=True, help="Continue bit-exactly from the checkpoint in the run dir (same "
               "settings; only --max-steps, --save-every, --threads, --device, progress and eval may change).")
 @click.option("--overwrite", is_flag=True, help="Delete the run dir's old run (once the model and data have "
-              "loaded) and start over.")
+              "loaded) and start over; only a run is ever deleted.")
 @click.option("--no-eval", is_flag=True, help="Skip the recipe's [eval] after training (same as `eval = false`).")
 @click.option("--dry-run", is_flag=True, help="Print trainable params, data counts and a memory estimate; no training.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs still go to train_log.jsonl).")
