@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from lavin_edge.chat.demo import DEMO_DESCRIPTION
-from lavin_edge.commands.options import activations_option
+from lavin_edge.commands.options import activations_option, threads_option
 
 EPILOG = (DEMO_DESCRIPTION + "\n\nAPI: POST /v1/chat/completions (OpenAI's schema, stream=true for server-sent "
           "events), GET /v1/models, GET /health; the web page at /. Images only as data:image/...;base64 URLs "
@@ -48,7 +48,7 @@ def _fail(msg: str) -> None:
               help="Also accept file:// image URLs of files under DIR (paths leaving DIR are refused).")
 @click.option("--exact-head", is_flag=True,
               help="Keep the fp32 output layer (kernels backend: it otherwise runs as 4-bit + 4-bit residual).")
-@click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads (default: all cores).")
+@threads_option()
 @click.option("--prefill", default="auto", show_default=True, type=click.Choice(["auto", "inline", "thread"]),
               help="Where an arriving request's prefill runs: inline (on the decode loop, between batched steps: "
                    "the other requests wait), thread (on a thread of its own, with its own --threads cores, while "

@@ -9,6 +9,8 @@ import sys
 
 import click
 
+from lavin_edge.commands.options import bounded_threads, threads_option
+
 EPILOG = ("The run dir (--out) must not exist or be empty, unless --resume (continue it, with its own settings) or "
           "--overwrite (delete an earlier run in it and start over; a dir that holds anything but a run is refused, "
           "never deleted). It is complete when it holds lavin-edge-complete.json, written "
@@ -36,7 +38,7 @@ EPILOG = ("The run dir (--out) must not exist or be empty, unless --resume (cont
 @click.option("--seed", type=int)
 @click.option("--base-dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
 @click.option("--device", type=click.Choice(["cpu", "cuda"]))
-@click.option("--threads", type=click.IntRange(1), help="torch CPU threads.")
+@threads_option("torch CPU threads (default: the recipe's, bounded the same way)")
 @click.option("--save-every", type=click.IntRange(0), help="Checkpoint every N optimizer steps (0: at the end).")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
 @click.option("--strict-data/--skip-bad-data", default=None, help="Fail on the first bad record, or skip and count.")
@@ -69,6 +71,8 @@ def command(recipe: str, out_dir: str | None, llm: str | None, vision: str | Non
         overrides["eval"] = False
     # Bad settings raise RecipeError / OutputDirError / DataError (ValueErrors): one line, exit 2 (lavin_edge.cli).
     cfg = load_recipe(recipe, overrides)
+    if threads is None:  # the recipe's own `threads`, bounded as the option is
+        cfg.threads = bounded_threads(cfg.threads, "the recipe's threads =")
     result = train(cfg, resume=resume, dry_run=dry_run, echo=lambda *a: click.echo(*a, err=True),
                    overwrite=overwrite)
     if result is not None and result.interrupted:
