@@ -18,15 +18,17 @@ def command() -> None:
 
 @command.command(name="kernels")
 @activations_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (read_bw_gbs, rows) instead of a table.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (roofline_gbs, roofline_source, read_bw_gbs, rows) instead of a table.")
 @threads_option("Threads for every contender (default: all cores)")
 @click.option("--min-seconds", type=float, default=0.5, show_default=True,
               help="Minimum time spent timing each contender and shape.")
 @click.option("-m", "ms", type=int, multiple=True, default=(1, 16), show_default=True,
               help="Activation rows (1 = decode); repeat the option for several.")
 def kernels(as_json: bool, threads: int | None, min_seconds: float, ms: tuple[int, ...]) -> None:
-    """W4 GEMV/GEMM on 4096x4096, 11008x4096, 4096x11008 vs torch fp32, bf16 and int4, as % of the read
-    bandwidth measured in the same run."""
+    """W4 GEMV/GEMM on 4096x4096, 11008x4096, 4096x11008 vs torch fp32, bf16 and int4, as % of the roofline: the
+    best streaming rate measured in the same run (the read-bandwidth probe's, or a contender's where one streams
+    faster), named in the output."""
     from lavin_edge.bench.kernels import run_kernel_bench
 
     run_kernel_bench(json_out=as_json, ms=ms, threads=threads, min_seconds=min_seconds)
