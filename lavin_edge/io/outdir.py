@@ -34,14 +34,16 @@ import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["COMPLETE_MARKER", "MODEL_FORMAT", "OutputDirError", "StaleOutputRemoved", "atomic_dir", "check_output",
-           "describe", "is_complete", "marker_format", "remove_stale_siblings", "require_complete", "write_marker"]
+__all__ = ["COMPLETE_MARKER", "MODEL_FORMAT", "RUN_FORMAT", "OutputDirError", "StaleOutputRemoved", "atomic_dir",
+           "check_output", "describe", "is_complete", "marker_format", "remove_stale_siblings", "require_complete",
+           "write_marker"]
 
 COMPLETE_MARKER = "lavin-edge-complete.json"
 MODEL_FORMAT = "lavin-edge-merged"  # the marker of a merged or quantized model dir (lavin_edge.modeldir.FORMAT)
+RUN_FORMAT = "lavin-edge-run"  # the marker of a training run dir (lavin_edge.training.rundir)
 # What each marker format is, for messages about a directory that holds one.
 KINDS = {MODEL_FORMAT: "a lavin-edge model (the output of merge or quantize)",
-         "lavin-edge-run": "a lavin-edge training run (the output of train)"}
+         RUN_FORMAT: "a lavin-edge training run (the output of train)"}
 # A temporary sibling made by a run of an older release (no process id in its name) is taken as abandoned
 # once nothing in it has changed for this long: a live run writes into it without pause.
 LEGACY_STALE_S = 3600.0
@@ -71,11 +73,19 @@ def marker_format(root: str | Path) -> str | None:
 
 def describe(root: str | Path) -> str:
     """What a non-empty directory holds, in words, by its marker."""
+    root = Path(root)
     fmt = marker_format(root)
-    if fmt is None:
-        return ("files that lavin-edge did not write" if not (Path(root) / COMPLETE_MARKER).exists()
-                else "a lavin-edge output with an unreadable marker")
-    return KINDS.get(fmt, f"a lavin-edge output of format {fmt!r}")
+    if fmt is not None:
+        return KINDS.get(fmt, f"a lavin-edge output of format {fmt!r}")
+    if (root / COMPLETE_MARKER).exists():
+        return "a lavin-edge output with an unreadable marker"
+    try:
+        cfg_format = json.loads((root / "config.json").read_text()).get("format", "")
+    except (OSError, ValueError, AttributeError):
+        cfg_format = ""
+    if str(cfg_format).startswith("lavin-edge"):
+        return f"an incomplete or older lavin-edge output (no {COMPLETE_MARKER}; delete it yourself if it can go)"
+    return "files that lavin-edge did not write"
 
 
 def check_output(out: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path | None] = (),

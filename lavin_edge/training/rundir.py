@@ -18,6 +18,7 @@ from typing import Any
 
 from lavin_edge.io.outdir import (
     COMPLETE_MARKER,
+    RUN_FORMAT,
     OutputDirError,
     describe,
     marker_format,
@@ -30,7 +31,6 @@ __all__ = ["RESUMABLE_KEYS", "begin_save", "check_run_dir", "clear_run_dir", "en
            "stage_log"]
 
 LOG = "train_log.jsonl"
-RUN_FORMAT = "lavin-edge-run"  # the completeness marker's format in a run dir
 # Every file a run dir holds; a dir of these alone (and a save's hidden temporaries) is a run killed mid-save.
 RUN_FILES = frozenset({ckpt.ADAPTERS, ckpt.CONFIG, ckpt.TRAINER_STATE, LOG, "eval.json", "loss.png", COMPLETE_MARKER})
 
@@ -154,4 +154,4 @@ def begin_save(out: str | Path) -> None:
 
 
 def end_save(out: str | Path, step: int, finished: bool) -> None:
-    write_marker(out, format="lavin-edge-run", step=step, finished=finished)
+    write_marker(out, format=RUN_FORMAT, step=step, finished=finished)
