@@ -145,7 +145,9 @@ def test_a_crashing_peer_is_a_skipped_row_with_its_reason(tmp_path: Path, monkey
     (fake / "__init__.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")
     monkeypatch.syspath_prepend(str(fake.parent))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake.parent), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.setattr(bench, "demo_gguf_path", lambda: str(tmp_path / "any.gguf"))
+    from lavin_edge.bench import llamacpp
+
+    monkeypatch.setattr(llamacpp, "demo_gguf_path", lambda: str(tmp_path / "any.gguf"))
     res = bench.run_chat_bench(json_out=True, fp_model=str(tmp_path / "none"), q_model=str(tmp_path / "none"),
                                new_tokens=2, with_7b=False, print_results=False, with_startup=False, context=40)
     peers = [r for r in res["rows"] if r["backend"] == "llama.cpp"]

