@@ -7,7 +7,8 @@ One error convention for every command (docs/cli.md, "Errors and outputs"):
   used): one line ``error: ...`` on stderr, exit code 2;
 - anything else (a bug, an environment failure): one line ``error: internal error ...`` with a hint to rerun
   with ``--debug``, exit code 1;
-- Ctrl-C: one line, exit code 130;
+- Ctrl-C: one line, exit code 130 (also at the empty prompt of the chat REPL);
+- warnings (a library's, or a notice such as a stale temporary directory removed): one line ``warning: ...``;
 - the Python traceback only with ``--debug`` or ``LAVIN_EDGE_DEBUG=1`` (the exit codes stay the same).
 """
 
@@ -19,6 +20,7 @@ import os
 import sys
 import tomllib
 import traceback
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -131,6 +133,11 @@ def skip_teardown_at_exit() -> None:
     _skip_teardown = True
 
 
+def _warning_line(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    """Python's warnings as one line on stderr, never on stdout, without the source line Python adds."""
+    click.echo(f"warning: {_one_line(str(message))}", err=True)
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(SUBCOMMANDS)
@@ -149,6 +156,7 @@ class LazyGroup(click.Group):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         argv = list(sys.argv[1:] if args is None else args)
+        warnings.showwarning = _warning_line
         try:
             rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Exit as e:

@@ -166,12 +166,17 @@ def load_trained(adapter_dir: str | Path, llm: str | Path | None = None, vision:
 
 
 def merge_dir(adapter_dir: str | Path, out_dir: str | Path, llm: str | Path | None = None,
-              vision: str | Path | None = None, overwrite: bool = False) -> Path:
+              vision: str | Path | None = None, overwrite: bool = False, progress: bool = False) -> Path:
     """The ``merge`` step: trained artifact dir -> merged model dir, written all or nothing.
 
     ``out_dir`` is checked before any model loads: it must not be or overlap the adapters or a base path, and
-    an existing one is refused unless ``overwrite``. The base's tokenizer is written as ``tokenizer.json`` (a
-    GGUF vocab is converted here, once) or ``tokenizer.model``."""
+    an existing one is refused unless ``overwrite`` (an earlier model only). The base's tokenizer is written as
+    ``tokenizer.json`` (a GGUF vocab is converted here, once) or ``tokenizer.model``. ``progress``: a bar over
+    the steps on stderr."""
+    import sys
+
+    from tqdm.auto import tqdm
+
     from lavin_edge.io.outdir import OutputDirError, check_output
     from lavin_edge.io.tokenizer import load_tokenizer
 
@@ -179,8 +184,18 @@ def merge_dir(adapter_dir: str | Path, out_dir: str | Path, llm: str | Path | No
         check_output(out_dir, overwrite=overwrite, inputs=(adapter_dir, llm, vision), what="merge output")
     except OutputDirError as e:
         raise ModelDirError(str(e)) from None
-    model, meta, tok = load_trained(adapter_dir, llm, vision)
-    merged, table = merge_lavin(model)
-    source = {"adapters": str(Path(adapter_dir).resolve()), "base": meta["base"]}
-    return save_merged(merged, out_dir, None if tok is None else load_tokenizer(tok), source, table,
-                       overwrite=overwrite)
+    steps = ["load the base and adapters", "fold the routers", "write"]
+    with tqdm(total=len(steps), desc="merge", unit="step", disable=not progress, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        bar.set_postfix_str(steps[0])
+        model, meta, tok = load_trained(adapter_dir, llm, vision)
+        bar.update()
+        bar.set_postfix_str(steps[1])
+        merged, table = merge_lavin(model)
+        bar.update()
+        bar.set_postfix_str(steps[2])
+        source = {"adapters": str(Path(adapter_dir).resolve()), "base": meta["base"]}
+        path = save_merged(merged, out_dir, None if tok is None else load_tokenizer(tok), source, table,
+                           overwrite=overwrite)
+        bar.update()
+    return path

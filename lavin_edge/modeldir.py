@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lavin_edge.config import LavinConfig
-from lavin_edge.io.outdir import OutputDirError, atomic_dir, require_complete
+from lavin_edge.io.outdir import MODEL_FORMAT, OutputDirError, atomic_dir, require_complete
 
 if TYPE_CHECKING:  # reading config.json and the tokenizer needs no PyTorch (lavin_edge.runtime.numpy_engine)
     import torch
@@ -38,7 +38,7 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "HEAD_PARTS", "LINEAR_NAMES", "POSITION_O
            "load_model_dir", "load_tensors", "quant_settings", "read_config", "take_linear", "validate_tensors",
            "write_model_dir", "write_tokenizer"]
 
-FORMAT = "lavin-edge-merged"
+FORMAT = MODEL_FORMAT  # also the completeness marker's: io.outdir recognises model dirs by it
 # 2: completeness marker, tokenizer.json with its special ids (no GGUF reference), the lm_head's 4-bit form.
 FORMAT_VERSION = 2
 POSITION_OFFSET = 1
@@ -139,7 +139,11 @@ def read_config(model_dir: str | Path, allow_quantized: bool = True) -> dict[str
     except OutputDirError as e:
         raise ModelDirError(str(e)) from None
     if not allow_quantized and "quantization_config" in cfg:
-        raise ModelDirError(f"{d}: already quantized ({cfg['quantization_config']})")
+        qc = cfg["quantization_config"]
+        what = (f"{qc.get('bits', '?')}-bit, group size {qc.get('group_size', '?')}" if isinstance(qc, dict)
+                else "quantized")
+        raise ModelDirError(f"{d} is already quantized ({what}); this step takes a merged, unquantized model "
+                            "dir (the output of `lavin-edge merge`)")
     if not (d / TENSORS_FILE).is_file():
         raise ModelDirError(f"{d}: {TENSORS_FILE} missing")
     return cfg

@@ -30,6 +30,16 @@ def check_prompt_fits(n_tokens: int, context: int) -> None:
                            "(shorten the question)")
 
 
+def budget_note(max_new_tokens: int, n_tokens: int, context: int) -> str | None:
+    """The one line ``chat`` prints when ``max_new_tokens`` asks for more than the context leaves after a prompt
+    of ``n_tokens`` (an answer stops where the context ends); None when it fits."""
+    room = context - n_tokens
+    if max_new_tokens <= room:
+        return None
+    return (f"--max-new-tokens {max_new_tokens} is more than the context leaves: at most {room} new tokens (the "
+            f"model's context of {context} tokens less the {n_tokens}-token prompt)")
+
+
 def chat_prompt(instruction: str, context: str = "") -> str:
     """LaVIN's chat format: ``Instruction: {q}\\nResponse:`` (an Alpaca ``input`` goes on its own line)."""
     body = instruction.strip() + (f"\n{context.strip()}" if context and context.strip() else "")

@@ -334,7 +334,17 @@ _DRIVER = textwrap.dedent("""
             f.write(str(calls[0]))
         os._exit(0)
 
+    def clean():
+        # The previous kill's temporaries go here, in the parent (its calls are not counted), as the next run's
+        # own check_output would remove them: the child's writes stay the counted run's.
+        import warnings
+        from lavin_edge.io.outdir import remove_stale_siblings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            remove_stale_siblings(out)
+
     def run(kill_at, seed):
+        clean()
         pid = os.fork()
         if pid == 0:
             child(kill_at, seed)
@@ -358,7 +368,9 @@ _DRIVER = textwrap.dedent("""
         if states[-1][2] != "old":
             assert run(0, 1) == 0
     leftovers = sorted(p.name for p in root.iterdir() if p.name.startswith(".out."))
-    print(json.dumps({{"writes": n, "states": states, "leftovers": leftovers}}))
+    clean()
+    after = sorted(p.name for p in root.iterdir() if p.name.startswith(".out."))
+    print(json.dumps({{"writes": n, "states": states, "leftovers": leftovers, "after_cleanup": after}}))
 """)
 
 
@@ -386,6 +398,7 @@ def test_killed_at_any_write_step_leaves_old_or_new_never_a_mix(tmp_path: Path, 
     states = [s for _, _, s in report["states"]]
     assert states == ["old"] * (len(states) - 2) + ["none", "new"], " ".join(states)
     assert all(n.startswith((".out.tmp-", ".out.old-")) for n in report["leftovers"])
+    assert report["after_cleanup"] == []  # the next run into OUT removes what a killed one left
 
 
 # --------------------------------------------------------------------------------------- chat imports

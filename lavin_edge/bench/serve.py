@@ -185,7 +185,7 @@ def llamacpp_peer() -> tuple[str | None, str]:
     """(the demo's GGUF, "") when llama-cpp-python's server and the GGUF are installed, else (None, why not)."""
     import importlib.util
 
-    from lavin_edge.bench.chat import demo_gguf_path
+    from lavin_edge.bench.llamacpp import demo_gguf_path
 
     if importlib.util.find_spec("llama_cpp") is None:
         return None, "llama-cpp-python is not installed"

@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import TextIO
 
 from lavin_edge.chat.text_stream import StopStringStream
-from lavin_edge.prompt import check_prompt_fits, conversation_ids
+from lavin_edge.prompt import budget_note, check_prompt_fits, conversation_ids
 
 
 def answer_without_torch(model_dir: str | Path, image: str | None, question: str, max_new_tokens: int,
-                         stop: tuple[str, ...], max_context: int | None, threads: int | None, out: TextIO) -> bool:
-    """Answer ``question`` (about ``image``) on ``model_dir`` to ``out``; False when the model needs ``Engine``."""
+                         stop: tuple[str, ...], max_context: int | None, threads: int | None, out: TextIO,
+                         err: TextIO | None = None) -> bool:
+    """Answer ``question`` (about ``image``) on ``model_dir`` to ``out`` (a note to ``err`` when
+    ``max_new_tokens`` is more than the context leaves); False when the model needs ``Engine``."""
     from lavin_edge.data.image import load_image_array
     from lavin_edge.runtime.numpy_engine import NumpyEngine, Unsupported
 
@@ -34,6 +36,9 @@ def answer_without_torch(model_dir: str | Path, image: str | None, question: str
         visual = engine.encode_image(load_image_array(image, engine.cfg.vision.image_size))
     ids, image_pos = conversation_ids(tok, [], question, 0 if visual is None else visual.shape[0])
     check_prompt_fits(len(ids), engine.max_context)
+    note = budget_note(max_new_tokens, len(ids), engine.max_context)
+    if note and err is not None:
+        err.write(f"note: {note}\n")
     stream = StopStringStream(tok.decode, stop)
     started = False
 

@@ -1,7 +1,8 @@
 """The interactive loop: streamed answers on stdout, prompts and notices on stderr (so stdout stays the
 conversation's answers only and the REPL can be scripted through a pipe).
 
-Commands: ``/image PATH`` swaps the image, ``/reset`` clears the history, ``/exit`` (or end of input) quits.
+Commands: ``/image PATH`` swaps the image, ``/reset`` clears the history, ``/exit`` (or end of input) quits
+with exit code 0; Ctrl-C at the prompt quits with 130, Ctrl-C during an answer stops that answer.
 With ``json_out`` every answer is one JSON line instead of streamed text.
 
 Input: on a terminal, lines are read through readline (arrow keys edit the line, up/down recall earlier
@@ -20,6 +21,7 @@ from typing import TextIO
 from lavin_edge.chat.session import ChatSession
 from lavin_edge.runtime import ContextError, GenerationResult
 
+EXIT_INTERRUPTED = 130  # lavin_edge.cli's code for Ctrl-C (the CLI layer sits above this one)
 HELP = "commands: /image PATH (a new image starts a new conversation), /reset (clear the history), /exit"
 
 
@@ -106,7 +108,8 @@ def line_reader(inp: TextIO, err: TextIO, interactive: bool) -> Callable[[], str
 
 def run_repl(session: ChatSession, inp: TextIO | None = None, out: TextIO | None = None, err: TextIO | None = None,
              json_out: bool = False, show_stats: bool = False) -> int:
-    """Read questions until /exit or end of input; returns the exit code (0). Streams default to the
+    """Read questions until /exit or end of input (exit code 0) or Ctrl-C at the prompt (130; Ctrl-C during an
+    answer stops that answer only); returns the exit code. Streams default to the
     process's current sys.stdin/stdout/stderr (looked up at call time, so redirection works)."""
     from lavin_edge.data.image import ImageError
 
@@ -123,9 +126,9 @@ def run_repl(session: ChatSession, inp: TextIO | None = None, out: TextIO | None
     while True:
         try:
             line = read_line()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # at the prompt: quit, as Ctrl-C ends every command (exit code 130)
             err.write("\n")
-            return 0
+            return EXIT_INTERRUPTED
         if not line:
             return 0
         line = line.strip()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from lavin_edge.commands.options import activations_option
+from lavin_edge.commands.options import activations_option, threads_option
 
 
 @click.group(name="bench")
@@ -18,15 +18,17 @@ def command() -> None:
 
 @command.command(name="kernels")
 @activations_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (read_bw_gbs, rows) instead of a table.")
-@click.option("--threads", type=int, default=None, help="Threads for every contender (default: all cores).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (roofline_gbs, roofline_source, read_bw_gbs, rows) instead of a table.")
+@threads_option("Threads for every contender (default: all cores)")
 @click.option("--min-seconds", type=float, default=0.5, show_default=True,
               help="Minimum time spent timing each contender and shape.")
 @click.option("-m", "ms", type=int, multiple=True, default=(1, 16), show_default=True,
               help="Activation rows (1 = decode); repeat the option for several.")
 def kernels(as_json: bool, threads: int | None, min_seconds: float, ms: tuple[int, ...]) -> None:
-    """W4 GEMV/GEMM on 4096x4096, 11008x4096, 4096x11008 vs torch fp32, bf16 and int4, as % of the read
-    bandwidth measured in the same run."""
+    """W4 GEMV/GEMM on 4096x4096, 11008x4096, 4096x11008 vs torch fp32, bf16 and int4, as % of the roofline: the
+    best streaming rate measured in the same run (the read-bandwidth probe's, or a contender's where one streams
+    faster), named in the output."""
     from lavin_edge.bench.kernels import run_kernel_bench
 
     run_kernel_bench(json_out=as_json, ms=ms, threads=threads, min_seconds=min_seconds)
@@ -40,7 +42,7 @@ def kernels(as_json: bool, threads: int | None, min_seconds: float, ms: tuple[in
 @click.option("--q-model", type=click.Path(exists=True, file_okay=False), default=None,
               help="Quantized model dir (default: the demo's).")
 @click.option("--new-tokens", type=int, default=64, show_default=True, help="Tokens decoded per row.")
-@click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
+@threads_option()
 @click.option("--no-7b", "no_7b", is_flag=True, help="Skip the LLaMA-7B-shaped random 4-bit row (needs ~4 GB).")
 @click.option("--context", type=click.IntRange(0, 8000), default=0, show_default=True,
               help="Also time the demo 4-bit on a text prompt of this many tokens (prefill, then decode at that "
@@ -72,7 +74,7 @@ def chat(as_json: bool, fp_model: str | None, q_model: str | None, new_tokens: i
 @click.option("--new-tokens", type=click.IntRange(1), default=64, show_default=True,
               help="Tokens each request decodes (EOS ignored).")
 @click.option("--slots", type=click.IntRange(1), default=None, help="Server slots (default: the most clients).")
-@click.option("--threads", type=click.IntRange(1), default=None, help="Server CPU threads (default: all cores).")
+@threads_option("Server CPU threads (default: all cores)")
 @click.option("--prefill", type=click.Choice(["auto", "inline", "thread"]), default="auto", show_default=True,
               help="The server's --prefill: where arriving requests' prefill runs (see `lavin-edge serve --help`).")
 @click.option("--no-llamacpp", is_flag=True,
@@ -108,7 +110,7 @@ def serve(as_json: bool, model: str | None, clients: tuple[int, ...], requests: 
 @click.option("--vqa", type=click.IntRange(0), default=100, show_default=True,
               help="easy-vqa test questions (a fixed sample); 0 skips them.")
 @click.option("--max-len", type=click.IntRange(8), default=256, show_default=True, help="Tokens per text segment.")
-@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (default: all cores).")
+@threads_option()
 @click.option("--no-llamacpp", is_flag=True, help="Skip the llama.cpp perplexity row.")
 def quality(as_json: bool, model: str | None, fp_model: str | None, backends: str | None, vqa: int, max_len: int,
             threads: int | None, no_llamacpp: bool) -> None:
@@ -144,7 +146,7 @@ def _write_report(report: dict, path: str | None) -> None:
               show_default=True, help="The recipe to train (the offline demo by default).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run directory for the adapters (default: the recipe's out_dir).")
-@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (default: the recipe's).")
+@threads_option("CPU threads (default: the recipe's)")
 @click.option("--resume", is_flag=True, help="Continue bit-exactly from the checkpoint in the run directory.")
 @click.option("--overwrite", is_flag=True, help="Delete the run in the run directory and start over.")
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
@@ -175,7 +177,7 @@ def train_bench(recipe: str, out: str | None, threads: int | None, resume: bool,
               help="Single-turn questions for the fp demo (default: --single).")
 @click.option("--texts", type=click.IntRange(0), default=40, show_default=True,
               help="Held-out prose paragraphs for the perplexity rows.")
-@click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="CPU threads.")
+@threads_option("CPU threads", default=1)
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
               help="Also write the JSON report to this file.")
 def demo_chat(followups: int, single: int, followups_fp: int | None, single_fp: int | None, texts: int,

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import sys
-import warnings
+from typing import Any
 
 import click
 
 from lavin_edge.chat.demo import DEMO_DESCRIPTION
-from lavin_edge.commands.options import activations_option
+from lavin_edge.commands.options import activations_option, threads_option
 
 EPILOG = (DEMO_DESCRIPTION + "\n\nIn the REPL: /image PATH swaps the image, /reset clears the history, /exit "
-          "quits. Answers go to stdout, everything else to stderr. Bad input (missing or broken image, a "
-          "model dir from another version, a prompt longer than the context) ends with a one-line error and "
-          "exit code 2.")
+          "or Ctrl-D quits (exit code 0); Ctrl-C stops an answer, and at the empty prompt quits with exit code 130, "
+          "as Ctrl-C ends every lavin-edge command. Answers go to stdout, everything else to stderr. Bad input "
+          "(missing or broken image, a model dir from another version, a prompt longer than the context) ends with a "
+          "one-line error and exit code 2.")
 
 
 @click.command(name="chat", epilog=EPILOG)
@@ -27,7 +28,9 @@ EPILOG = (DEMO_DESCRIPTION + "\n\nIn the REPL: /image PATH swaps the image, /res
 @click.option("--json", "json_out", is_flag=True, help="One JSON object per answer, for machines.")
 @click.option("--stats", "show_stats", is_flag=True,
               help="Print prefill/decode tok/s, time to first token and peak memory (stderr; in the JSON).")
-@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1),
+              help="Most tokens an answer may have; it also stops where the context ends (said once on stderr when "
+                   "this asks for more).")
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0 = greedy.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(0), help="0 = off.")
@@ -39,7 +42,7 @@ EPILOG = (DEMO_DESCRIPTION + "\n\nIn the REPL: /image PATH swaps the image, /res
 @click.option("--max-context", default=None, type=click.IntRange(16), help="Cap the context (tokens).")
 @click.option("--exact-head", is_flag=True,
               help="Keep the fp32 output layer (kernels backend: it otherwise runs as 4-bit + 4-bit residual).")
-@click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads (default: all cores).")
+@threads_option()
 def command(model_dir: str | None, image: str | None, prompt: str | None, json_out: bool, show_stats: bool,
             max_new_tokens: int, temperature: float, top_p: float, top_k: int, repetition_penalty: float,
             seed: int | None, stop: tuple[str, ...], backend: str, max_context: int | None, exact_head: bool,
@@ -48,8 +51,6 @@ def command(model_dir: str | None, image: str | None, prompt: str | None, json_o
 
     Example: lavin-edge chat --image examples/easyvqa-red-triangle.png --prompt "What shape is in the image?"
     """
-    # Library warnings (the PyTorch fallback) become one line on stderr, never on stdout.
-    warnings.showwarning = lambda msg, *a, **k: click.echo(f"warning: {msg}", err=True)
     if prompt is not None and not prompt.strip():
         raise click.BadParameter("is empty", param_hint="--prompt")
     greedy_text = temperature == 0 and repetition_penalty == 1 and not (json_out or show_stats or exact_head)
@@ -79,11 +80,28 @@ def command(model_dir: str | None, image: str | None, prompt: str | None, json_o
     session = ChatSession(engine, gen)
     if image is not None:
         session.set_image(image)
+    _say_budget(session, prompt, max_new_tokens)
     if prompt is not None:
         answer_once(session, prompt, sys.stdout, sys.stderr, json_out, show_stats)
         skip_teardown_at_exit()  # a one-shot answer wrote nothing that needs the interpreter's teardown
         return
     sys.exit(run_repl(session, json_out=json_out, show_stats=show_stats))
+
+
+def _say_budget(session: Any, prompt: str | None, max_new_tokens: int) -> None:
+    """One note on stderr when --max-new-tokens asks for more than the context holds (answers stop there)."""
+    from lavin_edge.prompt import budget_note
+
+    ctx = session.engine.max_context
+    if prompt is not None:
+        note = budget_note(max_new_tokens, len(session.build(prompt)[0]), ctx)
+    elif max_new_tokens >= ctx:
+        note = (f"--max-new-tokens {max_new_tokens} is more than the model's context of {ctx} tokens: each answer "
+                "stops where the context ends")
+    else:
+        note = None
+    if note:
+        click.echo(f"note: {note}", err=True)
 
 
 def _answered_without_torch(model_dir: str | None, image: str | None, prompt: str, max_new_tokens: int,
@@ -97,7 +115,8 @@ def _answered_without_torch(model_dir: str | None, image: str | None, prompt: st
     path = model_dir if model_dir is not None else built_demo_dir()
     if path is None:
         return False  # the PyTorch path builds the demo first (or rebuilds a stale one)
-    if not answer_without_torch(path, image, prompt, max_new_tokens, stop, max_context, threads, sys.stdout):
+    if not answer_without_torch(path, image, prompt, max_new_tokens, stop, max_context, threads, sys.stdout,
+                                sys.stderr):
         return False
     skip_teardown_at_exit()
     return True

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from lavin_edge.commands.options import activations_option
+from lavin_edge.commands.options import activations_option, threads_option
 
 EASY_VQA_NAMES = ("easy-vqa", "easy-vqa-mc")
 
@@ -27,7 +27,7 @@ EASY_VQA_NAMES = ("easy-vqa", "easy-vqa-mc")
                    "for models trained with easy-vqa `explain`, which answer yes/no after an explanation).")
 @click.option("--max-new-tokens", type=click.IntRange(1), default=24, show_default=True)
 @click.option("--base-dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
-@click.option("--threads", type=click.IntRange(1), help="torch CPU threads.")
+@threads_option("torch CPU threads")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the full result (with predictions).")
 @click.option("--progress/--no-progress", default=True)
 def command(model_dir: str, data: str, split: str, limit: int | None, method: str, max_new_tokens: int,

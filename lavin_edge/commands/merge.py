@@ -15,17 +15,19 @@ import click
 @click.option("--vision", "vision", default=None, help="Base vision tower (e.g. efficientnet-lite0, a CLIP .pt); "
               "default: as recorded.")
 @click.option("--overwrite", is_flag=True,
-              help="Replace OUT if it exists (the old one stays in place until the new one is complete).")
+              help="Replace OUT if it holds an earlier merged or quantized model (the old one stays in place until "
+                   "the new one is complete); a directory of anything else is refused, never deleted.")
 def command(adapters: str, out: str, llm: str | None, vision: str | None, overwrite: bool) -> None:
     """Fold the LLM routers of ADAPTERS (the output of `lavin-edge train`) into OUT.
 
     Each LLM layer's two experts become one up-projection per modality (the routing of position 0 depends
     only on the modality); the modality token leaves the runtime and its KV cache. The vision tower keeps
-    its per-token routing. OUT is written all or nothing: an interrupted run leaves the previous OUT (or none)."""
+    its per-token routing. OUT is written all or nothing: an interrupted run leaves the previous OUT (or none),
+    and the next run into OUT removes the temporary directory it left. Progress goes to stderr."""
     from lavin_edge.merge import merge_dir
 
     try:
-        path = merge_dir(adapters, out, llm, vision, overwrite=overwrite)
+        path = merge_dir(adapters, out, llm, vision, overwrite=overwrite, progress=True)
     except (ValueError, FileNotFoundError) as e:  # ModelDirError, a base that does not load
         click.echo(f"error: {e}", err=True)  # one line, exit 2: bad input, not a crash
         sys.exit(2)

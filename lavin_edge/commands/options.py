@@ -33,3 +33,34 @@ def activations_option(f: Callable[..., Any]) -> Callable[..., Any]:
     """``--activations {15bit,int8}``; the command itself never sees a value."""
     return click.option("--activations", type=click.Choice(list(ACT_OPTION_VALUES)), default=None,
                         expose_value=False, callback=_set_activations, help=ACTIVATIONS_HELP)(f)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container or `taskset` may narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def bounded_threads(value: int | None, name: str = "--threads") -> int | None:
+    """``value`` lowered to :func:`available_cores`, with one warning line when it was more: more threads than
+    cores only slow the kernels' OpenMP teams down (100000 crashed them)."""
+    cores = available_cores()
+    if value is not None and value > cores:
+        click.echo(f"warning: {name} {value} is more than the {cores} cores this process may use: using {cores}",
+                   err=True)
+        return cores
+    return value
+
+
+THREADS_RULE = "more than the cores this process may use is lowered to that number, with a warning"
+
+
+def threads_option(help: str = "CPU threads (default: all cores)", default: int | None = None
+                   ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--threads N`` (N >= 1), bounded by the cores (:func:`bounded_threads`); every command that takes
+    ``--threads`` declares it through here, so the rule is one."""
+    return click.option("--threads", type=click.IntRange(1), default=default, show_default=default is not None,
+                        callback=lambda ctx, param, value: bounded_threads(value),
+                        help=f"{help.rstrip('.')}; {THREADS_RULE}.")

@@ -42,14 +42,16 @@ import click
               help="Held-out easy-vqa test questions for accuracy fp vs 4-bit (0: skip).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--overwrite", is_flag=True,
-              help="Replace OUT if it exists (the old one stays in place until the new one is complete).")
+              help="Replace OUT if it holds an earlier merged or quantized model (the old one stays in place until "
+                   "the new one is complete); a directory of anything else is refused, never deleted.")
 def command(model_dir: str, out: str, bits: str, group_size: str, sym: bool, desc_act: bool, static_groups: bool,
             damp: float, mse: float, asym_calib: float, block_size: int, calib_samples: int, calib_len: int,
             text_fraction: float, calib_text: str | None, calib_recipe: str | None, modalities: str,
             eval_texts: int, eval_vqa: int, seed: int, overwrite: bool) -> None:
     """Quantize MODEL_DIR (a merged model) into OUT with GPTQ, then print quality fp vs 4-bit.
 
-    OUT is written all or nothing: an interrupted run leaves the previous OUT (or none)."""
+    OUT is written all or nothing: an interrupted run leaves the previous OUT (or none), and the next run into
+    OUT removes the temporary directory it left."""
     from lavin_edge.quantize.step import QuantizeOptions, quantize_dir, read_calib_recipe
 
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from lavin_edge.chat.demo import DEMO_DESCRIPTION
-from lavin_edge.commands.options import activations_option
+from lavin_edge.commands.options import activations_option, threads_option
 
 EPILOG = (DEMO_DESCRIPTION + "\n\nAPI: POST /v1/chat/completions (OpenAI's schema, stream=true for server-sent "
           "events), GET /v1/models, GET /health; the web page at /. Images only as data:image/...;base64 URLs "
@@ -26,7 +26,8 @@ def _fail(msg: str) -> None:
               help="Merged or quantized model dir (default: the built demo model, quantized).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind (0.0.0.0 exposes the server to the network: set --api-key then).")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              help="TCP port (0: a free one, printed); checked before the model loads: in use, exit 2.")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu"]),
               help="Where the model runs (the CPU kernels; a GPU backend is not served yet).")
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "kernels", "torch"]),
@@ -48,7 +49,7 @@ def _fail(msg: str) -> None:
               help="Also accept file:// image URLs of files under DIR (paths leaving DIR are refused).")
 @click.option("--exact-head", is_flag=True,
               help="Keep the fp32 output layer (kernels backend: it otherwise runs as 4-bit + 4-bit residual).")
-@click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads (default: all cores).")
+@threads_option()
 @click.option("--prefill", default="auto", show_default=True, type=click.Choice(["auto", "inline", "thread"]),
               help="Where an arriving request's prefill runs: inline (on the decode loop, between batched steps: "
                    "the other requests wait), thread (on a thread of its own, with its own --threads cores, while "
@@ -69,12 +70,17 @@ def command(model_dir: str | None, host: str, port: int, device: str, backend: s
     from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir
     from lavin_edge.runtime import ModelDirError
     from lavin_edge.serve.images import ImageLimits
-    from lavin_edge.serve.server import ServeOptions, load_app
+    from lavin_edge.serve.server import PortInUse, ServeOptions, bind_socket, load_app
 
     if threads:
         torch.set_num_threads(threads)
     if api_key is not None and not api_key.strip():
         _fail("--api-key is empty")
+    try:
+        sock = bind_socket(host, port)  # before the model loads: a port in use is said at once
+    except PortInUse as e:
+        _fail(str(e))
+    port = sock.getsockname()[1]
     limits = ImageLimits(max_image_bytes, max_image_pixels, allow_files)
     opts = ServeOptions(slots, max_queue, backend, max_context, api_key, limits, exact_head, prefill)
     try:
@@ -85,4 +91,4 @@ def command(model_dir: str | None, host: str, port: int, device: str, backend: s
         _fail(str(e))
     where = "own thread" if scheduler.overlap_prefill else "inline"
     click.echo(f"serving {model_id} on http://{host}:{port}/ ({slots} slots, prefill: {where})", err=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run(sockets=[sock])

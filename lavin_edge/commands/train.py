@@ -9,8 +9,11 @@ import sys
 
 import click
 
+from lavin_edge.commands.options import bounded_threads, threads_option
+
 EPILOG = ("The run dir (--out) must not exist or be empty, unless --resume (continue it, with its own settings) or "
-          "--overwrite (delete it and start over). It is complete when it holds lavin-edge-complete.json, written "
+          "--overwrite (delete an earlier run in it and start over; a dir that holds anything but a run is refused, "
+          "never deleted). It is complete when it holds lavin-edge-complete.json, written "
           "last at each save: a run killed mid-save keeps its previous checkpoint or is refused by --resume, merge "
           "and eval, never half-read. Every "
           "option and recipe key is checked before any model loads; bad input is one line on stderr, exit 2.")
@@ -35,14 +38,14 @@ EPILOG = ("The run dir (--out) must not exist or be empty, unless --resume (cont
 @click.option("--seed", type=int)
 @click.option("--base-dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
 @click.option("--device", type=click.Choice(["cpu", "cuda"]))
-@click.option("--threads", type=click.IntRange(1), help="torch CPU threads.")
+@threads_option("torch CPU threads (default: the recipe's, bounded the same way)")
 @click.option("--save-every", type=click.IntRange(0), help="Checkpoint every N optimizer steps (0: at the end).")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
 @click.option("--strict-data/--skip-bad-data", default=None, help="Fail on the first bad record, or skip and count.")
 @click.option("--resume", is_flag=True, help="Continue bit-exactly from the checkpoint in the run dir (same "
               "settings; only --max-steps, --save-every, --threads, --device, progress and eval may change).")
 @click.option("--overwrite", is_flag=True, help="Delete the run dir's old run (once the model and data have "
-              "loaded) and start over.")
+              "loaded) and start over; only a run is ever deleted.")
 @click.option("--no-eval", is_flag=True, help="Skip the recipe's [eval] after training (same as `eval = false`).")
 @click.option("--dry-run", is_flag=True, help="Print trainable params, data counts and a memory estimate; no training.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs still go to train_log.jsonl).")
@@ -68,6 +71,8 @@ def command(recipe: str, out_dir: str | None, llm: str | None, vision: str | Non
         overrides["eval"] = False
     # Bad settings raise RecipeError / OutputDirError / DataError (ValueErrors): one line, exit 2 (lavin_edge.cli).
     cfg = load_recipe(recipe, overrides)
+    if threads is None:  # the recipe's own `threads`, bounded as the option is
+        cfg.threads = bounded_threads(cfg.threads, "the recipe's threads =")
     result = train(cfg, resume=resume, dry_run=dry_run, echo=lambda *a: click.echo(*a, err=True),
                    overwrite=overwrite)
     if result is not None and result.interrupted:

@@ -3,7 +3,8 @@
 Accepted: ``data:image/<type>;base64,<data>`` URLs; with ``--allow-files DIR`` also ``file://`` URLs (or
 plain paths) of files under DIR (resolved first, so ``..`` and symlinks out of DIR are refused). Nothing is
 ever fetched over the network. Limits: the encoded image's bytes (413 over ``max_bytes``) and its pixel count,
-read from the header before decoding (413 over ``max_pixels``: decompression bombs never get decoded).
+read from the header before decoding (413 over ``max_pixels``: decompression bombs never get decoded; Pillow's
+own limit is kept at or above it, so the 413 always names the server's).
 Decoded pixels go through ``lavin_edge.data.image.preprocess``, the same preprocessing as chat and training.
 """
 
@@ -88,6 +89,20 @@ def read_allowed_file(name: str, limits: ImageLimits, param: str) -> bytes:
     return path.read_bytes()
 
 
+def allow_pixels(limits: ImageLimits) -> None:
+    """Raise Pillow's own decompression-bomb limit (process-wide) to at least the server's, so that every image
+    refused for its size is refused by the server's limit, named as such: Pillow's warns above its limit and
+    refuses above twice that (178,956,970 pixels by default), whatever --max-image-pixels says."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < limits.max_pixels:
+        Image.MAX_IMAGE_PIXELS = limits.max_pixels
+
+
+def too_many_pixels(param: str, limits: ImageLimits, pixels: int | None, size: str = "") -> APIError:
+    what = f"image of {size}{pixels} pixels" if pixels is not None else "image"
+    return APIError(413, f"{param}: {what} is over the limit of {limits.max_pixels} pixels (--max-image-pixels)",
+                    param, "image_too_large")
+
+
 def decode_image(raw: bytes, limits: ImageLimits, size: int, param: str) -> torch.Tensor:
     """Encoded bytes -> float32 [3, size, size] (APIError 400 when not an image, 413 over the pixel limit)."""
     with warnings.catch_warnings():
@@ -96,12 +111,13 @@ def decode_image(raw: bytes, limits: ImageLimits, size: int, param: str) -> torc
             with Image.open(io.BytesIO(raw)) as im:
                 w, h = im.size
                 if w * h > limits.max_pixels:
-                    raise APIError(413, f"{param}: image of {w}x{h} = {w * h} pixels is over the limit of "
-                                   f"{limits.max_pixels} pixels (--max-image-pixels)", param, "image_too_large")
+                    raise too_many_pixels(param, limits, w * h, f"{w}x{h} = ")
                 im.load()
                 return preprocess(im, size)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise APIError(413, f"{param}: decompression bomb refused ({e})", param, "image_too_large") from e
+            # Pillow's own check, at open: over its limit, which allow_pixels keeps at or above the server's.
+            m = re.search(r"\((\d+) pixels\)", str(e))
+            raise too_many_pixels(param, limits, int(m.group(1)) if m else None) from e
         except UnidentifiedImageError as e:
             raise bad_request(f"{param}: the data is not an image (unrecognised format)", param,
                               "invalid_image") from e

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,33 @@ def prefill_on_thread(prefill: str, threads: int | None = None, cores: int | Non
     threads = threads or torch.get_num_threads()
     cores = cores or len(os.sched_getaffinity(0))
     return 2 * threads <= cores
+
+
+class PortInUse(ValueError):
+    """The address to serve on cannot be bound (in use, or not this machine's)."""
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host``:``port``, bound before the model loads so that a port in use is one
+    line at once, not a traceback after the load (uvicorn serves on it: ``uvicorn.Server.run(sockets=...)``).
+    Port 0 picks a free port (read it back with ``getsockname``)."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise PortInUse(f"cannot serve on {host}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait TIME_WAIT
+    try:
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise PortInUse(f"port {port} is in use (another server on {host}:{port}?); choose another with "
+                            "--port") from None
+        raise PortInUse(f"cannot serve on {host}:{port}: {e.strerror}") from None
+    return sock
 
 
 def build_app(engine: Engine, model_id: str, opts: ServeOptions) -> tuple[Starlette, Scheduler]:

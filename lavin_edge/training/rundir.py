@@ -16,13 +16,23 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lavin_edge.io.outdir import COMPLETE_MARKER, OutputDirError, require_complete, write_marker
+from lavin_edge.io.outdir import (
+    COMPLETE_MARKER,
+    RUN_FORMAT,
+    OutputDirError,
+    describe,
+    marker_format,
+    require_complete,
+    write_marker,
+)
 from lavin_edge.training import checkpoint as ckpt
 
 __all__ = ["RESUMABLE_KEYS", "begin_save", "check_run_dir", "clear_run_dir", "end_save", "remove_stale_temps",
            "stage_log"]
 
 LOG = "train_log.jsonl"
+# Every file a run dir holds; a dir of these alone (and a save's hidden temporaries) is a run killed mid-save.
+RUN_FILES = frozenset({ckpt.ADAPTERS, ckpt.CONFIG, ckpt.TRAINER_STATE, LOG, "eval.json", "loss.png", COMPLETE_MARKER})
 
 # Settings a resumed run may change: they do not alter what the saved optimizer, schedule and data order mean.
 RESUMABLE_KEYS = frozenset({"max_steps", "save_every", "log_every", "progress", "threads", "num_workers", "eval",
@@ -47,10 +57,18 @@ def _saved_step(out: Path) -> int | None:
         return None
 
 
+def holds_a_run(out: Path) -> bool:
+    """A run dir: complete (its marker says so) or killed mid-save (no marker, only the files a run writes)."""
+    if (out / COMPLETE_MARKER).exists():
+        return marker_format(out) == RUN_FORMAT
+    return all(p.is_file() and (p.name in RUN_FILES or p.name.startswith(".")) for p in out.iterdir())
+
+
 def check_run_dir(out: str | Path, recipe: dict[str, Any], resume: bool, overwrite: bool) -> None:
-    """Refuse, before anything loads: ``--resume`` with ``--overwrite``; a fresh run onto a dir that holds
-    files (unless ``overwrite``); ``--resume`` of a dir without a complete checkpoint, of a finished run, or
-    with settings that differ from the saved run's (their old values cannot be honoured: the saved optimizer
+    """Refuse, before anything loads: ``--resume`` with ``--overwrite``; a dir that holds something other than
+    a run (a model, the user's files: even ``--overwrite`` deletes only a run); a fresh run onto a dir that
+    holds a run (unless ``overwrite``); ``--resume`` of a dir without a complete checkpoint, of a finished run,
+    or with settings that differ from the saved run's (their old values cannot be honoured: the saved optimizer
     and schedule carry them)."""
     out = Path(out)
     if resume and overwrite:
@@ -58,6 +76,9 @@ def check_run_dir(out: str | Path, recipe: dict[str, Any], resume: bool, overwri
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"run dir {out} exists and is not a directory; choose another --out")
     busy = out.is_dir() and any(out.iterdir())
+    if busy and not holds_a_run(out):
+        raise OutputDirError(f"run dir {out} is not a training run: it holds {describe(out)}; choose another "
+                             "--out (--overwrite replaces only an earlier run; nothing was deleted)")
     if not resume:
         if not busy or overwrite:
             return
@@ -133,4 +154,4 @@ def begin_save(out: str | Path) -> None:
 
 
 def end_save(out: str | Path, step: int, finished: bool) -> None:
-    write_marker(out, format="lavin-edge-run", step=step, finished=finished)
+    write_marker(out, format=RUN_FORMAT, step=step, finished=finished)
