@@ -16,11 +16,12 @@
 #include <cuda_fp16.h>
 #define LV_HD __host__ __device__ __forceinline__
 #define LV_UNROLL _Pragma("unroll")
-#define LV_UNROLL2 _Pragma("unroll 2")
+// Two chunks in flight for M <= 2; from M = 3 on, a chunk's activation loads keep the lane busy.
+#define LV_UNROLL_CHUNKS _Pragma("unroll (M <= 2 ? 2 : 1)")
 #else
 #define LV_HD inline
 #define LV_UNROLL
-#define LV_UNROLL2
+#define LV_UNROLL_CHUNKS
 #endif
 
 namespace lavin {
@@ -118,6 +119,7 @@ inline Words4 load_words4(const uint32_t* p) {
   std::memcpy(r.w, p, sizeof r.w);
   return r;
 }
+inline Words4 load_weights4(const uint32_t* p) { return load_words4(p); }
 inline uint32_t load_word(const uint32_t* p) { return *p; }
 inline float half_to_float(uint16_t h) { return half_bits_to_float(h); }
 inline uint16_t float_to_half_rn(float f) { return float_to_half_bits(round_half(f)); }
@@ -146,6 +148,14 @@ __device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t
 __device__ __forceinline__ Words4 load_words4(const uint32_t* p) {
   const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));  // one 128-bit load
   return {{v.x, v.y, v.z, v.w}};
+}
+// Weights are read once per call: a 128-bit read-only load that does not allocate in L1 (where x is reused).
+__device__ __forceinline__ Words4 load_weights4(const uint32_t* p) {
+  Words4 r;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r.w[0]), "=r"(r.w[1]), "=r"(r.w[2]), "=r"(r.w[3])
+               : "l"(p));
+  return r;
 }
 __device__ __forceinline__ uint32_t load_word(const uint32_t* p) { return __ldg(p); }
 __device__ __forceinline__ float half_to_float(uint16_t h) { return __half2float(__ushort_as_half(h)); }
@@ -181,24 +191,21 @@ LV_UNROLL
   for (int r = 0; r < kRowsPerWarp; ++r)
 LV_UNROLL
     for (int i = 0; i < M; ++i) acc[r][i] = 0.0f;
-  const int64_t kw = k / 8, groups = k / gs, chunks = k / kChunk;
-  const uint32_t* wrow[kRowsPerWarp];
-  const uint32_t* srow[kRowsPerWarp];
-LV_UNROLL
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-    const int64_t row = row0 + r < n ? row0 + r : n - 1;
-    wrow[r] = qw + row * kw;
-    srow[r] = sz + row * groups;
-  }
-LV_UNROLL2
-  for (int64_t c = lane; c < chunks; c += kWarp) {
+  const int64_t kw = k / 8, groups = k / gs;
+  const int chunks = static_cast<int>(k / kChunk);
+  const uint32_t* wbase = qw + row0 * kw;  // rows are addressed from one base: fewer live 64-bit registers
+  const uint32_t* sbase = sz + row0 * groups;
+  const int rlast = n - row0 - 1 < kRowsPerWarp - 1 ? static_cast<int>(n - row0 - 1) : kRowsPerWarp - 1;
+LV_UNROLL_CHUNKS
+  for (int c = lane; c < chunks; c += kWarp) {
     Words4 w[kRowsPerWarp];
     uint32_t s[kRowsPerWarp];
-    const int64_t g = c * kChunk / gs;  // gs is a multiple of 32: one group per chunk
+    const int64_t g = static_cast<int64_t>(c) * kChunk / gs;  // gs is a multiple of 32: one group per chunk
 LV_UNROLL
     for (int r = 0; r < kRowsPerWarp; ++r) {
-      w[r] = load_words4(wrow[r] + 4 * c);
-      s[r] = load_word(srow[r] + g);
+      const int rr = r < rlast ? r : rlast;
+      w[r] = load_weights4(wbase + rr * kw + 4 * c);
+      s[r] = load_word(sbase + rr * groups + g);
     }
 LV_UNROLL
     for (int j = 0; j < 4; ++j) {
@@ -229,7 +236,7 @@ LV_HD void store_out(void* out, int64_t ldo, int kind, int64_t i, int64_t col, f
 // The dequantized weights of one chunk (32 inputs of row `row`), for the prefill's dequantize kernel.
 LV_HD void dequant_chunk(const uint32_t* qw, const uint32_t* sz, int64_t row, int64_t c, int64_t k, int64_t gs,
                          HalfPair (&out)[16]) {
-  const Words4 w = load_words4(qw + row * (k / 8) + 4 * c);
+  const Words4 w = load_weights4(qw + row * (k / 8) + 4 * c);
   const uint32_t s = load_word(sz + row * (k / gs) + c * kChunk / gs);
 LV_UNROLL
   for (int j = 0; j < 4; ++j) {
