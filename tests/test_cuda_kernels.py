@@ -236,3 +236,29 @@ def test_cuda_norm_adapter_matches_reference(dtype: torch.dtype) -> None:
     mods = torch.tensor([0, 1, 0, 1, 1, 0], dtype=torch.int32)
     got = C.norm_adapter(x.cuda(), dev, mods.cuda()).cpu()
     torch.testing.assert_close(got.float(), C.norm_adapter(x, cpu, mods).float(), rtol=2e-3, atol=2e-3)
+
+
+# ---- bench kernels --device cuda ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where no GPU is present")
+def test_bench_kernels_cuda_without_gpu_is_one_line_exit_2() -> None:
+    from click.testing import CliRunner
+
+    from lavin_edge.cli import main
+
+    res = CliRunner().invoke(main, ["bench", "kernels", "--device", "cuda", "--json"])
+    assert res.exit_code == 2 and res.stdout == ""
+    assert res.stderr.startswith("error: no CUDA GPU is present") and res.stderr.count("\n") == 1
+
+
+def test_bench_targets_read_off_the_rows() -> None:
+    from lavin_edge.bench.kernels_cuda import targets
+
+    def row(n: int, k: int, m: int, us: float, pct: float) -> dict:
+        return {"n": n, "k": k, "m": m, "contender": "lavin_w4", "us": us, "pct_of_hbm": pct,
+                "speedup_vs_torch_int4": 2.5, "time_vs_fp16": us / 40.0}
+
+    t = targets([row(11008, 4096, 1, 10.0, 75.0), row(11008, 4096, 8, 12.0, 60.0), row(11008, 4096, 256, 50.0, 5.0)])
+    assert t["11008x4096_m1_pct_hbm>=70"] == 75.0 and t["11008x4096_m8_over_m1<=1.3"] == pytest.approx(1.2)
+    assert t["11008x4096_m256_over_fp16<=1.5"] == pytest.approx(1.25) and "4096x11008_m1_pct_hbm>=70" not in t
