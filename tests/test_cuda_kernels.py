@@ -157,8 +157,9 @@ def identity_probe(fn, w: C.CudaW4, wd: torch.Tensor) -> tuple[int, int] | None:
     [n, k] in fp16 (exactly: each output is one weight times 1 plus zeros), or None (as exllamav2's tests)."""
     device = w.device
     want = wd.half().to(device)
+    eye = torch.eye(w.k, dtype=torch.float16, device=device)
     for k0 in range(0, w.k, C.GEMV_MAX_M):
-        x = torch.eye(w.k, dtype=torch.float16, device=device)[k0:k0 + C.GEMV_MAX_M]
+        x = eye[k0:k0 + C.GEMV_MAX_M]
         bad = (fn(x, w) != want[:, k0:k0 + x.shape[0]].t()).nonzero()
         if len(bad):
             return int(bad[0, 1]), k0 + int(bad[0, 0])
