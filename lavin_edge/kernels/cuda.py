@@ -38,7 +38,9 @@ class CudaW4:
 
     ``qw`` int32 [n, k/8]: row n's inputs in group order, 32 per 128-bit chunk, nibbles interleaved as
     ``_SLOT_INPUT``; ``sz`` fp16 [n, G, 2]: (scale, 1024 + zero point) of each group; ``perm`` int64 [k] or
-    None: input j of the group order is x's column ``perm[j]`` (act-order), None when already in order."""
+    None: input j of the group order is x's column ``perm[j]`` (act-order), None when already in order.
+    ``dense``: on CPU tensors only, the dequantized weights in group order as fp32 [n, k], built at prepare time
+    so that the reference's step is one F.linear (no lazy state: it traces as one graph)."""
 
     n: int
     k: int
@@ -46,7 +48,7 @@ class CudaW4:
     qw: torch.Tensor
     sz: torch.Tensor
     perm: torch.Tensor | None
-    _dense: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    dense: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -96,8 +98,10 @@ def prepare_w4_cuda(g: GPTQTensors, device: torch.device | str) -> CudaW4:
     zeros = u.zeros[gorder].t()
     sz = torch.stack([scales, zeros + 1024.0], dim=2).to(torch.float16)
     dev = torch.device(device)
-    return CudaW4(n, k, gs, qw.contiguous().to(dev), sz.contiguous().to(dev),
-                  None if perm is None else perm.to(dev))
+    w = CudaW4(n, k, gs, qw.contiguous().to(dev), sz.contiguous().to(dev), None if perm is None else perm.to(dev))
+    if dev.type == "cpu":
+        w.dense = _dequantize_sorted(w).float()
+    return w
 
 
 # ----------------------------------------------------------------------------------------------- references
@@ -136,9 +140,7 @@ def _epilogue(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 
 
 def _w4_linear_ref(x: torch.Tensor, w: CudaW4, out: torch.Tensor | None = None) -> torch.Tensor:
-    dense = w._dense.get("sorted_f32")
-    if dense is None:  # cached: the engine on CPU tensors calls this every step
-        dense = w._dense.setdefault("sorted_f32", _dequantize_sorted(w).float())
+    dense = w.dense if w.dense is not None else _dequantize_sorted(w).float()
     return _epilogue(F.linear(_gather(x, w).float(), dense), out)
 
 
@@ -169,10 +171,14 @@ def _w4_linear_cuda(x: torch.Tensor, w: CudaW4, out: torch.Tensor | None = None)
             return y
         out.add_(y)
         return out
-    xg = _gather(x, w).contiguous()
     kind = _OUT_KIND[None if out is None else out.dtype]
     if out is None:
         out = torch.empty(m, w.n, dtype=torch.float16, device=x.device)
+    if m == 0:
+        return out
+    xg = _gather(x, w).contiguous()
+    if xg.data_ptr() % 16:  # the kernel reads x 128 bits at a time
+        xg = xg.clone()
     extension().cuda_w4_gemv(  # type: ignore[union-attr]
         xg.data_ptr(), m, w.qw.data_ptr(), w.sz.data_ptr(), out.data_ptr(), out.stride(0), kind, w.n, w.k,
         w.group_size, _stream(x))
@@ -301,7 +307,7 @@ def w4_linear_lanes(x: torch.Tensor, w: CudaW4, out: torch.Tensor | None = None)
     m = x.shape[0]
     if not 1 <= m <= GEMV_MAX_M or x.shape[1] != w.k or x.dtype != torch.float16:
         raise ValueError(f"x must be fp16 [m <= {GEMV_MAX_M}, {w.k}]")
-    xg = _gather(x.cpu(), _on_cpu(w)).contiguous()
+    xg = _gather(x.cpu(), _on_cpu(w)).contiguous().clone()
     kind = _OUT_KIND[None if out is None else out.dtype]
     if out is None:
         out = torch.empty(m, w.n, dtype=torch.float16)
