@@ -156,6 +156,8 @@ def test_lane_emulation_epilogues_add_exactly() -> None:
     C.w4_linear_lanes(x, w, out16[:, :w.n])
     assert torch.equal(out16[:, :w.n], (base16[:, :w.n].float() + acc).half())
     assert torch.equal(out16[:, w.n:], base16[:, w.n:])
+    one = torch.zeros(w.n, 1).t()  # a single row whose row stride (1) is below n: never read
+    assert torch.equal(C.w4_linear_lanes(x[:1], w, one), acc[:1])
 
 
 @needs_ext

@@ -191,12 +191,19 @@ def _w4_linear_cuda(x: torch.Tensor, w: CudaW4, out: torch.Tensor | None = None)
     if xg.data_ptr() % 16:  # the kernel reads x 128 bits at a time
         xg = xg.clone()
     extension().cuda_w4_gemv(  # type: ignore[union-attr]
-        xg.data_ptr(), m, w.qw.data_ptr(), w.sz.data_ptr(), out.data_ptr(), out.stride(0), kind, w.n, w.k,
+        xg.data_ptr(), m, w.qw.data_ptr(), w.sz.data_ptr(), out.data_ptr(), _ldo(out, w.n), kind, w.n, w.k,
         w.group_size, _stream(x))
     return out
 
 
+def _ldo(out: torch.Tensor, n: int) -> int:
+    """out's row stride; a single row's stride is never read (and may be anything in a view)."""
+    return out.stride(0) if out.shape[0] > 1 else n
+
+
 def _dequantize_sorted_cuda(w: CudaW4, out: torch.Tensor) -> torch.Tensor:
+    if not out.is_contiguous() or out.data_ptr() % 16:  # the kernel writes whole rows, 128 bits at a time
+        return out.copy_(_dequantize_sorted_cuda(w, torch.empty_like(out, memory_format=torch.contiguous_format)))
     extension().cuda_w4_dequant(w.qw.data_ptr(), w.sz.data_ptr(), out.data_ptr(), w.n, w.k,  # type: ignore
                                 w.group_size, _stream(out))
     return out
@@ -214,9 +221,11 @@ def _dequantize_cuda(w: CudaW4, out: torch.Tensor | None = None) -> torch.Tensor
 
 def _norm_adapter_cuda(x: torch.Tensor, w: CudaNormAdapter, row_modality: torch.Tensor) -> torch.Tensor:
     rows = x.shape[0]
+    if row_modality.dtype != torch.int32 or not row_modality.is_contiguous():
+        row_modality = row_modality.to(torch.int32).contiguous()
     y = torch.empty(rows, w.dim, dtype=torch.float16, device=x.device)
     extension().cuda_norm_adapter(  # type: ignore[union-attr]
-        x.data_ptr(), 1 if x.dtype == torch.float32 else 0, y.data_ptr(), rows, w.dim, w.rank, w.g.data_ptr(),
+        x.data_ptr(), x.dtype == torch.float32, y.data_ptr(), rows, w.dim, w.rank, w.g.data_ptr(),
         w.A.data_ptr(), w.a.data_ptr(), w.U.data_ptr(), w.u.data_ptr(), row_modality.data_ptr(), w.eps,
         _stream(x))
     return y
@@ -323,7 +332,7 @@ def w4_linear_lanes(x: torch.Tensor, w: CudaW4, out: torch.Tensor | None = None)
     if out is None:
         out = torch.empty(m, w.n, dtype=torch.float16)
     qw, sz = w.qw.cpu().contiguous(), w.sz.cpu().contiguous()
-    c.w4_gemv_emulate(xg.data_ptr(), m, qw.data_ptr(), sz.data_ptr(), out.data_ptr(), out.stride(0), kind, w.n,
+    c.w4_gemv_emulate(xg.data_ptr(), m, qw.data_ptr(), sz.data_ptr(), out.data_ptr(), _ldo(out, w.n), kind, w.n,
                       w.k, w.group_size)
     return out
 
