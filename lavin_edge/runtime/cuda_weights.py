@@ -153,13 +153,10 @@ class DeviceWeights:
 
 def norm(sd: Mapping[str, torch.Tensor], g: str, eps: float, device: torch.device,
          ad: dict[str, torch.Tensor] | None = None) -> CudaNormAdapter:
-    """RMSNorm * g + folded adapter (``ad``: down/up weights and biases), or a bare RMSNorm (zero rank-1)."""
-    w = sd[g].float()
-    d = w.shape[0]
+    """RMSNorm * g + folded adapter (``ad``: down/up weights and biases), or a bare RMSNorm (``ad`` None)."""
     if ad is None:
-        ad = {"down.weight": torch.zeros(1, d), "down.bias": torch.zeros(1), "up.weight": torch.zeros(2, d, 1),
-              "up.bias": torch.zeros(2, d)}
-    return prepare_norm_adapter_cuda(w, ad["down.weight"], ad["down.bias"], ad["up.weight"], ad["up.bias"],
+        return prepare_norm_adapter_cuda(sd[g], None, None, None, None, eps, device)
+    return prepare_norm_adapter_cuda(sd[g], ad["down.weight"], ad["down.bias"], ad["up.weight"], ad["up.bias"],
                                      eps, device)
 
 
