@@ -33,3 +33,31 @@ def activations_option(f: Callable[..., Any]) -> Callable[..., Any]:
     """``--activations {15bit,int8}``; the command itself never sees a value."""
     return click.option("--activations", type=click.Choice(list(ACT_OPTION_VALUES)), default=None,
                         expose_value=False, callback=_set_activations, help=ACTIVATIONS_HELP)(f)
+
+
+DEVICE_HELP = (
+    "Where the model runs: cpu (the CPU kernels), cuda (the CUDA engine: needs a GPU and the extension built with "
+    "CUDA, else one error line and exit 2), auto (cuda when both are present, else cpu). docs/cuda.md."
+)
+
+
+def _resolve_device(auto_cuda: bool) -> Callable[[click.Context, click.Parameter, str], str]:
+    # Resolved while the command line is parsed: the command sees "cpu" or "cuda". Imports PyTorch only where
+    # the extension has CUDA kernels and a GPU device node exists (lavin_edge.runtime.device).
+    def resolve(ctx: click.Context, param: click.Parameter, value: str) -> str:
+        from lavin_edge.runtime.device import resolve_device
+
+        return "cpu" if value == "auto" and not auto_cuda else resolve_device(value)
+
+    return resolve
+
+
+def device_option(f: Callable[..., Any] | None = None, *, default: str = "auto", help: str = DEVICE_HELP,
+                  auto_cuda: bool = True) -> Any:
+    """``--device {auto,cpu,cuda}``; the command receives ``device`` as "cpu" or "cuda" (``auto_cuda`` False: auto
+    is the CPU, for a command whose CUDA path is not there yet). ``@device_option`` or ``@device_option(...)``."""
+    def add(fn: Callable[..., Any]) -> Callable[..., Any]:
+        return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=default,
+                            show_default=True, callback=_resolve_device(auto_cuda), help=help)(fn)
+
+    return add if f is None else add(f)

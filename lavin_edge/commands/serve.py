@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from lavin_edge.chat.demo import DEMO_DESCRIPTION
-from lavin_edge.commands.options import activations_option
+from lavin_edge.commands.options import activations_option, device_option
 
 EPILOG = (DEMO_DESCRIPTION + "\n\nAPI: POST /v1/chat/completions (OpenAI's schema, stream=true for server-sent "
           "events), GET /v1/models, GET /health; the web page at /. Images only as data:image/...;base64 URLs "
@@ -27,8 +27,8 @@ def _fail(msg: str) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind (0.0.0.0 exposes the server to the network: set --api-key then).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu"]),
-              help="Where the model runs (the CPU kernels; a GPU backend is not served yet).")
+@device_option(auto_cuda=False, help="Where the model runs: cpu (the CPU kernels). cuda is refused for now (one error "
+              "line, exit 2): the CUDA engine does not batch requests yet (docs/cuda.md); auto is the CPU.")
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "kernels", "torch"]),
               help="kernels: the compiled extension; torch: plain PyTorch; auto: kernels when built.")
 @click.option("--slots", default=4, show_default=True, type=click.IntRange(1, 64),
@@ -73,6 +73,8 @@ def command(model_dir: str | None, host: str, port: int, device: str, backend: s
 
     if threads:
         torch.set_num_threads(threads)
+    if device == "cuda":
+        _fail("serve --device cuda: the CUDA engine does not batch requests yet (docs/cuda.md); serve runs on the CPU")
     if api_key is not None and not api_key.strip():
         _fail("--api-key is empty")
     limits = ImageLimits(max_image_bytes, max_image_pixels, allow_files)
