@@ -202,6 +202,16 @@ def test_device_option_without_gpu(tmp_path: Path) -> None:
         assert len(lines) == 1 and lines[0].startswith("error: ") and ("GPU" in lines[0] or "CUDA" in lines[0]), lines
 
 
+def test_bench_row_on_cpu_tensors(qdir: Path) -> None:
+    """`bench chat --device cuda`'s row, run on CPU tensors (the GPU run is scripts/gpu_check.sh's): its figures are
+    filled and the run agrees with itself."""
+    from lavin_edge.bench.chat_cuda import demo_row
+
+    row = demo_row(str(qdir), 8, "what?", str(ROOT / "examples" / "easyvqa-red-triangle.png"), 10.0, device="cpu")
+    assert row["new_tokens"] == 8 and row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0
+    assert row["tokens_equal_cpu_run"] and row["agreement"] == 1.0 and row["pct_of_roofline"] > 0
+
+
 # ----------------------------------------------------------------------------------------------- the demo
 
 DEMO_CASES = [(None, "What is the capital of France?"),
