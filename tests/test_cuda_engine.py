@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_engine import trained_like  # noqa: F401  (test_serve_batch's helper needs it importable)
-from test_serve_batch import quantized_tiny_dir
+from test_serve_batch import _requests, quantized_tiny_dir
 
 from lavin_edge.chat.sampling import GenerationConfig, Sampler
 from lavin_edge.modality import IMAGE, TEXT
@@ -200,6 +200,47 @@ def test_device_option_without_gpu(tmp_path: Path) -> None:
         assert res.returncode == 2, (args, res.stderr)
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and ("GPU" in lines[0] or "CUDA" in lines[0]), lines
+
+
+def test_batch_rows_decode_as_alone(qdir: Path) -> None:
+    """Serve's path (``CudaBatchDecoder``): two text requests and an image one, of different lengths, joining a
+    3-slot batch at different steps and leaving it when done, decode the greedy tokens each decodes alone
+    (``CudaEngine.generate``); the same ids as text and as image give different rows (per-row modality)."""
+    from lavin_edge.runtime.cuda_batch import CudaBatchDecoder
+
+    alone = CudaEngine.load(qdir, device="cpu")
+    reqs = _requests(alone)
+    want = []
+    for ids, mod, pos, vis in reqs:
+        alone.reset(mod)
+        want.append(alone.generate(ids, GenerationConfig(max_new_tokens=10), pos, vis, stop_ids=set()).ids)
+    dec = CudaBatchDecoder(CudaEngine.load(qdir, device="cpu", slots=3))
+    toks: dict[int, list[int]] = {}
+
+    def start(slot: int) -> None:
+        toks[slot] = [int(dec.prefill(slot, *reqs[slot]).argmax())]
+
+    def step() -> None:
+        rows = [s for s in toks if len(toks[s]) < 10]
+        for s, row in zip(rows, dec.step(rows, [toks[s][-1] for s in rows]), strict=True):
+            toks[s].append(int(row.argmax()))
+
+    start(0)
+    for _ in range(3):
+        step()
+    start(2)
+    step()
+    start(1)
+    while any(len(t) < 10 for t in toks.values()):
+        step()
+    assert [toks[s] for s in range(3)] == want
+    ids = reqs[0][0]
+    dec.prefill(0, ids, TEXT)
+    dec.prefill(1, ids, IMAGE)
+    rows = dec.step([0, 1], [5, 5])
+    assert not torch.allclose(rows[0], rows[1])
+    with pytest.raises(ValueError, match="distinct"):
+        dec.step([0, 0], [1, 2])
 
 
 def test_bench_row_on_cpu_tensors(qdir: Path) -> None:

@@ -41,23 +41,19 @@ DEVICE_HELP = (
 )
 
 
-def _resolve_device(auto_cuda: bool) -> Callable[[click.Context, click.Parameter, str], str]:
+def _resolve_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
     # Resolved while the command line is parsed: the command sees "cpu" or "cuda". Imports PyTorch only where
     # the extension has CUDA kernels and a GPU device node exists (lavin_edge.runtime.device).
-    def resolve(ctx: click.Context, param: click.Parameter, value: str) -> str:
-        from lavin_edge.runtime.device import resolve_device
+    from lavin_edge.runtime.device import resolve_device
 
-        return "cpu" if value == "auto" and not auto_cuda else resolve_device(value)
-
-    return resolve
+    return resolve_device(value)
 
 
-def device_option(f: Callable[..., Any] | None = None, *, default: str = "auto", help: str = DEVICE_HELP,
-                  auto_cuda: bool = True) -> Any:
-    """``--device {auto,cpu,cuda}``; the command receives ``device`` as "cpu" or "cuda" (``auto_cuda`` False: auto
-    is the CPU, for a command whose CUDA path is not there yet). ``@device_option`` or ``@device_option(...)``."""
+def device_option(f: Callable[..., Any] | None = None, *, default: str = "auto", help: str = DEVICE_HELP) -> Any:
+    """``--device {auto,cpu,cuda}``; the command receives ``device`` as "cpu" or "cuda". ``@device_option``, or
+    ``@device_option(default=..., help=...)``."""
     def add(fn: Callable[..., Any]) -> Callable[..., Any]:
         return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=default,
-                            show_default=True, callback=_resolve_device(auto_cuda), help=help)(fn)
+                            show_default=True, callback=_resolve_device, help=help)(fn)
 
     return add if f is None else add(f)

@@ -27,8 +27,7 @@ def _fail(msg: str) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind (0.0.0.0 exposes the server to the network: set --api-key then).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
-@device_option(auto_cuda=False, help="Where the model runs: cpu (the CPU kernels). cuda is refused for now (one error "
-              "line, exit 2): the CUDA engine does not batch requests yet (docs/cuda.md); auto is the CPU.")
+@device_option
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "kernels", "torch"]),
               help="kernels: the compiled extension; torch: plain PyTorch; auto: kernels when built.")
 @click.option("--slots", default=4, show_default=True, type=click.IntRange(1, 64),
@@ -73,12 +72,10 @@ def command(model_dir: str | None, host: str, port: int, device: str, backend: s
 
     if threads:
         torch.set_num_threads(threads)
-    if device == "cuda":
-        _fail("serve --device cuda: the CUDA engine does not batch requests yet (docs/cuda.md); serve runs on the CPU")
     if api_key is not None and not api_key.strip():
         _fail("--api-key is empty")
     limits = ImageLimits(max_image_bytes, max_image_pixels, allow_files)
-    opts = ServeOptions(slots, max_queue, backend, max_context, api_key, limits, exact_head, prefill)
+    opts = ServeOptions(slots, max_queue, backend, max_context, api_key, limits, exact_head, prefill, device)
     try:
         path = Path(model_dir) if model_dir is not None else demo_model_dir(build=True)
         model_id = "lavin-edge-demo" if model_dir is None else path.resolve().name

@@ -49,7 +49,7 @@ class CudaEngine:
 
     def __init__(self, cfg: LavinConfig, sd: Any, quant: dict[str, Any] | None = None, device: str = "cuda",
                  max_context: int | None = None, tokenizer: Any = None, position_offset: int = 1,
-                 graphs: bool | None = None) -> None:
+                 graphs: bool | None = None, slots: int = 1) -> None:
         llm = cfg.llm
         self.cfg, self.tokenizer = cfg, tokenizer
         self.device = torch.device(device)
@@ -58,7 +58,8 @@ class CudaEngine:
         self.max_context = min(max_context or capacity, capacity)
         self.n_heads, self.n_kv, self.hd, self.dim = llm.n_heads, llm.n_kv_heads, llm.head_dim, llm.dim
         self.w: DeviceWeights = load_device_weights(cfg, sd, quant, self.device)
-        self.state = DecodeState(llm.n_layers, 1, self.n_kv, self.max_context, self.hd, llm.rope_theta,
+        # ``slots`` rows per decode step (one sequence each): 1 for chat, a batch for serve (cuda_batch).
+        self.state = DecodeState(llm.n_layers, slots, self.n_kv, self.max_context, self.hd, llm.rope_theta,
                                  position_offset, self.device)
         self.scratch = torch.empty(self.w.scratch_numel(), dtype=torch.float16, device=self.device)
         self.ffn = self.w.layers[0].w13.n_out // 2
@@ -71,13 +72,21 @@ class CudaEngine:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cuda", max_context: int | None = None,
-             graphs: bool | None = None) -> CudaEngine:
+             graphs: bool | None = None, slots: int = 1) -> CudaEngine:
         d = read_model_dir(path)
-        return cls(d.lavin, d.tensors, d.quant, device, max_context, d.tokenizer, d.position_offset, graphs)
+        return cls(d.lavin, d.tensors, d.quant, device, max_context, d.tokenizer, d.position_offset, graphs, slots)
 
     @property
     def vocab_size(self) -> int:
         return self.w.embed.shape[0]
+
+    @property
+    def embed(self) -> torch.Tensor:
+        return self.w.embed
+
+    @property
+    def vision(self) -> torch.nn.Module | None:
+        return self.w.vision
 
     @property
     def n_visual(self) -> int:
@@ -122,14 +131,21 @@ class CudaEngine:
     # -- prefill --------------------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, h: torch.Tensor) -> torch.Tensor:
-        """Embeddings h [T, D] at positions length..length+T-1 (T >= 1) -> the last position's logits [V] fp32.
+        """Embeddings h [T, D] at positions length..length+T-1 (T >= 1) -> the last position's logits [V] fp32."""
+        logits = self.prefill_slot(h, 0, self.length, self.modality)
+        self.length += h.shape[0]
+        return logits
+
+    @torch.inference_mode()
+    def prefill_slot(self, h: torch.Tensor, slot: int, start: int, modality: int) -> torch.Tensor:
+        """``prefill`` into row ``slot`` of the caches at positions start..start+T-1, routed as ``modality``.
         Python-int positions are fine here: a prefill is not captured."""
         t = h.shape[0]
-        start, end = self.length, self.length + h.shape[0]
+        end = start + t
         if end > self.max_context:
             raise ContextError(f"{end} positions exceed the context of {self.max_context}")
         st, nh, nkv, hd = self.state, self.n_heads, self.n_kv, self.hd
-        row_mod = st.prompt_mod[self.modality][:t]
+        row_mod = st.prompt_mod[modality][:t]
         cos, sin = st.cos[start:end, None, :], st.sin[start:end, None, :]
         qk_w = (nh + nkv) * hd
         mask = None
@@ -139,14 +155,14 @@ class CudaEngine:
         for lyr, (kc, vc) in zip(self.w.layers, st.kv, strict=True):
             qkv = lyr.wqkv.prefill(apply_norm(lyr.attn_in, x, row_mod), self.scratch)
             qk = rotate(qkv[:, :qk_w].view(t, nh + nkv, hd), cos, sin).half()
-            kc[0, :, start:end] = qk[:, nh:].transpose(0, 1)
-            vc[0, :, start:end] = qkv[:, qk_w:].view(t, nkv, hd).transpose(0, 1)
-            att = F.scaled_dot_product_attention(qk[:, :nh].transpose(0, 1)[None], kc[:, :, :end], vc[:, :, :end],
-                                                 attn_mask=mask, is_causal=start == 0, enable_gqa=nkv != nh)
+            kc[slot, :, start:end] = qk[:, nh:].transpose(0, 1)
+            vc[slot, :, start:end] = qkv[:, qk_w:].view(t, nkv, hd).transpose(0, 1)
+            att = F.scaled_dot_product_attention(qk[:, :nh].transpose(0, 1)[None], kc[slot:slot + 1, :, :end],
+                                                 vc[slot:slot + 1, :, :end], attn_mask=mask, is_causal=start == 0,
+                                                 enable_gqa=nkv != nh)
             lyr.wo.prefill(att[0].transpose(0, 1).reshape(t, nh * hd), self.scratch, out=x)
             g = lyr.w13.prefill(apply_norm(lyr.ffn_norm, x, row_mod), self.scratch)
             lyr.w2.prefill(F.silu(g[:, :self.ffn]) * g[:, self.ffn:], self.scratch, out=x)
-        self.length = end
         last = x[-1:].contiguous()
         return self.w.head(apply_norm(self.w.norm, last, row_mod[:1]))[0]
 
@@ -176,7 +192,7 @@ class CudaEngine:
             lyr.w2(F.silu(g[:, :self.ffn]) * g[:, self.ffn:], out=x)
         return w.head(apply_norm(w.norm, x, st.row_mod))
 
-    def _run_step(self, span: int) -> torch.Tensor:
+    def run_step(self, span: int) -> torch.Tensor:
         """``decode_step`` for ``span``: on CUDA captured once per span and replayed; else called."""
         if not self.use_graphs:
             return self.decode_step(span)
@@ -213,9 +229,10 @@ class CudaEngine:
             st.tok.fill_(token)
         st.pos.fill_(self.length)
         st.row_mod.fill_(self.modality)
-        logits = self._run_step(st.span_for(self.length))
+        logits = self.run_step(st.span_for(self.length))
         self.length += 1
-        return logits[0]
+        # A graph's output buffer is rewritten by the next replay: the caller gets its own copy.
+        return logits[0].clone() if self.use_graphs else logits[0]
 
     @torch.inference_mode()
     def forward(self, h: torch.Tensor, last_only: bool = True) -> torch.Tensor:

@@ -28,6 +28,7 @@ class ServeOptions:
     limits: ImageLimits | None = None
     exact_head: bool = False
     prefill: str = "auto"  # inline | thread | auto (see prefill_on_thread)
+    device: str = "cpu"  # cpu | cuda (the CUDA engine, lavin_edge.runtime.cuda_batch)
 
 
 def prefill_on_thread(prefill: str, threads: int | None = None, cores: int | None = None) -> bool:
@@ -51,6 +52,15 @@ def build_app(engine: Engine, model_id: str, opts: ServeOptions) -> tuple[Starle
 
 
 def load_app(model_dir: str | Path, model_id: str, opts: ServeOptions) -> tuple[Starlette, Scheduler]:
+    if opts.device == "cuda":
+        from lavin_edge.runtime.cuda_batch import CudaBatchDecoder
+        from lavin_edge.runtime.cuda_engine import CudaEngine
+
+        decoder = CudaBatchDecoder(CudaEngine.load(model_dir, "cuda", opts.max_context, slots=opts.slots))
+        # Prefill inline: a prefill thread would launch work beside the replayed decode graph on one device.
+        scheduler = Scheduler(decoder, opts.max_queue, False)  # type: ignore[arg-type]
+        config = ServerConfig(model_id, opts.limits or ImageLimits(), opts.api_key)
+        return create_app(scheduler, config), scheduler
     engine = Engine.load(model_dir, backend=opts.backend, max_context=opts.max_context,
                          head_w4=False if opts.exact_head else None)
     return build_app(engine, model_id, opts)
