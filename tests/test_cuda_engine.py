@@ -246,11 +246,13 @@ def test_batch_rows_decode_as_alone(qdir: Path) -> None:
 def test_bench_row_on_cpu_tensors(qdir: Path) -> None:
     """`bench chat --device cuda`'s row, run on CPU tensors (the GPU run is scripts/gpu_check.sh's): its figures are
     filled and the run agrees with itself."""
-    from lavin_edge.bench.chat_cuda import demo_row
+    from lavin_edge.bench.chat_cuda import demo_row, random_row
 
     row = demo_row(str(qdir), 8, "what?", str(ROOT / "examples" / "easyvqa-red-triangle.png"), 10.0, device="cpu")
     assert row["new_tokens"] == 8 and row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0
     assert row["tokens_equal_cpu_run"] and row["agreement"] == 1.0 and row["pct_of_roofline"] > 0
+    rnd = random_row("tiny", 2, 32, 6, 5, 10.0, device="cpu")  # tied head: the embedding table, as the demo's
+    assert rnd["new_tokens"] == 6 and rnd["prompt_tokens"] == 5 and rnd["decode_tok_s"] > 0
 
 
 # ----------------------------------------------------------------------------------------------- the demo

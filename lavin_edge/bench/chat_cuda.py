@@ -1,18 +1,20 @@
 """`lavin-edge bench chat --device cuda`: the CUDA engine end to end on a GPU (``lavin_edge.runtime.cuda_engine``).
 
-Rows: the demo 4-bit (its chat question about an example image) and a LLaMA-7B-shaped random 4-bit GPTQ g128
-model (``LAYERS_7B`` of its 32 layers, every layer the same shape, and its 4-bit head: the per-token roofline is
-computed for the layers loaded). Each row: prefill and decode tok/s, time to first token, peak GPU memory, and the
-decode's share of the HBM roofline (bytes one step reads, weights + KV cache, over the bandwidth a read of a
-buffer far beyond L2 reaches in the same run). The demo row also gives the greedy agreement of its CUDA tokens
-with the same engine's run on CPU tensors (the CI-tested path). Without a GPU the command line is refused before
-this runs (``--device``'s one error line).
+Rows: the demo 4-bit (its chat question about an example image, when built), the demo's shape on random 4-bit
+weights (SmolLM2-135M, g64, fp16 tied head: the demo's decode speed where it is not built), and a LLaMA-7B-shaped
+random 4-bit GPTQ g128 model (``LAYERS_7B`` of its 32 layers, every layer the same shape, and its 4-bit head:
+the per-token roofline is computed for the layers loaded). Each row: prefill and decode tok/s, time to first
+token, peak GPU memory, and the decode's share of the HBM roofline (bytes one step reads, weights + KV cache, over
+the bandwidth a read of a buffer far beyond L2 reaches in the same run). The demo row also gives the greedy
+agreement of its CUDA tokens with the same engine's run on CPU tensors (the CI-tested path). Without a GPU the
+command line is refused before this runs (``--device``'s one error line).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -95,17 +97,44 @@ def demo_row(q_model: str, new_tokens: int, question: str, image: str, read_gbs:
     return row
 
 
-def llama7b_row(new_tokens: int, prompt_tokens: int, read_gbs: float, layers: int = LAYERS_7B) -> dict[str, Any]:
+class _TiedHead(Mapping):
+    """A model's tensors without the ``output.*`` ones: with tied embeddings the head is the embedding table, as
+    in the demo (fp16 on the CUDA engine)."""
+
+    def __init__(self, sd: Mapping[str, torch.Tensor]) -> None:
+        self.sd = sd
+        self.names = [k for k in sd if not k.startswith("output.")]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key.startswith("output."):
+            raise KeyError(key)
+        return self.sd[key]
+
+
+def random_row(llm_preset: str, layers: int, group_size: int, new_tokens: int, prompt_tokens: int,
+               read_gbs: float, device: str = "cuda") -> dict[str, Any]:
+    """Decode on random 4-bit GPTQ weights of ``llm_preset``'s shape (its first ``layers`` layers): with a 4-bit
+    head, or the fp16 embedding table when the preset ties them (the demo's SmolLM2)."""
     from lavin_edge.bench.chat import RandomGPTQLlama, _NoTokenizer, _random_prompt_ids
     from lavin_edge.config import LavinConfig, preset
     from lavin_edge.runtime.cuda_engine import CudaEngine
 
-    base = preset("llama-7b", "tiny")
+    base = preset(llm_preset, "tiny")
     base.llm.n_layers = layers
     cfg = LavinConfig(llm=base.llm, vision=base.vision, adapter=base.adapter)
-    torch.cuda.reset_peak_memory_stats()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    eng = CudaEngine(cfg, RandomGPTQLlama(cfg.llm), {"checkpoint_format": "gptq", "group_size": 128}, "cuda",
+    sd: Mapping[str, torch.Tensor] = RandomGPTQLlama(cfg.llm, group_size)
+    if cfg.llm.tie_embeddings:
+        sd = _TiedHead(sd)
+    eng = CudaEngine(cfg, sd, {"checkpoint_format": "gptq", "group_size": group_size}, device,
                      prompt_tokens + new_tokens + 8, _NoTokenizer())
     load_s = time.perf_counter() - t0
     stats, _ = _generate(eng, _random_prompt_ids(cfg.llm.vocab_size, prompt_tokens), -1, None, new_tokens)
@@ -127,9 +156,12 @@ def run_cuda_chat_bench(json_out: bool = False, q_model: str | None = None, new_
             qdir, new_tokens, question or DEFAULT_QUESTION, image or str(_example_image()), read_gbs)})
     except DemoModelMissing as e:
         rows.append({"model": "demo 4-bit (quantized)", "skipped": str(e)})
+    # The demo's shape on random weights: its decode speed where the demo is not built (the GPU machine).
+    rows.append({"model": "demo-shaped (SmolLM2-135M, 30 layers), random 4-bit GPTQ g64 + fp16 tied head",
+                 **random_row("smollm2-135m", 30, 64, new_tokens, 16, read_gbs)})
     if with_7b:
         rows.append({"model": f"llama-7b-shaped, random 4-bit GPTQ g128 + 4-bit head, {LAYERS_7B} of 32 layers",
-                     **llama7b_row(min(new_tokens, 64), 16, read_gbs)})
+                     **random_row("llama-7b", LAYERS_7B, 128, min(new_tokens, 64), 16, read_gbs)})
     result = {"device": torch.cuda.get_device_name(dev), "hbm_read_gbs": round(read_gbs, 1),
               "new_tokens": new_tokens, "rows": rows}
     if json_out:
