@@ -186,7 +186,7 @@ def test_device_sampler_keeps_what_the_cpu_sampler_keeps() -> None:
 
 
 def test_device_option_without_gpu(tmp_path: Path) -> None:
-    """Here (no GPU): auto is the CPU, cuda is one error line and exit 2 from chat and bench chat."""
+    """Here (no GPU): auto is the CPU, cuda is one error line and exit 2 from chat, bench chat, serve and eval."""
     if GPU:
         pytest.skip("a GPU is present")
     assert resolve_device("cpu") == "cpu" and resolve_device("auto") == "cpu"
@@ -194,7 +194,8 @@ def test_device_option_without_gpu(tmp_path: Path) -> None:
         resolve_device("cuda")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     for args in (["chat", "--device", "cuda", "--prompt", "hi", "--model", str(tmp_path)],
-                 ["bench", "chat", "--device", "cuda"]):
+                 ["bench", "chat", "--device", "cuda"], ["serve", "--device", "cuda"],
+                 ["eval", "--device", "cuda", str(tmp_path), "--data", "easy-vqa"]):
         res = subprocess.run([sys.executable, "-m", "lavin_edge.cli", *args], capture_output=True, text=True,
                              env=env, timeout=300, cwd=tmp_path)
         assert res.returncode == 2, (args, res.stderr)
