@@ -212,7 +212,8 @@ class CudaEngine:
                 self.decode_step(span)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: serve encodes images on its event-loop thread while the decode thread may be capturing.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             logits = self.decode_step(span)
         return graph, logits
 
@@ -252,8 +253,8 @@ class CudaEngine:
 
 
 def engine_for(path: str | Path, device: str, max_context: int | None = None, **engine_kw: Any) -> Any:
-    """The engine of a chat/bench command for a resolved ``device``: ``CudaEngine`` on "cuda", else ``Engine``
-    (the CPU kernels) with ``engine_kw``."""
+    """The engine of a command for a resolved ``device``: ``CudaEngine`` on "cuda" (``engine_kw``, the CPU engine's
+    backend and head options, do not apply there), else ``Engine`` with ``engine_kw``."""
     if device == "cuda":
         return CudaEngine.load(path, "cuda", max_context)
     from lavin_edge.runtime import Engine
