@@ -30,6 +30,7 @@
 
 namespace py = pybind11;
 using namespace lavin;
+namespace lavin { void register_cuda(py::module_& m); }  // csrc/bindings_cuda.cpp
 
 namespace {
 
@@ -445,6 +446,7 @@ void check_cuda(const std::string& err) {
 PYBIND11_MODULE(_C, m) {
   m.attr("MAX_ADAPTER_RANK") = kMaxAdapterRank;
   m.doc() = "lavin-edge native kernels (CPU: scalar/AVX2/AVX-512 VNNI; CUDA when built with nvcc)";
+  register_cuda(m);
   m.def("cpu_features", &py_cpu_features, "CPU features the kernels dispatch on, plus best_isa and build info");
   py::class_<W4Weights>(m, "W4Weights",
                         "A prepared W4 linear in the tiled layout of csrc/kernels.h: addresses and sizes, checked "

@@ -23,10 +23,28 @@ def command() -> None:
 @click.option("--min-seconds", type=float, default=0.5, show_default=True,
               help="Minimum time spent timing each contender and shape.")
 @click.option("-m", "ms", type=int, multiple=True, default=(1, 16), show_default=True,
-              help="Activation rows (1 = decode); repeat the option for several.")
-def kernels(as_json: bool, threads: int | None, min_seconds: float, ms: tuple[int, ...]) -> None:
+              help="Activation rows (1 = decode); repeat the option for several. With --device cuda the default is "
+                   "1, 2, 4, 8, 16, 64, 256.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="cpu: the CPU kernels; cuda: the CUDA W4 kernels on the GPU (7B and demo shapes, CUDA-graph "
+                   "timed, vs torch fp16 and int4; an error when no GPU is present); auto: cuda when a GPU and the "
+                   "CUDA kernels are present, else cpu.")
+@click.pass_context
+def kernels(ctx: click.Context, as_json: bool, threads: int | None, min_seconds: float, ms: tuple[int, ...],
+            device: str) -> None:
     """W4 GEMV/GEMM on 4096x4096, 11008x4096, 4096x11008 vs torch fp32, bf16 and int4, as % of the read
-    bandwidth measured in the same run."""
+    bandwidth measured in the same run (on the GPU also the demo's shapes, as % of the HBM read probe)."""
+    from lavin_edge.kernels.dispatch import cuda_kernels_ok
+
+    if device == "cuda" or (device == "auto" and cuda_kernels_ok()):
+        from lavin_edge.bench.kernels_cuda import MS, NoGpu, run_cuda_kernel_bench
+
+        ms_cuda = ms if ctx.get_parameter_source("ms") != click.core.ParameterSource.DEFAULT else MS
+        try:
+            run_cuda_kernel_bench(json_out=as_json, ms=ms_cuda, min_seconds=min(min_seconds, 0.2))
+        except NoGpu as e:
+            raise click.UsageError(str(e)) from None
+        return
     from lavin_edge.bench.kernels import run_kernel_bench
 
     run_kernel_bench(json_out=as_json, ms=ms, threads=threads, min_seconds=min_seconds)
