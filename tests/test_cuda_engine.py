@@ -244,6 +244,43 @@ def test_batch_rows_decode_as_alone(qdir: Path) -> None:
         dec.step([0, 0], [1, 2])
 
 
+def test_serve_on_the_cuda_engine(qdir: Path) -> None:
+    """`serve`'s app over the CUDA engine (CPU tensors here): concurrent greedy requests, text and image, on 3
+    slots answer as each does alone, and a plain one as ``CudaEngine.generate``."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_serve import LiveServer, png_data_url
+
+    from lavin_edge.prompt import conversation_ids
+    from lavin_edge.serve.server import ServeOptions, build_app
+
+    eng = CudaEngine.load(qdir, device="cpu")
+    ids, _ = conversation_ids(eng.tokenizer, [], "What shape is it?")
+    want = eng.generate(ids, GenerationConfig(max_new_tokens=12), stop_ids=set()).text
+    app, scheduler = build_app(CudaEngine.load(qdir, device="cpu", slots=3), "tiny", ServeOptions(slots=3))
+    assert not scheduler.overlap_prefill
+
+    def ask(i: int) -> str:
+        content: list = [{"type": "text", "text": f"question number {i}?"}]
+        if i % 2:
+            content.append({"type": "image_url", "image_url": {"url": png_data_url((40 * i, 0, 0))}})
+        body = {"messages": [{"role": "user", "content": content}], "max_tokens": 8 + i, "temperature": 0}
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+
+    with LiveServer(app) as server:
+        url = server.url
+        body = {"messages": [{"role": "user", "content": "What shape is it?"}], "max_tokens": 12, "temperature": 0}
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120).json()
+        assert r["choices"][0]["message"]["content"] == want
+        alone = [ask(i) for i in range(4)]
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(ask, range(4))) == alone
+
+
 def test_bench_row_on_cpu_tensors(qdir: Path) -> None:
     """`bench chat --device cuda`'s row, run on CPU tensors (the GPU run is scripts/gpu_check.sh's): its figures are
     filled and the run agrees with itself."""
