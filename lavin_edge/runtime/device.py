@@ -1,9 +1,9 @@
 """Which device a command runs on: ``--device auto|cpu|cuda`` resolved against this machine.
 
 ``auto`` is CUDA when a GPU is visible and the extension was built with CUDA (its W4 and adapter kernels),
-else the CPU. ``cuda`` without both is bad input (``DeviceError``: one ``error:`` line, exit 2). PyTorch is
-imported only when the extension has CUDA kernels and a GPU device node exists: on a CPU machine ``auto``
-costs no PyTorch import (the one-shot chat's cold start).
+else the CPU. ``cuda`` without both is bad input (``DeviceError``: one ``error:`` line, exit 2). ``auto``
+imports PyTorch only when the extension has CUDA kernels and a GPU device node exists: on a CPU machine it costs
+no PyTorch import (the one-shot chat's cold start).
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ class DeviceError(ValueError):
 
 
 def _gpu_node_present() -> bool:
-    # NVIDIA's driver nodes (desktop / datacenter) or Jetson's integrated GPU.
-    return bool(glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/nvgpu*") or glob.glob("/dev/nvhost-gpu"))
+    # NVIDIA's driver nodes (desktop / datacenter), Jetson's integrated GPU, WSL2's GPU paravirtualisation.
+    return any(glob.glob(p) for p in ("/dev/nvidia[0-9]*", "/dev/nvgpu*", "/dev/nvhost-*gpu*", "/dev/dxg"))
 
 
-def cuda_unavailable_reason() -> str | None:
-    """None when the CUDA engine can run here, else why not (one clause)."""
+def cuda_unavailable_reason(quick: bool = False) -> str | None:
+    """None when the CUDA engine can run here, else why not (one clause). ``quick``: no GPU device node is taken
+    as no GPU, without importing PyTorch (``auto``); otherwise PyTorch is asked."""
     from lavin_edge.kernels.dispatch import extension, extension_error
 
     c = extension()
@@ -33,12 +34,12 @@ def cuda_unavailable_reason() -> str | None:
         return f"the lavin_edge extension is not built ({extension_error() or 'lavin_edge._C missing'})"
     if not bool(getattr(c, "cuda_compiled", False)):
         return "the lavin_edge extension was built without CUDA (build with -DLAVIN_EDGE_CUDA=ON)"
-    if not _gpu_node_present():
+    if quick and not _gpu_node_present():
         return "no CUDA GPU on this machine"
     import torch
 
     if not torch.cuda.is_available():
-        return "no CUDA GPU visible to PyTorch (torch.cuda.is_available() is False)"
+        return "no CUDA GPU visible (torch.cuda.is_available() is False)"
     return None
 
 
@@ -48,7 +49,7 @@ def resolve_device(name: str) -> str:
         raise DeviceError(f"--device must be one of {', '.join(DEVICE_NAMES)}, got {name!r}")
     if name == "cpu":
         return "cpu"
-    why = cuda_unavailable_reason()
+    why = cuda_unavailable_reason(quick=name == "auto")
     if why is None:
         return "cuda"
     if name == "cuda":
