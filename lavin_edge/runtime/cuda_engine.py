@@ -44,8 +44,10 @@ __all__ = ["CudaEngine", "engine_for"]
 
 
 class CudaEngine:
-    """Batch-1 inference on ``device`` ("cuda", or "cpu" for the reference run); ``Engine``'s interface for
-    ``ChatSession`` (reset, rewind, history, modality, length, encode_image, embed_prompt, generate)."""
+    """Inference on ``device`` ("cuda", or "cpu": the same code on CPU tensors, as CI runs it). One sequence with
+    ``Engine``'s interface for ``ChatSession`` (reset, rewind, history, modality, length, encode_image,
+    embed_prompt, generate); with ``slots`` > 1 the decode step runs that many rows, serve's batch
+    (``cuda_batch.CudaBatchDecoder``). ``graphs``: replay the decode step from CUDA graphs (default: on CUDA)."""
 
     def __init__(self, cfg: LavinConfig, sd: Any, quant: dict[str, Any] | None = None, device: str = "cuda",
                  max_context: int | None = None, tokenizer: Any = None, position_offset: int = 1,
@@ -66,7 +68,6 @@ class CudaEngine:
         self.length = 0
         self.history: list[int] = []
         self.modality = TEXT
-        # CUDA graphs by default on CUDA; None of them on the CPU (nothing to capture).
         self.use_graphs = self.device.type == "cuda" if graphs is None else graphs
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
