@@ -49,7 +49,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _example_image() -> Path:
+def example_image() -> Path:
     """examples/easyvqa-red-triangle.png from a checkout; an installed package has no examples/, so fall back
     to the same picture inside the easy-vqa package (test image 0)."""
     for p in (Path(DEFAULT_IMAGE), Path(__file__).resolve().parents[2] / DEFAULT_IMAGE):
@@ -73,7 +73,7 @@ def _demo_row(model_dir: str, backend: str, new_tokens: int, question: str, imag
 
     if prompt_tokens:
         eng = Engine.load(model_dir, backend=backend, max_context=prompt_tokens + new_tokens + 8)
-        ids, pos, image = _random_prompt_ids(eng.embed.shape[0], prompt_tokens), -1, None
+        ids, pos, image = random_prompt_ids(eng.embed.shape[0], prompt_tokens), -1, None
     else:
         eng = Engine.load(model_dir, backend=backend)
         sess = ChatSession(eng, GenerationConfig(max_new_tokens=new_tokens))
@@ -195,7 +195,7 @@ class RandomGPTQLlama(Mapping):
         raise KeyError(key)
 
 
-class _NoTokenizer:
+class NoTokenizer:
     """Random weights have no vocabulary: ids are decoded to nothing, and nothing stops generation."""
 
     bos_id, eos_id, pad_id = 1, 2, 0
@@ -238,9 +238,9 @@ def _llama7b_row(new_tokens: int, prompt_tokens: int, max_context: int, llm: dic
     cfg = LavinConfig(llm=llm_cfg, vision=base.vision, adapter=base.adapter)
     t0 = time.perf_counter()
     eng = Engine(cfg, RandomGPTQLlama(cfg.llm), {"checkpoint_format": "gptq", "group_size": 128}, "kernels",
-                 max_context, _NoTokenizer())
+                 max_context, NoTokenizer())
     load_s = time.perf_counter() - t0
-    ids = _random_prompt_ids(cfg.llm.vocab_size, prompt_tokens)
+    ids = random_prompt_ids(cfg.llm.vocab_size, prompt_tokens)
     stats = GenerationStats()
     eng.reset(TEXT)
     eng.generate(ids, GenerationConfig(max_new_tokens=new_tokens), stats=stats, stop_ids=set())
@@ -257,7 +257,7 @@ def _llama7b_row(new_tokens: int, prompt_tokens: int, max_context: int, llm: dic
 def _llamacpp_row(gguf: str, new_tokens: int, prompt: str | None = None, prompt_ids: list[int] | None = None,
                   n_ctx: int = 512, roofline_llm: Any = None, random_prompt: int = 0) -> dict[str, Any]:
     """Greedy decode through llama-cpp-python: ``prompt`` text (tokenized by the GGUF's own tokenizer),
-    ``prompt_ids``, or ``random_prompt`` random ids over the GGUF's vocabulary (``_random_prompt_ids``: the ids
+    ``prompt_ids``, or ``random_prompt`` random ids over the GGUF's vocabulary (``random_prompt_ids``: the ids
     our row of the same model reads). ``roofline_llm``: the ``LlamaConfig`` a random GGUF of ours was written
     from, for its bandwidth limit, as for our 7B row."""
     from llama_cpp import Llama  # type: ignore[import-not-found]
@@ -271,7 +271,7 @@ def _llamacpp_row(gguf: str, new_tokens: int, prompt: str | None = None, prompt_
     if prompt_ids is not None:
         toks = prompt_ids
     elif random_prompt:
-        toks = _random_prompt_ids(llm.n_vocab(), random_prompt)
+        toks = random_prompt_ids(llm.n_vocab(), random_prompt)
     else:
         toks = llm.tokenize((prompt or "").encode(), add_bos=True, special=True)
     best: dict[str, Any] = {}
@@ -303,7 +303,7 @@ def _llamacpp_row(gguf: str, new_tokens: int, prompt: str | None = None, prompt_
     return best
 
 
-def _random_prompt_ids(vocab_size: int, n: int) -> list[int]:
+def random_prompt_ids(vocab_size: int, n: int) -> list[int]:
     """The 7B and long-context rows' prompt: the same random ids for our engine and for llama.cpp."""
     return [int(i) for i in torch.randint(3, vocab_size, (n,), generator=torch.Generator().manual_seed(0))]
 
@@ -344,7 +344,7 @@ def run_chat_bench(json_out: bool = False, fp_model: str | None = None, q_model:
     from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir
 
     threads = threads or torch.get_num_threads()
-    image = image or str(_example_image())
+    image = image or str(example_image())
     rows: list[dict[str, Any]] = []
 
     def add(model: str, backend: str, spec: dict[str, Any] | None, skip: str | None = None,

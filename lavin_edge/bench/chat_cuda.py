@@ -121,7 +121,7 @@ def random_row(llm_preset: str, layers: int, group_size: int, new_tokens: int, p
                read_gbs: float, device: str = "cuda") -> dict[str, Any]:
     """Decode on random 4-bit GPTQ weights of ``llm_preset``'s shape (its first ``layers`` layers): with a 4-bit
     head, or the fp16 embedding table when the preset ties them (the demo's SmolLM2)."""
-    from lavin_edge.bench.chat import RandomGPTQLlama, _NoTokenizer, _random_prompt_ids
+    from lavin_edge.bench.chat import NoTokenizer, RandomGPTQLlama, random_prompt_ids
     from lavin_edge.config import LavinConfig, preset
     from lavin_edge.runtime.cuda_engine import CudaEngine
 
@@ -135,16 +135,16 @@ def random_row(llm_preset: str, layers: int, group_size: int, new_tokens: int, p
     if cfg.llm.tie_embeddings:
         sd = _TiedHead(sd)
     eng = CudaEngine(cfg, sd, {"checkpoint_format": "gptq", "group_size": group_size}, device,
-                     prompt_tokens + new_tokens + 8, _NoTokenizer())
+                     prompt_tokens + new_tokens + 8, NoTokenizer())
     load_s = time.perf_counter() - t0
-    stats, _ = _generate(eng, _random_prompt_ids(cfg.llm.vocab_size, prompt_tokens), -1, None, new_tokens)
+    stats, _ = _generate(eng, random_prompt_ids(cfg.llm.vocab_size, prompt_tokens), -1, None, new_tokens)
     return {**_figures(stats, eng, read_gbs), "layers": layers, "load_s": round(load_s, 1)}
 
 
 def run_cuda_chat_bench(json_out: bool = False, q_model: str | None = None, new_tokens: int = 64,
                         with_7b: bool = True, question: str | None = None, image: str | None = None) -> dict[str, Any]:
     """Every row (a row that cannot run carries ``skipped``); prints a table or one JSON object."""
-    from lavin_edge.bench.chat import DEFAULT_QUESTION, _example_image
+    from lavin_edge.bench.chat import DEFAULT_QUESTION, example_image
     from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir
 
     dev = torch.device("cuda")
@@ -153,7 +153,7 @@ def run_cuda_chat_bench(json_out: bool = False, q_model: str | None = None, new_
     try:
         qdir = q_model or str(demo_model_dir(quantized=True))
         rows.append({"model": f"demo 4-bit (quantized): {qdir}", **demo_row(
-            qdir, new_tokens, question or DEFAULT_QUESTION, image or str(_example_image()), read_gbs)})
+            qdir, new_tokens, question or DEFAULT_QUESTION, image or str(example_image()), read_gbs)})
     except DemoModelMissing as e:
         rows.append({"model": "demo 4-bit (quantized)", "skipped": str(e)})
     # The demo's shape on random weights: its decode speed where the demo is not built (the GPU machine).

@@ -203,10 +203,10 @@ def device_vision(cfg: LavinConfig, sd: Mapping[str, torch.Tensor], device: torc
     ``device``; the routed adapters keep fp32 weights and run on the kernel (fp16 activations on CUDA)."""
     from lavin_edge.model.adapter import RoutedAdapter
     from lavin_edge.runtime.backends import ReferenceBackend
-    from lavin_edge.runtime.loader import _vision
+    from lavin_edge.runtime.loader import vision_modules
     from lavin_edge.runtime.vision import route_adapters_through_kernel
 
-    tower, proj = _vision(cfg, sd, ReferenceBackend())
+    tower, proj = vision_modules(cfg, sd, ReferenceBackend())
     if tower is None or proj is None:
         return None, None
     from lavin_edge.kernels.dispatch import extension
