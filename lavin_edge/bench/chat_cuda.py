@@ -13,13 +13,14 @@ command line is refused before this runs (``--device``'s one error line).
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
-LAYERS_7B = 4  # of LLaMA-7B's 32: the load (a host-side repack per linear, ~5 s per 11008x4096 here) fits the GPU check
+LAYERS_7B = 2  # of LLaMA-7B's 32: the load (a host-side repack per linear, seconds each) fits the GPU check
 PROBE_BYTES = 4 << 30  # the HBM probe's buffer: far beyond any L2
 
 
@@ -142,28 +143,35 @@ def random_row(llm_preset: str, layers: int, group_size: int, new_tokens: int, p
 
 
 def run_cuda_chat_bench(json_out: bool = False, q_model: str | None = None, new_tokens: int = 64,
-                        with_7b: bool = True, question: str | None = None, image: str | None = None) -> dict[str, Any]:
-    """Every row (a row that cannot run carries ``skipped``); prints a table or one JSON object."""
+                        with_7b: bool = True, question: str | None = None, image: str | None = None,
+                        device: str = "cuda") -> dict[str, Any]:
+    """Every row (a row that cannot run carries ``skipped``); prints a table or one JSON object. ``device`` "cpu"
+    runs the same rows on CPU tensors (a smoke test of this driver; no bandwidth probe there)."""
     from lavin_edge.bench.chat import DEFAULT_QUESTION, example_image
     from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir
 
-    dev = torch.device("cuda")
-    read_gbs = hbm_read_gbs(dev)
+    dev = torch.device(device)
+    read_gbs = hbm_read_gbs(dev) if dev.type == "cuda" else 1.0
     rows: list[dict[str, Any]] = []
+
+    def done(row: dict[str, Any]) -> None:
+        # Each row on stderr as it ends: a run stopped by a time cap still leaves the rows it finished.
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
     try:
         qdir = q_model or str(demo_model_dir(quantized=True))
-        rows.append({"model": f"demo 4-bit (quantized): {qdir}", **demo_row(
-            qdir, new_tokens, question or DEFAULT_QUESTION, image or str(example_image()), read_gbs)})
+        done({"model": f"demo 4-bit (quantized): {qdir}", **demo_row(
+            qdir, new_tokens, question or DEFAULT_QUESTION, image or str(example_image()), read_gbs, device)})
     except DemoModelMissing as e:
-        rows.append({"model": "demo 4-bit (quantized)", "skipped": str(e)})
+        done({"model": "demo 4-bit (quantized)", "skipped": str(e)})
     # The demo's shape on random weights: its decode speed where the demo is not built (the GPU machine).
-    rows.append({"model": "demo-shaped (SmolLM2-135M, 30 layers), random 4-bit GPTQ g64 + fp16 tied head",
-                 **random_row("smollm2-135m", 30, 64, new_tokens, 16, read_gbs)})
+    done({"model": "demo-shaped (SmolLM2-135M, 30 layers), random 4-bit GPTQ g64 + fp16 tied head",
+                 **random_row("smollm2-135m", 30, 64, new_tokens, 16, read_gbs, device)})
     if with_7b:
-        rows.append({"model": f"llama-7b-shaped, random 4-bit GPTQ g128 + 4-bit head, {LAYERS_7B} of 32 layers",
-                     **random_row("llama-7b", LAYERS_7B, 128, min(new_tokens, 64), 16, read_gbs)})
-    result = {"device": torch.cuda.get_device_name(dev), "hbm_read_gbs": round(read_gbs, 1),
-              "new_tokens": new_tokens, "rows": rows}
+        done({"model": f"llama-7b-shaped, random 4-bit GPTQ g128 + 4-bit head, {LAYERS_7B} of 32 layers",
+                     **random_row("llama-7b", LAYERS_7B, 128, min(new_tokens, 64), 16, read_gbs, device)})
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    result = {"device": name, "hbm_read_gbs": round(read_gbs, 1), "new_tokens": new_tokens, "rows": rows}
     if json_out:
         print(json.dumps(result))
     else:
