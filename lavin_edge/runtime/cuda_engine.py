@@ -186,8 +186,9 @@ class CudaEngine:
             qk = rotate(qkv[:, :qk_w].view(m, nh + nkv, hd), cos, sin).half()
             kc.index_put_(where, qk[:, nh:])
             vc.index_put_(where, qkv[:, qk_w:].view(m, nkv, hd))
-            att = F.scaled_dot_product_attention(qk[:, :nh, None, :], kc[:, :, :span], vc[:, :, :span],
-                                                 attn_mask=mask, enable_gqa=nkv != nh)
+            # GQA without repeating keys: the query heads sharing a key head are that head's "query rows".
+            att = F.scaled_dot_product_attention(qk[:, :nh].view(m, nkv, nh // nkv, hd), kc[:, :, :span],
+                                                 vc[:, :, :span], attn_mask=mask)
             lyr.wo(att.reshape(m, nh * hd), out=x)
             g = lyr.w13(apply_norm(lyr.ffn_norm, x, st.row_mod))
             lyr.w2(F.silu(g[:, :self.ffn]) * g[:, self.ffn:], out=x)
