@@ -25,6 +25,8 @@ mkdir -p "$OUT"
 START=$(date +%s)
 PY=python3
 export OUT BUILD_DIR PY
+# nvcc for CMake's CUDA check where the toolkit is installed but not on PATH.
+command -v nvcc >/dev/null || export PATH="$PATH:/usr/local/cuda/bin"
 
 # step NAME CAP LOG CMD...: run CMD (output to $OUT/LOG) under min(CAP, what is left of the budget); append
 # {"step", "status", "rc", "seconds", "log"} to steps.jsonl. Skipped when under 15 s are left.

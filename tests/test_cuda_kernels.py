@@ -108,6 +108,24 @@ def test_norm_adapter_reference_matches_cpu_adapter() -> None:
                                F.rms_norm(x.half().float(), (d,), g.half().float(), 1e-6), rtol=2e-3, atol=2e-3)
 
 
+def test_reference_step_traces_as_one_graph() -> None:
+    """Norm + adapter then a W4 linear added into an output, as the engine's decode step calls them on CPU
+    tensors: no graph break (a lazy cache or a Python-side read of a tensor would be one)."""
+    t, _ = make(64, 256, 64, True, "gptq_v2")
+    w = C.prepare_w4_cuda(t, "cpu")
+    gen = torch.Generator().manual_seed(5)
+    na = C.prepare_norm_adapter_cuda(torch.rand(256, generator=gen) + 0.5, torch.randn(4, 256, generator=gen),
+                                     torch.randn(4, generator=gen), torch.randn(2, 256, 4, generator=gen),
+                                     torch.randn(2, 256, generator=gen), 1e-6, "cpu")
+
+    def step(h: torch.Tensor, rm: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return C.w4_linear(C.norm_adapter(h, na, rm), w, out)
+
+    h, rm = torch.randn(2, 256, generator=gen), torch.tensor([0, 1], dtype=torch.int32)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(h, rm, torch.zeros(2, 64)), step(h, rm, torch.zeros(2, 64)))
+
+
 # ---- CPU: the lane-by-lane emulation of the GPU GEMV ---------------------------------------------------
 
 
@@ -138,6 +156,8 @@ def test_lane_emulation_epilogues_add_exactly() -> None:
     C.w4_linear_lanes(x, w, out16[:, :w.n])
     assert torch.equal(out16[:, :w.n], (base16[:, :w.n].float() + acc).half())
     assert torch.equal(out16[:, w.n:], base16[:, w.n:])
+    one = torch.zeros(w.n, 1).t()  # a single row whose row stride (1) is below n: never read
+    assert torch.equal(C.w4_linear_lanes(x[:1], w, one), acc[:1])
 
 
 @needs_ext

@@ -19,6 +19,8 @@ def test_cuda_static_check(tmp_path: pathlib.Path) -> None:
     env = {**os.environ, "STATIC_OUT": str(tmp_path)}
     r = subprocess.run(["bash", str(ROOT / "scripts" / "cuda_static_check.sh")], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
+    if r.returncode == 2 and "cuobjdump" in r.stderr:  # nvcc without cuobjdump and no PyPI to fetch it
+        pytest.skip(r.stderr.strip().splitlines()[-1])
     assert r.returncode == 0, r.stdout + r.stderr
     summary = json.loads((tmp_path / "static_check.json").read_text())
     assert summary["archs"] == ["80", "86", "87", "89", "90"] and not summary["problems"]

@@ -46,7 +46,7 @@ struct Words4 {
 // The fp16 value nearest to v (ties to even), where the exact value is v + err (err: the exact rounding
 // residual of v, so a double-rounded tie is resolved the way a single rounding would).
 inline float round_half(double v, double err = 0.0) {
-  if (v == 0.0) return static_cast<float>(v);
+  if (v == 0.0 || !std::isfinite(v)) return static_cast<float>(v);  // zeros, infinities and NaN pass through
   const double a = std::fabs(v);
   int e = 0;
   std::frexp(a, &e);                                  // a in [2^(e-1), 2^e)

@@ -21,14 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import cuda_kernels_ok, extension
-from .gptq_format import GPTQTensors, unpack_linear
+from .gptq_format import GPTQTensors, unpack_nibbles_cols, zero_offset
 
 GEMV_MAX_M = 8  # rows the decode GEMV takes; more go through dequantize + torch.matmul
 CHUNK = 32  # inputs per 128-bit weight load (the kernel's unit; K and the group size are multiples of it)
 # Nibble slot s of a repacked word holds input 2s (s < 4) or 2(s-4)+1: `(w >> 4j) & 0x000f000f` then yields
 # inputs 2j and 2j+1 as the low and high fp16 of a half2 (the lop3 trick, see csrc/cuda/README.md).
 _SLOT_INPUT = (0, 2, 4, 6, 1, 3, 5, 7)
-_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int64)
 _OUT_KIND = {None: 0, torch.float16: 1, torch.float32: 2}  # store fp16 / add into fp16 / add into fp32
 
 
@@ -38,7 +37,9 @@ class CudaW4:
 
     ``qw`` int32 [n, k/8]: row n's inputs in group order, 32 per 128-bit chunk, nibbles interleaved as
     ``_SLOT_INPUT``; ``sz`` fp16 [n, G, 2]: (scale, 1024 + zero point) of each group; ``perm`` int64 [k] or
-    None: input j of the group order is x's column ``perm[j]`` (act-order), None when already in order."""
+    None: input j of the group order is x's column ``perm[j]`` (act-order), None when already in order.
+    ``dense``: on CPU tensors only, the dequantized weights in group order as fp32 [n, k], built at prepare time
+    so that the reference's step is one F.linear (no lazy state: it traces as one graph)."""
 
     n: int
     k: int
@@ -46,7 +47,7 @@ class CudaW4:
     qw: torch.Tensor
     sz: torch.Tensor
     perm: torch.Tensor | None
-    _dense: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    dense: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -75,8 +76,23 @@ def _group_order(g_idx: torch.Tensor, k: int, gs: int) -> torch.Tensor | None:
     return perm
 
 
+def _repack_words(qweight: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """GPTQ qweight int32 [k/8, n] -> the kernel's words int32 [n, k/8]: inputs in group order (``perm``),
+    nibble slots in ``_SLOT_INPUT`` order. Byte operations on qweight's device (one byte per weight), so a
+    GPU repacks a 7B linear at once and a CPU in a fraction of a second."""
+    kr, n = qweight.shape
+    b = qweight.contiguous().view(torch.uint8).reshape(kr, n, 4)  # little-endian: byte j = inputs 2j, 2j+1
+    lo, hi = b & 0xF, b >> 4
+    inp = torch.stack([t[:, :, j] for j in range(4) for t in (lo, hi)], dim=1)  # [k/8, 8, n]: input 8r+i
+    if perm is not None:
+        inp = inp.reshape(kr * 8, n)[perm.to(inp.device)].reshape(kr, 8, n)
+    out = torch.stack([inp[:, _SLOT_INPUT[2 * t]] | (inp[:, _SLOT_INPUT[2 * t + 1]] << 4) for t in range(4)], dim=2)
+    return out.view(torch.int32).reshape(kr, n).t().contiguous()
+
+
 def prepare_w4_cuda(g: GPTQTensors, device: torch.device | str) -> CudaW4:
-    """Repack a GPTQ linear once for the CUDA GEMV (done on the CPU, then moved to ``device``).
+    """Repack a GPTQ linear once for the CUDA GEMV, on ``device`` (the checkpoint's tensors are moved there
+    first, so a GPU does the repacking).
 
     K and the group size (-1: all of K) must be multiples of 32; act-order (non-monotonic ``g_idx``) is kept
     as a permutation of x's columns. ValueError otherwise."""
@@ -85,29 +101,28 @@ def prepare_w4_cuda(g: GPTQTensors, device: torch.device | str) -> CudaW4:
     if k % CHUNK or gs % CHUNK or k % gs:
         raise ValueError(f"the CUDA W4 layout needs K ({k}) and group_size ({gs}) multiples of {CHUNK}, "
                          f"K a multiple of group_size")
-    u = unpack_linear({key: t.cpu() for key, t in g.as_dict().items()}, checkpoint_format=g.checkpoint_format)
-    perm = _group_order(u.g_idx, k, gs)
-    q = u.q if perm is None else u.q[:, perm]  # [n, k] ints, group order
-    q = q.to(torch.int64).reshape(n, k // 8, 8)[:, :, list(_SLOT_INPUT)]
-    words = (q << _SHIFTS.view(1, 1, 8)).sum(dim=2) & 0xFFFFFFFF
-    qw = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    gorder = torch.arange(k // gs) if perm is None else u.g_idx.long()[perm[::gs]]
-    scales = u.scales[gorder].t()  # [n, G] in group order (the stored fp16 values, exactly)
-    zeros = u.zeros[gorder].t()
-    sz = torch.stack([scales, zeros + 1024.0], dim=2).to(torch.float16)
     dev = torch.device(device)
-    return CudaW4(n, k, gs, qw.contiguous().to(dev), sz.contiguous().to(dev),
-                  None if perm is None else perm.to(dev))
+    perm = _group_order(g.g_idx, k, gs)
+    qw = _repack_words(g.qweight.to(dev), perm)
+    gorder = torch.arange(k // gs) if perm is None else g.g_idx.long().cpu()[perm[::gs]]
+    zeros = unpack_nibbles_cols(g.qzeros.to(dev), n).float() + zero_offset(g.checkpoint_format)  # [G, n]
+    gorder = gorder.to(dev)
+    sz = torch.stack([g.scales.to(dev).float()[gorder].t(), zeros[gorder].t() + 1024.0], dim=2)
+    w = CudaW4(n, k, gs, qw, sz.to(torch.float16).contiguous(), None if perm is None else perm.to(dev))
+    if dev.type == "cpu":
+        w.dense = _dequantize_sorted(w).float()
+    return w
 
 
 # ----------------------------------------------------------------------------------------------- references
 
 def _dequantize_sorted(w: CudaW4) -> torch.Tensor:
     """fp16 [n, k] in the group (stored) order: ``fp16(s * (q - z))``, as the kernel dequantizes."""
-    words = w.qw.to(torch.int64).unsqueeze(2) >> _SHIFTS.to(w.device).view(1, 1, 8)
-    nib = (words & 0xF).to(torch.float16)  # [n, k/8, 8] by slot
-    inv = torch.tensor([_SLOT_INPUT.index(i) for i in range(8)], device=w.device)
-    q = nib[:, :, inv].reshape(w.n, w.groups, w.group_size)
+    b = w.qw.view(torch.uint8).reshape(w.n, w.k // 8, 4)  # byte t: nibble slots 2t (low), 2t + 1 (high)
+    lo, hi = b & 0xF, b >> 4
+    slots = [t[:, :, j] for j in range(4) for t in (lo, hi)]
+    q = torch.stack([slots[_SLOT_INPUT.index(i)] for i in range(8)], dim=2).to(torch.float16)
+    q = q.reshape(w.n, w.groups, w.group_size)
     s, z = w.sz[:, :, 0:1], w.sz[:, :, 1:2]
     return ((q + 1024.0) - z).mul(s).reshape(w.n, w.k)  # fp16 ops: q - z exact, one rounding
 
@@ -136,9 +151,7 @@ def _epilogue(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 
 
 def _w4_linear_ref(x: torch.Tensor, w: CudaW4, out: torch.Tensor | None = None) -> torch.Tensor:
-    dense = w._dense.get("sorted_f32")
-    if dense is None:  # cached: the engine on CPU tensors calls this every step
-        dense = w._dense.setdefault("sorted_f32", _dequantize_sorted(w).float())
+    dense = w.dense if w.dense is not None else _dequantize_sorted(w).float()
     return _epilogue(F.linear(_gather(x, w).float(), dense), out)
 
 
@@ -169,17 +182,28 @@ def _w4_linear_cuda(x: torch.Tensor, w: CudaW4, out: torch.Tensor | None = None)
             return y
         out.add_(y)
         return out
-    xg = _gather(x, w).contiguous()
     kind = _OUT_KIND[None if out is None else out.dtype]
     if out is None:
         out = torch.empty(m, w.n, dtype=torch.float16, device=x.device)
+    if m == 0:
+        return out
+    xg = _gather(x, w).contiguous()
+    if xg.data_ptr() % 16:  # the kernel reads x 128 bits at a time
+        xg = xg.clone()
     extension().cuda_w4_gemv(  # type: ignore[union-attr]
-        xg.data_ptr(), m, w.qw.data_ptr(), w.sz.data_ptr(), out.data_ptr(), out.stride(0), kind, w.n, w.k,
+        xg.data_ptr(), m, w.qw.data_ptr(), w.sz.data_ptr(), out.data_ptr(), _ldo(out, w.n), kind, w.n, w.k,
         w.group_size, _stream(x))
     return out
 
 
+def _ldo(out: torch.Tensor, n: int) -> int:
+    """out's row stride; a single row's stride is never read (and may be anything in a view)."""
+    return out.stride(0) if out.shape[0] > 1 else n
+
+
 def _dequantize_sorted_cuda(w: CudaW4, out: torch.Tensor) -> torch.Tensor:
+    if not out.is_contiguous() or out.data_ptr() % 16:  # the kernel writes whole rows, 128 bits at a time
+        return out.copy_(_dequantize_sorted_cuda(w, torch.empty_like(out, memory_format=torch.contiguous_format)))
     extension().cuda_w4_dequant(w.qw.data_ptr(), w.sz.data_ptr(), out.data_ptr(), w.n, w.k,  # type: ignore
                                 w.group_size, _stream(out))
     return out
@@ -197,9 +221,11 @@ def _dequantize_cuda(w: CudaW4, out: torch.Tensor | None = None) -> torch.Tensor
 
 def _norm_adapter_cuda(x: torch.Tensor, w: CudaNormAdapter, row_modality: torch.Tensor) -> torch.Tensor:
     rows = x.shape[0]
+    if row_modality.dtype != torch.int32 or not row_modality.is_contiguous():
+        row_modality = row_modality.to(torch.int32).contiguous()
     y = torch.empty(rows, w.dim, dtype=torch.float16, device=x.device)
     extension().cuda_norm_adapter(  # type: ignore[union-attr]
-        x.data_ptr(), 1 if x.dtype == torch.float32 else 0, y.data_ptr(), rows, w.dim, w.rank, w.g.data_ptr(),
+        x.data_ptr(), x.dtype == torch.float32, y.data_ptr(), rows, w.dim, w.rank, w.g.data_ptr(),
         w.A.data_ptr(), w.a.data_ptr(), w.U.data_ptr(), w.u.data_ptr(), row_modality.data_ptr(), w.eps,
         _stream(x))
     return y
@@ -301,12 +327,12 @@ def w4_linear_lanes(x: torch.Tensor, w: CudaW4, out: torch.Tensor | None = None)
     m = x.shape[0]
     if not 1 <= m <= GEMV_MAX_M or x.shape[1] != w.k or x.dtype != torch.float16:
         raise ValueError(f"x must be fp16 [m <= {GEMV_MAX_M}, {w.k}]")
-    xg = _gather(x.cpu(), _on_cpu(w)).contiguous()
+    xg = _gather(x.cpu(), _on_cpu(w)).contiguous().clone()
     kind = _OUT_KIND[None if out is None else out.dtype]
     if out is None:
         out = torch.empty(m, w.n, dtype=torch.float16)
     qw, sz = w.qw.cpu().contiguous(), w.sz.cpu().contiguous()
-    c.w4_gemv_emulate(xg.data_ptr(), m, qw.data_ptr(), sz.data_ptr(), out.data_ptr(), out.stride(0), kind, w.n,
+    c.w4_gemv_emulate(xg.data_ptr(), m, qw.data_ptr(), sz.data_ptr(), out.data_ptr(), _ldo(out, w.n), kind, w.n,
                       w.k, w.group_size)
     return out
 
