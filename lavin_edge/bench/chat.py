@@ -37,9 +37,9 @@ from typing import Any
 
 import torch
 
-from lavin_edge.bench.child import module_command
+from lavin_edge.bench.child import module_command, peak_rss_mb
 from lavin_edge.bench.llamacpp import llamacpp_row, peer_rows
-from lavin_edge.bench.random_gptq import NoTokenizer, RandomGPTQLlama
+from lavin_edge.bench.random_gptq import NoTokenizer, RandomGPTQLlama, random_prompt_ids
 from lavin_edge.bench.roofline import apply_run_roofline, probe_read_bw, roofline_fields
 
 DEFAULT_QUESTION = "What shape is in the image?"
@@ -47,13 +47,7 @@ DEFAULT_IMAGE = "examples/easyvqa-red-triangle.png"
 KEYS = ("model", "backend", "prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb")
 
 
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _example_image() -> Path:
+def example_image() -> Path:
     """examples/easyvqa-red-triangle.png from a checkout; an installed package has no examples/, so fall back
     to the same picture inside the easy-vqa package (test image 0)."""
     for p in (Path(DEFAULT_IMAGE), Path(__file__).resolve().parents[2] / DEFAULT_IMAGE):
@@ -77,7 +71,7 @@ def _demo_row(model_dir: str, backend: str, new_tokens: int, question: str, imag
 
     if prompt_tokens:
         eng = Engine.load(model_dir, backend=backend, max_context=prompt_tokens + new_tokens + 8)
-        ids, pos, image = _random_prompt_ids(eng.embed.shape[0], prompt_tokens), -1, None
+        ids, pos, image = random_prompt_ids(eng.embed.shape[0], prompt_tokens), -1, None
     else:
         eng = Engine.load(model_dir, backend=backend)
         sess = ChatSession(eng, GenerationConfig(max_new_tokens=new_tokens))
@@ -102,7 +96,7 @@ def _demo_row(model_dir: str, backend: str, new_tokens: int, question: str, imag
     return {"prompt_tokens": best.prompt_tokens, "new_tokens": best.new_tokens,
             "prefill_tok_s": round(best.prefill_tok_s, 1), "decode_tok_s": round(best.decode_tok_s, 1),
             "ttft_ms": round(best.ttft_s * 1000, 1), "vision_ms": round(best.vision_s * 1000, 1),
-            "peak_rss_mb": round(_peak_rss_mb(), 1), "weight_bytes_per_token": eng.weight_bytes_per_token(),
+            "peak_rss_mb": round(peak_rss_mb(), 1), "weight_bytes_per_token": eng.weight_bytes_per_token(),
             "backend_detail": eng.backend + (" (lm_head W4)" if eng.head_w4 else "")}
 
 
@@ -159,21 +153,16 @@ def _llama7b_row(new_tokens: int, prompt_tokens: int, max_context: int, llm: dic
     eng = Engine(cfg, RandomGPTQLlama(cfg.llm), {"checkpoint_format": "gptq", "group_size": 128}, "kernels",
                  max_context, NoTokenizer())
     load_s = time.perf_counter() - t0
-    ids = _random_prompt_ids(cfg.llm.vocab_size, prompt_tokens)
+    ids = random_prompt_ids(cfg.llm.vocab_size, prompt_tokens)
     stats = GenerationStats()
     eng.reset(TEXT)
     eng.generate(ids, GenerationConfig(max_new_tokens=new_tokens), stats=stats, stop_ids=set())
     return {"prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
             "prefill_tok_s": round(stats.prefill_tok_s, 2), "decode_tok_s": round(stats.decode_tok_s, 2),
-            "ttft_ms": round(stats.ttft_s * 1000, 1), "peak_rss_mb": round(_peak_rss_mb(), 1),
+            "ttft_ms": round(stats.ttft_s * 1000, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
             **roofline_fields(cfg.llm, read_bw, eng.weight_bytes_per_token(), 4, prompt_tokens + new_tokens / 2,
                                stats.decode_tok_s),
             "load_s": round(load_s, 1), "threads": threads}
-
-
-def _random_prompt_ids(vocab_size: int, n: int) -> list[int]:
-    """The 7B and long-context rows' prompt: the same random ids for our engine and for llama.cpp."""
-    return [int(i) for i in torch.randint(3, vocab_size, (n,), generator=torch.Generator().manual_seed(0))]
 
 
 # ----------------------------------------------------------------------------------------- driver
@@ -206,7 +195,7 @@ def run_chat_bench(json_out: bool = False, fp_model: str | None = None, q_model:
     from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir
 
     threads = threads or torch.get_num_threads()
-    image = image or str(_example_image())
+    image = image or str(example_image())
     rows: list[dict[str, Any]] = []
 
     def add(model: str, backend: str, spec: dict[str, Any] | None, skip: str | None = None,

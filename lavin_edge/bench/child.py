@@ -18,3 +18,10 @@ def module_command(module: str, *args: str, flags: tuple[str, ...] = ()) -> list
     """The argv of ``python [flags] -m module args`` run on this process's lavin_edge (see the module
     docstring); ``flags``: interpreter options such as ``-X importtime``."""
     return [sys.executable, *flags, "-c", _BOOT, ROOT, module, *args]
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MB): each benchmark row runs in a child of its own, so it is the row's."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

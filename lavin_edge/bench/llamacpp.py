@@ -32,12 +32,13 @@ def demo_gguf_path() -> str | None:
 def llamacpp_row(gguf: str, new_tokens: int, prompt: str | None = None, prompt_ids: list[int] | None = None,
                   n_ctx: int = 512, roofline_llm: Any = None, random_prompt: int = 0) -> dict[str, Any]:
     """Greedy decode through llama-cpp-python: ``prompt`` text (tokenized by the GGUF's own tokenizer),
-    ``prompt_ids``, or ``random_prompt`` random ids over the GGUF's vocabulary (``_random_prompt_ids``: the ids
+    ``prompt_ids``, or ``random_prompt`` random ids over the GGUF's vocabulary (``random_prompt_ids``: the ids
     our row of the same model reads). ``roofline_llm``: the ``LlamaConfig`` a random GGUF of ours was written
     from, for its bandwidth limit, as for our 7B row."""
     from llama_cpp import Llama  # type: ignore[import-not-found]
 
-    from lavin_edge.bench.chat import _peak_rss_mb, _random_prompt_ids
+    from lavin_edge.bench.child import peak_rss_mb
+    from lavin_edge.bench.random_gptq import random_prompt_ids
 
     threads = torch.get_num_threads()
     read_bw = probe_read_bw(threads) if roofline_llm is not None else None
@@ -48,7 +49,7 @@ def llamacpp_row(gguf: str, new_tokens: int, prompt: str | None = None, prompt_i
     if prompt_ids is not None:
         toks = prompt_ids
     elif random_prompt:
-        toks = _random_prompt_ids(llm.n_vocab(), random_prompt)
+        toks = random_prompt_ids(llm.n_vocab(), random_prompt)
     else:
         toks = llm.tokenize((prompt or "").encode(), add_bos=True, special=True)
     best: dict[str, Any] = {}
@@ -68,7 +69,7 @@ def llamacpp_row(gguf: str, new_tokens: int, prompt: str | None = None, prompt_i
         best = {"prompt_tokens": len(toks), "new_tokens": new_tokens,
                 "prefill_tok_s": round(len(toks) / (t1 - t0), 1),
                 "decode_tok_s": round((new_tokens - 1) / (t2 - t1), 2), "ttft_ms": round((t1 - t0) * 1000, 1)}
-    best["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    best["peak_rss_mb"] = round(peak_rss_mb(), 1)
     best["threads"] = threads
     best["load_s"] = round(load_s, 1)
     if read_bw is not None:

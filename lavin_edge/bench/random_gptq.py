@@ -76,3 +76,8 @@ class NoTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return ""
+
+
+def random_prompt_ids(vocab_size: int, n: int) -> list[int]:
+    """The 7B and long-context rows' prompt: the same random ids for our engine and for llama.cpp."""
+    return [int(i) for i in torch.randint(3, vocab_size, (n,), generator=torch.Generator().manual_seed(0))]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from lavin_edge.commands.options import activations_option, threads_option
+from lavin_edge.commands.options import activations_option, device_option, threads_option
 
 
 @click.group(name="bench")
@@ -54,6 +54,9 @@ def kernels(ctx: click.Context, as_json: bool, threads: int | None, min_seconds:
 
 @command.command(name="chat")
 @activations_option
+@device_option(default="cpu", help="cpu: the rows above; cuda: the CUDA engine's rows instead (the demo with its "
+               "greedy agreement with the CPU run, a LLaMA-7B-shaped 4-bit model against the HBM roofline; "
+               "docs/cuda.md); without a GPU, cuda is one error line and exit 2; auto: cuda when present.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with `rows` instead of a table.")
 @click.option("--fp-model", type=click.Path(exists=True, file_okay=False), default=None,
               help="Merged fp model dir (default: the demo's).")
@@ -70,10 +73,15 @@ def kernels(ctx: click.Context, as_json: bool, threads: int | None, min_seconds:
               "and unless --no-7b a random LLaMA-7B-shaped Q4_0 GGUF, written once, 3.8 GB, to "
               "~/.cache/lavin-edge/bench).")
 def chat(as_json: bool, fp_model: str | None, q_model: str | None, new_tokens: int, threads: int | None,
-         no_7b: bool, context: int, no_llamacpp: bool) -> None:
+         no_7b: bool, context: int, no_llamacpp: bool, device: str) -> None:
     """Prefill/decode tok/s, time to first token and peak RSS: the demo model in plain PyTorch vs the
     quantized one on the extension, a LLaMA-7B-shaped 4-bit model vs the bandwidth limit, and llama.cpp
     on the same GGUF where llama-cpp-python is installed."""
+    if device == "cuda":
+        from lavin_edge.bench.chat_cuda import run_cuda_chat_bench
+
+        run_cuda_chat_bench(json_out=as_json, q_model=q_model, new_tokens=new_tokens, with_7b=not no_7b)
+        return
     from lavin_edge.bench.chat import run_chat_bench
 
     run_chat_bench(json_out=as_json, fp_model=fp_model, q_model=q_model, new_tokens=new_tokens, threads=threads,

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from lavin_edge.chat.demo import DEMO_DESCRIPTION
-from lavin_edge.commands.options import activations_option, threads_option
+from lavin_edge.commands.options import activations_option, device_option, threads_option
 
 EPILOG = (DEMO_DESCRIPTION + "\n\nIn the REPL: /image PATH swaps the image, /reset clears the history, /exit "
           "or Ctrl-D quits (exit code 0); Ctrl-C stops an answer, and at the empty prompt quits with exit code 130, "
@@ -19,6 +19,7 @@ EPILOG = (DEMO_DESCRIPTION + "\n\nIn the REPL: /image PATH swaps the image, /res
 
 @click.command(name="chat", epilog=EPILOG)
 @activations_option
+@device_option
 @click.option("--model", "model_dir", default=None, metavar="DIR",
               help="Merged or quantized model dir (default: the built demo model, quantized).")
 @click.option("--image", "image", default=None, metavar="PATH", help="Image to talk about (none: text only).")
@@ -46,7 +47,7 @@ EPILOG = (DEMO_DESCRIPTION + "\n\nIn the REPL: /image PATH swaps the image, /res
 def command(model_dir: str | None, image: str | None, prompt: str | None, json_out: bool, show_stats: bool,
             max_new_tokens: int, temperature: float, top_p: float, top_k: int, repetition_penalty: float,
             seed: int | None, stop: tuple[str, ...], backend: str, max_context: int | None, exact_head: bool,
-            threads: int | None) -> None:
+            threads: int | None, device: str) -> None:
     """Chat with a LaVIN model about an image: an interactive, streaming REPL, or one answer with --prompt.
 
     Example: lavin-edge chat --image examples/easyvqa-red-triangle.png --prompt "What shape is in the image?"
@@ -54,7 +55,7 @@ def command(model_dir: str | None, image: str | None, prompt: str | None, json_o
     if prompt is not None and not prompt.strip():
         raise click.BadParameter("is empty", param_hint="--prompt")
     greedy_text = temperature == 0 and repetition_penalty == 1 and not (json_out or show_stats or exact_head)
-    if prompt is not None and greedy_text and backend != "torch" and _answered_without_torch(
+    if prompt is not None and greedy_text and backend != "torch" and device == "cpu" and _answered_without_torch(
             model_dir, image, prompt, max_new_tokens, stop, max_context, threads):
         return
     import torch
@@ -65,7 +66,7 @@ def command(model_dir: str | None, image: str | None, prompt: str | None, json_o
     from lavin_edge.chat.session import ChatSession
     from lavin_edge.cli import skip_teardown_at_exit
     from lavin_edge.data.image import load_image
-    from lavin_edge.runtime import Engine
+    from lavin_edge.runtime.cuda_engine import engine_for
 
     if threads:
         torch.set_num_threads(threads)
@@ -76,7 +77,7 @@ def command(model_dir: str | None, image: str | None, prompt: str | None, json_o
     if model_dir is None and image is not None:
         load_image(image)  # a bad image fails now, not after the first-run demo build
     path = model_dir if model_dir is not None else demo_model_dir(build=True)
-    engine = Engine.load(path, backend=backend, max_context=max_context, head_w4=False if exact_head else None)
+    engine = engine_for(path, device, max_context, backend=backend, head_w4=False if exact_head else None)
     session = ChatSession(engine, gen)
     if image is not None:
         session.set_image(image)

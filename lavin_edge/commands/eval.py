@@ -8,13 +8,14 @@ from pathlib import Path
 
 import click
 
-from lavin_edge.commands.options import activations_option, threads_option
+from lavin_edge.commands.options import activations_option, device_option, threads_option
 
 EASY_VQA_NAMES = ("easy-vqa", "easy-vqa-mc")
 
 
 @click.command(name="eval")
 @activations_option
+@device_option
 @click.argument("model_dir", type=click.Path(file_okay=False))
 @click.option("--data", "data", required=True,
               help="A ScienceQA root (problems.json, pid_splits.json, images/), or 'easy-vqa' / 'easy-vqa-mc'.")
@@ -31,7 +32,7 @@ EASY_VQA_NAMES = ("easy-vqa", "easy-vqa-mc")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the full result (with predictions).")
 @click.option("--progress/--no-progress", default=True)
 def command(model_dir: str, data: str, split: str, limit: int | None, method: str, max_new_tokens: int,
-            base_dtype: str, threads: int | None, json_out: str | None, progress: bool) -> None:
+            base_dtype: str, threads: int | None, json_out: str | None, progress: bool, device: str) -> None:
     """Accuracy of the trained adapters in MODEL_DIR (the run dir of `lavin-edge train`, not a merged or
     quantized model)."""
     import torch
@@ -61,6 +62,7 @@ def command(model_dir: str, data: str, split: str, limit: int | None, method: st
     if limit is not None:
         records = records[:limit]
     model, tok, _ = load_trained_artifact(model_dir)
+    model.to(device)  # the training model in PyTorch: on the GPU with --device cuda
     dtype = DTYPES[base_dtype]
     if dtype != torch.float32:
         from lavin_edge.train import cast_frozen

@@ -64,3 +64,27 @@ def threads_option(help: str = "CPU threads (default: all cores)", default: int 
     return click.option("--threads", type=click.IntRange(1), default=default, show_default=default is not None,
                         callback=lambda ctx, param, value: bounded_threads(value),
                         help=f"{help.rstrip('.')}; {THREADS_RULE}.")
+
+
+DEVICE_HELP = (
+    "Where the model runs: cpu (the CPU kernels), cuda (the CUDA engine: needs a GPU and the extension built with "
+    "CUDA, else one error line and exit 2), auto (cuda when both are present, else cpu). docs/cuda.md."
+)
+
+
+def _resolve_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    # Resolved while the command line is parsed: the command sees "cpu" or "cuda". Imports PyTorch only where
+    # the extension has CUDA kernels and a GPU device node exists (lavin_edge.runtime.device).
+    from lavin_edge.runtime.device import resolve_device
+
+    return resolve_device(value)
+
+
+def device_option(f: Callable[..., Any] | None = None, *, default: str = "auto", help: str = DEVICE_HELP) -> Any:
+    """``--device {auto,cpu,cuda}``; the command receives ``device`` as "cpu" or "cuda". ``@device_option``, or
+    ``@device_option(default=..., help=...)``."""
+    def add(fn: Callable[..., Any]) -> Callable[..., Any]:
+        return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=default,
+                            show_default=True, callback=_resolve_device, help=help)(fn)
+
+    return add if f is None else add(f)

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from lavin_edge.chat.demo import DEMO_DESCRIPTION
-from lavin_edge.commands.options import activations_option, threads_option
+from lavin_edge.commands.options import activations_option, device_option, threads_option
 
 EPILOG = (DEMO_DESCRIPTION + "\n\nAPI: POST /v1/chat/completions (OpenAI's schema, stream=true for server-sent "
           "events), GET /v1/models, GET /health; the web page at /. Images only as data:image/...;base64 URLs "
@@ -28,8 +28,7 @@ def _fail(msg: str) -> None:
               help="Address to bind (0.0.0.0 exposes the server to the network: set --api-key then).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
               help="TCP port (0: a free one, printed); checked before the model loads: in use, exit 2.")
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu"]),
-              help="Where the model runs (the CPU kernels; a GPU backend is not served yet).")
+@device_option
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "kernels", "torch"]),
               help="kernels: the compiled extension; torch: plain PyTorch; auto: kernels when built.")
 @click.option("--slots", default=4, show_default=True, type=click.IntRange(1, 64),
@@ -82,7 +81,7 @@ def command(model_dir: str | None, host: str, port: int, device: str, backend: s
         _fail(str(e))
     port = sock.getsockname()[1]
     limits = ImageLimits(max_image_bytes, max_image_pixels, allow_files)
-    opts = ServeOptions(slots, max_queue, backend, max_context, api_key, limits, exact_head, prefill)
+    opts = ServeOptions(slots, max_queue, backend, max_context, api_key, limits, exact_head, prefill, device)
     try:
         path = Path(model_dir) if model_dir is not None else demo_model_dir(build=True)
         model_id = "lavin-edge-demo" if model_dir is None else path.resolve().name

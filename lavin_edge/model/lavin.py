@@ -202,7 +202,9 @@ class LaVIN(nn.Module):
     def generate_greedy(self, prompt_ids: list[int], image_pos: int, image: torch.Tensor | None,
                         max_new_tokens: int, stop_ids: set[int]) -> list[int]:
         """Greedy decoding with the KV cache; returns the new token ids (stop token excluded)."""
-        h = self.embed(torch.tensor([prompt_ids]), torch.tensor([image_pos]), None if image is None else image[None])
+        dev = next(self.parameters()).device  # eval --device cuda runs the model on the GPU
+        h = self.embed(torch.tensor([prompt_ids], device=dev), torch.tensor([image_pos], device=dev),
+                       None if image is None else image[None])
         return self.llm.generate_greedy(h, None, max_new_tokens, stop_ids)
 
 

@@ -11,6 +11,9 @@
 - ``compare``: top-1 agreement of two engines;
 - ``numpy_engine`` and ``numpy_vision``: a quantized model on the extension and NumPy alone, without importing
   PyTorch (the one-shot ``chat``'s cold start), tested against ``Engine``.
+- ``cuda_engine`` (+ ``cuda_weights``, ``cuda_state``, ``cuda_generate``, ``device_sampling``, ``cuda_batch``):
+  the CUDA engine, its decode step replayed from CUDA graphs, tested on CPU tensors against ``Engine``
+  (docs/cuda.md); ``device``: ``--device auto|cpu|cuda`` resolved.
 
 The names below are imported on first use (PEP 562): importing ``lavin_edge.runtime.numpy_engine`` must not
 import PyTorch through this package.

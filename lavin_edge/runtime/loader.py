@@ -103,7 +103,7 @@ def build_weights(cfg: LavinConfig, sd: Mapping[str, torch.Tensor], quant: dict[
         layers = [_layer(cfg, sd, i, quant, backend) for i in range(llm.n_layers)]
     except KeyError as e:
         raise ModelDirError(f"tensor {e} missing from the model") from e
-    vision, proj = _vision(cfg, sd, backend)
+    vision, proj = vision_modules(cfg, sd, backend)
     return RuntimeWeights(embed, norm, lm_head, use_w4, layers, vision, proj)
 
 
@@ -127,7 +127,7 @@ def _layer(cfg: LavinConfig, sd: Mapping[str, torch.Tensor], i: int, quant: dict
     )
 
 
-def _vision(cfg: LavinConfig, sd: Mapping[str, torch.Tensor], backend: Backend
+def vision_modules(cfg: LavinConfig, sd: Mapping[str, torch.Tensor], backend: Backend
             ) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
     # Iterate names, not items: a lazy mapping (the 7B benchmark) must not materialise every tensor.
     vis = {k.removeprefix("vision."): sd[k] for k in sd if k.startswith("vision.")}

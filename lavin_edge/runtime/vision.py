@@ -27,8 +27,10 @@ class KernelRoutedAdapter(nn.Module):
         if route_x is not None:
             return a(x, route_x)
         shape = x.shape
+        # The kernel takes fp32 rows on the CPU and fp16 rows on CUDA (the CUDA engine's fp16 tower).
+        dtype = torch.float16 if x.is_cuda else torch.float32
         y = vit_routed_adapter(
-            x.reshape(-1, shape[-1]).float().contiguous(), a.down.weight, a.down.bias, a.router.weight,
+            x.reshape(-1, shape[-1]).to(dtype).contiguous(), a.down.weight, a.down.bias, a.router.weight,
             a.router.bias, a.up_b.weight, a.up_b.bias, a.up_d.weight, a.up_d.bias, float(a.temperature),
             float(a.scale))
         return y.view(shape).to(x.dtype)

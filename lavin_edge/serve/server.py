@@ -7,6 +7,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from starlette.applications import Starlette
@@ -16,6 +17,9 @@ from lavin_edge.runtime.batch import BatchDecoder
 from lavin_edge.serve.app import ServerConfig, create_app
 from lavin_edge.serve.images import ImageLimits
 from lavin_edge.serve.scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from lavin_edge.runtime.cuda_engine import CudaEngine
 
 DEFAULT_MAX_CONTEXT = 2048  # each slot holds a KV cache of this many positions
 
@@ -30,6 +34,7 @@ class ServeOptions:
     limits: ImageLimits | None = None
     exact_head: bool = False
     prefill: str = "auto"  # inline | thread | auto (see prefill_on_thread)
+    device: str = "cpu"  # cpu | cuda (the CUDA engine, lavin_edge.runtime.cuda_batch)
 
 
 def prefill_on_thread(prefill: str, threads: int | None = None, cores: int | None = None) -> bool:
@@ -72,14 +77,26 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def build_app(engine: Engine, model_id: str, opts: ServeOptions) -> tuple[Starlette, Scheduler]:
-    """An app over an already loaded engine (tests build tiny ones in code)."""
-    scheduler = Scheduler(BatchDecoder(engine, opts.slots), opts.max_queue, prefill_on_thread(opts.prefill))
+def build_app(engine: Engine | CudaEngine, model_id: str, opts: ServeOptions) -> tuple[Starlette, Scheduler]:
+    """An app over an already loaded engine (tests build tiny ones in code). A ``CudaEngine`` (built with
+    ``slots``) batches through ``CudaBatchDecoder``, its prefills inline: a prefill thread would launch work
+    beside the replayed decode graph."""
+    from lavin_edge.runtime.cuda_batch import CudaBatchDecoder
+    from lavin_edge.runtime.cuda_engine import CudaEngine
+
+    if isinstance(engine, CudaEngine):
+        scheduler = Scheduler(CudaBatchDecoder(engine), opts.max_queue, False)  # type: ignore[arg-type]
+    else:
+        scheduler = Scheduler(BatchDecoder(engine, opts.slots), opts.max_queue, prefill_on_thread(opts.prefill))
     config = ServerConfig(model_id, opts.limits or ImageLimits(), opts.api_key)
     return create_app(scheduler, config), scheduler
 
 
 def load_app(model_dir: str | Path, model_id: str, opts: ServeOptions) -> tuple[Starlette, Scheduler]:
+    if opts.device == "cuda":
+        from lavin_edge.runtime.cuda_engine import CudaEngine
+
+        return build_app(CudaEngine.load(model_dir, "cuda", opts.max_context, slots=opts.slots), model_id, opts)
     engine = Engine.load(model_dir, backend=opts.backend, max_context=opts.max_context,
                          head_w4=False if opts.exact_head else None)
     return build_app(engine, model_id, opts)
