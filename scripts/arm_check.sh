@@ -30,6 +30,9 @@ if [ ${#need[@]} -gt 0 ]; then
     $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+# pybind11's CMake files for the builds here (pip install . builds in an isolated environment without them).
+python -m pybind11 --cmakedir >/dev/null 2>&1 || python -m pip install -q "pybind11>=2.12"
+
 # ---- arm64 sysroot: Debian's own packages, resolved by apt in a private state (the host's dpkg is untouched) ----
 pkgs="python3.11 python3-numpy libpython3.11-dev libgomp1 libstdc++6"
 sysroot=$cache/sysroot
