@@ -3,7 +3,7 @@ model, to compare two machines: scripts/arm_check.sh makes the model and the ref
 (``--make``, needs PyTorch and the repository's tests/ helpers), then runs this again under qemu-aarch64 with
 NumPy alone (``--expect``) for each backend there.
 
-Prints the tokens as JSON; with --expect exits 1 (naming the prompt) where they differ from that file's.
+Prints the tokens as JSON; with --expect exits 1 (naming the prompt) where one differs from that file's.
 """
 
 from __future__ import annotations
@@ -73,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.expect is None:
         return 0
     want = json.loads(args.expect.read_text())["tokens"]
-    bad = [q for q in want if got.get(q) != want[q]]
+    bad = [q for q in got if got[q] != want.get(q)]  # the prompts this run asked (the image ones with --image)
     for q in bad:
-        print(f"FAIL {q!r}: {got.get(q)} != {want[q]}", file=sys.stderr)
-    return 1 if bad else 0
+        print(f"FAIL {q!r}: {got[q]} != {want.get(q)}", file=sys.stderr)
+    return 1 if bad or not got else 0
 
 
 if __name__ == "__main__":
