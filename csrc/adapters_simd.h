@@ -1,12 +1,14 @@
-// Vectorised adapter kernels, compiled once per ISA translation unit (w4_avx2.cpp and
-// w4_avx512.cpp include this file with LAVIN_ADAPTER_SUFFIX set). The long loops over D are
-// `omp simd` loops that the compiler vectorises for that unit's -m flags; the one shape it
+// Vectorised adapter kernels, compiled once per ISA translation unit (w4_avx2.cpp, w4_avx512.cpp and
+// w4_neon.cpp include this file with LAVIN_ADAPTER_SUFFIX set). The long loops over D are
+// `omp simd` loops that the compiler vectorises for that unit's flags; the one shape it
 // cannot vectorise well (rank-8 rows of the folded up-projection, U[j, 0:8] . z) is written
-// with explicit AVX intrinsics.
+// with explicit AVX intrinsics on x86 and as 8-wide dot products elsewhere.
 //
 // Threads: one row (token) per iteration; a single decode row runs on one thread (D * r
 // flops, a few microseconds: a thread team would cost more than it saves).
+#if defined(__AVX2__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -29,6 +31,7 @@ inline float dot_simd(const float* a, const float* b, int64_t n) {
   return acc;
 }
 
+#if defined(__AVX2__)
 // y[j] += U[j, 0:8] . z + u[j] for j in [0, D): eight rows at a time, the eight 8-wide
 // products reduced together by a hadd tree (7 shuffles per 8 outputs, no scalar sums).
 inline void add_rank8_rows(const float* U, const float* z, const float* u, float* y, int64_t D) {
@@ -49,6 +52,11 @@ inline void add_rank8_rows(const float* U, const float* z, const float* u, float
   }
   for (; j < D; ++j) y[j] += dot_simd(U + j * 8, z, 8) + u[j];
 }
+#else
+inline void add_rank8_rows(const float* U, const float* z, const float* u, float* y, int64_t D) {
+  for (int64_t j = 0; j < D; ++j) y[j] += dot_simd(U + j * 8, z, 8) + u[j];
+}
+#endif
 
 }  // namespace
 

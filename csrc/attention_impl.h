@@ -7,7 +7,11 @@
 // Unlike the W4 units these builds let the compiler contract a * b + c into FMAs (decode.cpp's flags): the
 // attention has no bitwise reference to follow, only the tolerance of the tests against PyTorch's SDPA, and each
 // build is used alone by the stack that chose it.
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -64,6 +68,16 @@ __attribute__((always_inline)) static inline f32x16 load16h(const uint16_t* p) {
   bits |= (u32x16)special & 0x7F800000u;
   bits |= (w & 0x8000u) << 16;
   std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+#elif defined(__ARM_NEON)
+// Sixteen cached fp16 values as floats: four fcvtl (vcvt_f32_f16, exact; fp16 conversion is AArch64 baseline).
+__attribute__((always_inline)) static inline f32x16 load16h(const uint16_t* p) {
+  f32x16 f;
+  for (int i = 0; i < 4; ++i) {
+    const float32x4_t v = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p + 4 * i)));
+    std::memcpy(reinterpret_cast<char*>(&f) + 16 * i, &v, sizeof v);
+  }
   return f;
 }
 #elif defined(__AVX512F__)

@@ -9,16 +9,22 @@
 #include <cstring>
 #include <vector>
 
-#include <omp.h>
-
 #include "exp_vec.h"
 #include "kernels.h"
 
-// The attention of one kv head and its query heads, for the scalar backend and any CPU (the AVX2 and AVX-512
-// backends have builds of their own with F16C: attention_avx2.cpp, attention_avx512.cpp). GCC clones it per ISA
-// level and picks one at load time (ifunc), so this file itself needs no -m flags.
+// On x86-64, GCC clones the generic attention and SiLU per ISA level and picks one at load time (ifunc), so this
+// file itself needs no -m flags. Elsewhere (AArch64: Advanced SIMD is baseline) there is one build.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LAVIN_ISA_CLONES __attribute__((noinline, target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define LAVIN_ISA_CLONES __attribute__((noinline))
+#endif
+
+// The attention of one kv head and its query heads, for the scalar backend and any CPU (the AVX2, AVX-512 and
+// NEON backends have builds of their own with a hardware fp16 conversion: attention_avx2.cpp,
+// attention_avx512.cpp, attention_neon.cpp).
 #define LAVIN_ATTEND_SUFFIX generic
-#define LAVIN_ATTEND_ATTRS __attribute__((noinline, target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#define LAVIN_ATTEND_ATTRS LAVIN_ISA_CLONES
 #define LAVIN_LOAD16H_INTEGER 1
 #include "attention_impl.h"
 
@@ -117,7 +123,7 @@ void DecodeStack::norm(const DecodeNorm& n, const float* x, float* y, int64_t m,
   adapter_(a, 1);  // D * r flops per row: a thread team would cost more than it saves
 }
 
-__attribute__((noinline, target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+LAVIN_ISA_CLONES
 void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.0f + exp_vec(-gate[i])) * up[i];

@@ -112,6 +112,9 @@ XQuant quantize_activations_scalar(const float* x, int64_t ldx, const W4Prepared
                                    int8_t* q, float* d, float* gsum);
 XQuant quantize_activations_avx512(const float* x, int64_t ldx, const W4Prepared& w, int64_t m, ActFormat fmt,
                                    int8_t* q, float* d, float* gsum);
+XQuant quantize_activations_neon(const float* x, int64_t ldx, const W4Prepared& w, int64_t m, ActFormat fmt,
+                                 int8_t* q, float* d, float* gsum);
+using QuantizeFn = XQuant (*)(const float*, int64_t, const W4Prepared&, int64_t, ActFormat, int8_t*, float*, float*);
 
 // y [m][n] (row stride ldy) = x W^T on the prepared layout. One per ISA; the generic one is
 // the scalar reference of the integer algorithm (the SIMD ones agree with it to the last bit
@@ -119,6 +122,11 @@ XQuant quantize_activations_avx512(const float* x, int64_t ldx, const W4Prepared
 void w4_gemm_generic(const W4Prepared& w, const XQuant& xq, float* y, int64_t ldy, int threads);
 void w4_gemm_avx2(const W4Prepared& w, const XQuant& xq, float* y, int64_t ldy, int threads);
 void w4_gemm_avx512(const W4Prepared& w, const XQuant& xq, float* y, int64_t ldy, int threads);
+// AArch64: plain Advanced SIMD (no dot product: Cortex-A72, Raspberry Pi 4), the int8 dot product (sdot), and
+// the int8 matrix multiply (smmla, for m >= 2; its m = 1 rows run the sdot kernel).
+void w4_gemm_neon(const W4Prepared& w, const XQuant& xq, float* y, int64_t ldy, int threads);
+void w4_gemm_neon_dotprod(const W4Prepared& w, const XQuant& xq, float* y, int64_t ldy, int threads);
+void w4_gemm_neon_i8mm(const W4Prepared& w, const XQuant& xq, float* y, int64_t ldy, int threads);
 
 // One-time repack of a GPTQ qweight int32 [k/8][n] (rows gathered by perm when given) into
 // the prepared layout above: out must hold np/16 * kp/8 * 64 bytes.
@@ -154,6 +162,9 @@ void llm_adapter_avx512(const LlmAdapterArgs& p, int threads);
 void vit_adapter_scalar(const VitAdapterArgs& p, int threads);
 void vit_adapter_avx2(const VitAdapterArgs& p, int threads);
 void vit_adapter_avx512(const VitAdapterArgs& p, int threads);
+void llm_adapter_neon(const LlmAdapterArgs& p, int threads);
+void vit_adapter_neon(const VitAdapterArgs& p, int threads);
+using VitAdapterFn = void (*)(const VitAdapterArgs&, int);
 
 // ---------------------------------------------------------------------------------------
 // One decode step of the whole decoder in a single call: one sequence (chat), or m rows of a continuous batch
@@ -215,6 +226,8 @@ void attend_group_avx2(const float* q, const uint16_t* K, const uint16_t* V, int
                        int64_t group, float scale, int64_t ld, float* sc, float* out);
 void attend_group_avx512(const float* q, const uint16_t* K, const uint16_t* V, int64_t end, int64_t hd,
                          int64_t group, float scale, int64_t ld, float* sc, float* out);
+void attend_group_neon(const float* q, const uint16_t* K, const uint16_t* V, int64_t end, int64_t hd,
+                       int64_t group, float scale, int64_t ld, float* sc, float* out);
 using LlmAdapterFn = void (*)(const LlmAdapterArgs&, int);
 struct DecodeScratch;  // buffers for the most rows of a call (decode.cpp)
 // Rows per prefill chunk: every weight is read once per chunk, and the chunk's scores buffer

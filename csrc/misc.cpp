@@ -3,9 +3,8 @@
 // 64-bit lanes (vectorised by `omp simd`) keep the loads, not the adds, the bottleneck; the
 // checksum is returned so the compiler cannot drop the reads. The shares are static and
 // contiguous, like the STREAM kernels (one sequential stream per thread).
-#include <omp.h>
-
 #include "kernels.h"
+#include "parallel.h"
 
 namespace lavin {
 
@@ -15,7 +14,7 @@ double read_bandwidth_kernel(const void* buf, int64_t nbytes, int threads) {
   uint64_t total = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : total)
   {
-    const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+    const int nt = team_size(), id = team_index();
     const int64_t lines = n / 8;
     const int64_t lo = lines * id / nt * 8, hi = lines * (id + 1) / nt * 8;
     uint64_t acc = 0;

@@ -9,8 +9,6 @@
 #include <string>
 #include <vector>
 
-#include <omp.h>
-
 #include "cpu_features.h"
 #include "kernels.h"
 
@@ -25,7 +23,12 @@ ActFormat act_format_from_env() {
 
 XQuant quantize_activations(const float* x, int64_t ldx, const W4Prepared& w, int64_t m, ActFormat fmt, int8_t* q,
                             float* d, float* gsum) {
+#ifdef LAVIN_EDGE_BUILD_X86
   if (cpu_features().can_avx512()) return quantize_activations_avx512(x, ldx, w, m, fmt, q, d, gsum);
+#endif
+#ifdef LAVIN_EDGE_BUILD_NEON
+  if (cpu_features().can_neon()) return quantize_activations_neon(x, ldx, w, m, fmt, q, d, gsum);
+#endif
   return quantize_activations_scalar(x, ldx, w, m, fmt, q, d, gsum);
 }
 

@@ -17,6 +17,7 @@ import torch
 from test_engine import trained_like
 
 from lavin_edge.config import preset
+from lavin_edge.kernels.dispatch import CPU_BACKENDS
 from lavin_edge.merge import merge_lavin, read_config, save_merged
 from lavin_edge.modality import IMAGE, TEXT
 from lavin_edge.model.lavin import LaVIN
@@ -183,16 +184,16 @@ def test_fused_step_attention_head_sizes(tmp_path: Path, dim: int, heads: tuple[
     assert agree >= 0.9, agree
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", [b for b in CPU_BACKENDS if b != "torch"])
 @pytest.mark.parametrize("dim", [64, 96], ids=["hd16", "hd24"])
 def test_fused_step_each_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isa: str, dim: int) -> None:
     """Every CPU backend's step (its own W4, adapter and attention builds: the attention of the scalar backend
-    converts the fp16 cache with integer vector ops, the others with F16C) against the reference, on the
-    register-blocked attention (hd 16) and the plain loops (hd 24)."""
+    converts the fp16 cache with integer vector ops, the others with F16C or NEON's fcvtl) against the reference,
+    on the register-blocked attention (hd 16) and the plain loops (hd 24)."""
     from lavin_edge.kernels.dispatch import available_backends
 
     if isa not in available_backends():
-        pytest.skip(f"this CPU has no {isa}")
+        pytest.skip(f"{isa}: not built for this architecture or not supported by this CPU")
     monkeypatch.setenv("LAVIN_EDGE_KERNELS", isa)
     eng = Engine.load(_quantized_dir(_model(dim=dim, seed=4), tmp_path, act_order=False), backend="kernels")
     assert eng.native_decode is not None and eng.backend_impl.isa == isa

@@ -418,9 +418,25 @@ def test_backend_env_override(monkeypatch: pytest.MonkeyPatch) -> None:
 @needs_native
 def test_cpu_features_dict() -> None:
     f = K.cpu_features()
-    assert f["extension"] is True and f["best_isa"] in ("avx512", "avx2", "scalar")
-    assert NATIVE[0] == f["best_isa"]
+    assert f["extension"] is True and f["best_isa"] in K.CPU_BACKENDS
+    assert NATIVE[0] == f["best_isa"] and NATIVE == f["backends"] and NATIVE[-1] == "scalar"
+    assert set(NATIVE) <= set(f["built_backends"]) and isinstance(f["openmp"], bool)
     assert isinstance(f["omp_max_threads"], int) and f["omp_max_threads"] >= 1
+    assert f["omp_max_threads"] == 1 or f["openmp"]
+
+
+@needs_native
+def test_only_built_backends_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend of the other architecture (or one this CPU lacks) is refused by name, not run."""
+    built = D.built_backends()
+    other = next(b for b in K.CPU_BACKENDS if b not in built)
+    with pytest.raises(ValueError, match="must be one of"):
+        D.resolve_backend(other)
+    monkeypatch.setenv("LAVIN_EDGE_KERNELS", other)
+    with pytest.raises(ValueError, match="LAVIN_EDGE_KERNELS"):
+        K.backend()
+    with pytest.raises(ValueError, match="unknown isa '" + other):
+        K.extension().DecodeStack(other, 8, 1, 1, 8, 8, 4, 8, 1e-6, 1)
 
 
 # ---- CUDA (run where a GPU exists) ----------------------------------------------------------------

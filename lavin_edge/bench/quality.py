@@ -32,11 +32,13 @@ from typing import Any
 
 import torch
 
+from lavin_edge.kernels.dispatch import CPU_BACKENDS
+
 QUALITY_TEXT = Path(__file__).with_name("quality_text.txt")
 VQA_SEED = 20261130  # the fixed held-out sample of the easy-vqa test split
 DEFAULT_VQA = 100
 MAX_LEN = 256  # tokens per text segment (prefix included)
-ENGINE_BACKENDS = ("avx512", "avx2", "scalar", "torch")
+ENGINE_BACKENDS = CPU_BACKENDS  # every name a build may have; those available here run
 LLAMACPP_MISSING = "llama-cpp-python is not installed"
 
 

@@ -132,7 +132,8 @@ def serve(as_json: bool, model: str | None, clients: tuple[int, ...], requests: 
 @click.option("--fp-model", type=click.Path(file_okay=False), default=None,
               help="Merged fp model dir (default: the quantized dir's recorded source, else a sibling merged/).")
 @click.option("--backends", default=None,
-              help="Comma-separated engine backends to run: avx512, avx2, scalar, torch (default: all available).")
+              help="Comma-separated engine backends to run: avx512, avx2 (x86-64), neon-i8mm, neon-dotprod, neon "
+                   "(AArch64), scalar, torch (default: all available).")
 @click.option("--vqa", type=click.IntRange(0), default=100, show_default=True,
               help="easy-vqa test questions (a fixed sample); 0 skips them.")
 @click.option("--max-len", type=click.IntRange(8), default=256, show_default=True, help="Tokens per text segment.")

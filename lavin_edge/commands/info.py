@@ -29,7 +29,22 @@ def command(llm: str, vision: str, as_json: bool) -> None:
     for key in ("trainable_params", "total_params", "llm_adapters", "vision_adapters", "visual_proj",
                 "modality_embedding"):
         click.echo(f"  {key:<20} {counts[key]:>15,}")
-    click.echo(f"  {'extension':<20} {info['extension']}")
+    ext = info["extension"]
+    click.echo(f"  {'kernel backend':<20} {ext['backend']}")
+    if ext.get("extension"):
+        click.echo(f"  {'backends built':<20} {', '.join(ext['built_backends'])}")
+        click.echo(f"  {'backends usable':<20} {', '.join(ext['backends'])}")
+        click.echo(f"  {'threads':<20} {_threads_line(ext)}")
+        click.echo(f"  {'cuda compiled':<20} {ext['cuda_compiled']}")
+    else:
+        click.echo(f"  {'extension':<20} not built ({ext.get('error')})")
+
+
+def _threads_line(ext: dict) -> str:
+    """How the native kernels run in parallel: OpenMP's default team, or one thread in a build without OpenMP."""
+    if ext["openmp"]:
+        return f"OpenMP, {ext['omp_max_threads']} by default"
+    return "1 (built without OpenMP: install libomp / libgomp and rebuild for multi-threaded kernels)"
 
 
 def _extension_info() -> dict:

@@ -1,9 +1,10 @@
 """Which kernel backend runs, and the checks every wrapper applies to its tensors.
 
-Backends: ``avx512`` (VNNI) > ``avx2`` > ``scalar`` (the C++ reference) > ``torch`` (pure
-PyTorch, :mod:`lavin_edge.kernels.reference`), plus ``cuda`` for CUDA tensors. The fastest
-available one is used; ``LAVIN_EDGE_KERNELS=<name>`` forces one. Without the compiled
-extension everything falls back to PyTorch, with one warning.
+Backends, fastest first: on x86-64 ``avx512`` (VNNI) > ``avx2``; on AArch64 ``neon-i8mm`` > ``neon-dotprod`` >
+``neon``; then ``scalar`` (the C++ reference, every build) > ``torch`` (pure PyTorch,
+:mod:`lavin_edge.kernels.reference`), plus ``cuda`` for CUDA tensors. The extension says which it was built with
+and which this CPU runs; the fastest of those is used, ``LAVIN_EDGE_KERNELS=<name>`` forces one. Without the
+compiled extension everything falls back to PyTorch, with one warning.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ except ImportError as exc:  # pragma: no cover - depends on the build
     _IMPORT_ERROR = str(exc)
 
 _WARNED = False
-_AVAILABLE: dict[int, tuple[str, ...]] = {}
-CPU_BACKENDS = ("avx512", "avx2", "scalar", "torch")
+_AVAILABLE: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+# Every CPU backend name any build may have, fastest first within an architecture.
+CPU_BACKENDS = ("avx512", "avx2", "neon-i8mm", "neon-dotprod", "neon", "scalar", "torch")
 SMALL_WEIGHTS = 1 << 22  # weights below which a decode GEMV stays on one thread (4M: 2 MB at 4 bits)
 
 
@@ -74,12 +76,21 @@ def available_backends() -> list[str]:
     """CPU backends usable here, fastest first (always ends with "torch")."""
     if _C is None:
         return ["torch"]
-    cached = _AVAILABLE.get(id(_C))  # on the hot path of every checked matmul: computed once
+    return list(_backend_lists()[0])
+
+
+def built_backends() -> list[str]:
+    """CPU backends this build of the extension has, whether or not this CPU runs them (always ends with "torch")."""
+    return ["torch"] if _C is None else list(_backend_lists()[1])
+
+
+def _backend_lists() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(usable here, built), each ending with "torch"; on the hot path of every checked matmul: computed once."""
+    cached = _AVAILABLE.get(id(_C))
     if cached is None:
-        best = _C.cpu_features()["best_isa"]
-        order = ["avx512", "avx2", "scalar"]
-        cached = _AVAILABLE[id(_C)] = tuple(order[order.index(best) :]) + ("torch",)
-    return list(cached)
+        f = _C.cpu_features()
+        cached = _AVAILABLE[id(_C)] = (tuple(f["backends"]) + ("torch",), tuple(f["built_backends"]) + ("torch",))
+    return cached
 
 
 def backend() -> str:
@@ -87,8 +98,8 @@ def backend() -> str:
     forced = os.environ.get("LAVIN_EDGE_KERNELS", "").strip().lower()
     avail = available_backends()
     if forced and forced != "auto":
-        if forced not in CPU_BACKENDS:
-            raise ValueError(f"LAVIN_EDGE_KERNELS={forced!r}: expected one of {CPU_BACKENDS} or 'auto'")
+        if forced not in built_backends():
+            raise ValueError(f"LAVIN_EDGE_KERNELS={forced!r}: expected one of {built_backends()} or 'auto'")
         if forced not in avail:
             raise ValueError(f"LAVIN_EDGE_KERNELS={forced!r} is not available here (available: {avail})")
         return forced
@@ -101,8 +112,8 @@ def resolve_backend(backend_name: str | None) -> str:
     """``backend_name`` validated against what is available here; None: :func:`backend`."""
     if backend_name is None:
         return backend()
-    if backend_name not in CPU_BACKENDS:
-        raise ValueError(f"backend must be one of {CPU_BACKENDS}, got {backend_name!r}")
+    if backend_name not in built_backends():
+        raise ValueError(f"backend must be one of {built_backends()}, got {backend_name!r}")
     if backend_name not in available_backends():
         raise ValueError(f"backend {backend_name!r} not available here ({available_backends()})")
     return backend_name

@@ -201,7 +201,7 @@ def prepare_w4(
         qweight: int32 [K/8, N]; qzeros: int32 [G, ceil(N/8)]; scales: fp16 (or fp32) [G, N];
         g_idx: int32/int64 [K] or None; group_size: rows per group, -1/None/0 = all of K;
         checkpoint_format: "gptq" (v1, stored zero - 1) or "gptq_v2".
-        backend: force a CPU backend for this object ("avx512", "avx2", "scalar", "torch").
+        backend: force a CPU backend for this object (a name of ``dispatch.CPU_BACKENDS`` built here).
     The device of ``qweight`` decides the target: CPU -> tiled layout, CUDA -> CUDA kernels.
     """
     if checkpoint_format not in CHECKPOINT_FORMATS:
