@@ -15,8 +15,8 @@ import torch
 
 from lavin_edge.config import AdapterConfig
 from lavin_edge.data.self_distill import DEFAULT_PATH, greedy_answers, instructions, split_of, write_jsonl
-from lavin_edge.data.sources import chat_prompt
 from lavin_edge.model.lavin import encode_example
+from lavin_edge.prompt import chat_prompt
 from lavin_edge.training.base import BaseSpec, build_base
 
 

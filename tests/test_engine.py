@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lavin_edge.chat.sampling import GenerationConfig
 from lavin_edge.config import LavinConfig, preset
 from lavin_edge.io.tokenizer import ByteTokenizer
 from lavin_edge.merge import merge_lavin, save_merged
 from lavin_edge.modality import IMAGE, TEXT
 from lavin_edge.model.lavin import LaVIN, build_lavin, encode_example
 from lavin_edge.runtime import ContextError, Engine, ModelDirError
+from lavin_edge.runtime.sampling import GenerationConfig
 
 
 def trained_like(seed: int = 0, llm: str = "tiny", vision: str = "tiny", cfg: LavinConfig | None = None) -> LaVIN:
@@ -234,7 +234,9 @@ def test_quantized_top1_agreement_with_fp(tiny_dir: Path, tiny_quant_dir: Path) 
 
 def test_demo_model_top1_agreement() -> None:
     """On the demo model (when built): quantized vs fp next-token top-1 agreement >= 95% on held-out prompts."""
-    from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir, held_out_prompts
+    from lavin_edge.demo.build import demo_model_dir
+    from lavin_edge.demo.paths import DemoModelMissing
+    from lavin_edge.demo.prompts import held_out_prompts
 
     try:
         qdir = demo_model_dir()

@@ -146,7 +146,8 @@ def test_native_head_equals_python_rescored_head(act_order_dir: Path) -> None:
 
 def test_native_head_equals_python_rescored_head_demo() -> None:
     """The same on the demo (SmolLM2's 49152-row tied head), when it is built."""
-    from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir
+    from lavin_edge.demo.build import demo_model_dir
+    from lavin_edge.demo.paths import DemoModelMissing
 
     try:
         qdir = demo_model_dir()
@@ -203,7 +204,7 @@ def test_fused_step_each_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_greedy_generation_identical_tokens(plain_dir: Path) -> None:
     """End to end through generate(): the fused path produces the reference's tokens."""
-    from lavin_edge.chat.sampling import GenerationConfig
+    from lavin_edge.runtime.sampling import GenerationConfig
 
     eng = Engine.load(plain_dir, backend="kernels")
     ids = list(range(40, 60))

@@ -305,7 +305,7 @@ _DRIVER = textwrap.dedent("""
     from test_engine import trained_like
     from lavin_edge.merge import merge_lavin, save_merged
     from lavin_edge.modeldir import ModelDirError, read_config
-    from lavin_edge.quantize.step import QuantizeOptions, quantize_dir
+    from lavin_edge.quantize.run import QuantizeOptions, quantize_dir
 
     step, root = sys.argv[1], pathlib.Path(sys.argv[2])
     out = root / "out"

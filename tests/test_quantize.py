@@ -32,7 +32,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _easy_vqa(split: str, n: int):
-    from lavin_edge.data.sources import Problems, load_easy_vqa
+    from lavin_edge.data.easyvqa import load_easy_vqa
+    from lavin_edge.data.records import Problems
 
     return load_easy_vqa(split, Problems(), "open", limit=n, seed=0)
 
@@ -241,7 +242,7 @@ def test_kernels_read_our_checkpoint(quantized) -> None:
 def test_calibration_from_a_recipes_data(tmp_path) -> None:  # noqa: ANN001
     """--calib-recipe: text-only records fill the text share, image records (conversations with their earlier
     turns) the rest; too few records or a bad table is a clear error."""
-    from lavin_edge.quantize.step import QuantizeOptions, calibration_samples, read_calib_recipe
+    from lavin_edge.quantize.run import QuantizeOptions, calibration_samples, read_calib_recipe
     from lavin_edge.training.recipe import RecipeError
 
     recipe = tmp_path / "r.toml"

@@ -113,7 +113,7 @@ def test_modality_is_per_row(qdir: Path) -> None:
 
 def test_greedy_tokens_equal_engine_generate(qdir: Path) -> None:
     """The batch path produces the tokens the engine's own loop (native decode step) produces."""
-    from lavin_edge.chat.sampling import GenerationConfig
+    from lavin_edge.runtime.sampling import GenerationConfig
 
     eng = Engine.load(qdir, backend="auto")
     ref = Engine.load(qdir, backend="auto")
@@ -141,8 +141,9 @@ def test_step_errors(qdir: Path) -> None:
 def test_demo_examples_same_tokens_alone_and_batched() -> None:
     """On the demo (when built): the README's example questions about examples/*.png plus a text question, 16
     greedy tokens each, the same logits alone and as one batch of five (mixed modality)."""
-    from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir
     from lavin_edge.data.image import load_image
+    from lavin_edge.demo.build import demo_model_dir
+    from lavin_edge.demo.paths import DemoModelMissing
     from lavin_edge.prompt import conversation_ids
 
     try:

@@ -94,8 +94,9 @@ class VqaItem:
 
 def vqa_items(tok: Any, n_visual: int, image_size: int, n: int, seed: int = VQA_SEED) -> list[VqaItem]:
     """``n`` easy-vqa test questions (a fixed seeded sample), targets as the demo was trained on them."""
+    from lavin_edge.data.easyvqa import load_easy_vqa
     from lavin_edge.data.image import load_image
-    from lavin_edge.data.sources import Problems, load_easy_vqa
+    from lavin_edge.data.records import Problems
     from lavin_edge.model.lavin import encode_example
 
     out = []
@@ -204,8 +205,8 @@ def head_description(engine: Any) -> str:
 
 def answer(engine: Any, item: VqaItem, max_new_tokens: int) -> str:
     """The engine's greedy answer to one question, as ``chat`` produces it."""
-    from lavin_edge.chat.sampling import GenerationConfig
     from lavin_edge.modality import IMAGE
+    from lavin_edge.runtime.sampling import GenerationConfig
 
     engine.reset(IMAGE)
     visual = engine.encode_image(item.image)
@@ -292,7 +293,8 @@ def llamacpp_row(gguf: str | None, text: str, max_len: int) -> dict[str, Any]:
 def default_dirs(model: str | None, fp_model: str | None) -> tuple[Path, Path | None]:
     """(quantized dir, merged fp dir or None): the given ones, else the demo's (built on first use). Without
     ``fp_model`` the quantized dir's recorded source (``source.quantized_from``) or a sibling ``merged/``."""
-    from lavin_edge.chat.demo import MERGED_NAME, demo_model_dir
+    from lavin_edge.demo.build import demo_model_dir
+    from lavin_edge.demo.paths import MERGED_NAME
 
     q = Path(model) if model else demo_model_dir(quantized=True, build=True)
     if not (q / "config.json").is_file():

@@ -50,7 +50,7 @@ def command(model_dir: str, out: str, bits: str, group_size: str, sym: bool, des
     """Quantize MODEL_DIR (a merged model) into OUT with GPTQ, then print quality fp vs 4-bit.
 
     OUT is written all or nothing: an interrupted run leaves the previous OUT (or none)."""
-    from lavin_edge.quantize.step import QuantizeOptions, quantize_dir, read_calib_recipe
+    from lavin_edge.quantize.run import QuantizeOptions, quantize_dir, read_calib_recipe
 
     try:
         opts = QuantizeOptions(

@@ -7,7 +7,7 @@ instructions (facts, writing, lists, maths, code, how-to) written below, each an
 and stored as JSONL. Training on those answers pulls the adapted text route toward the base's own outputs.
 
 A fixed, hash-chosen subset is held out (``split = "test"``) for measuring how close the demo stays
-(``lavin_edge.text_fidelity``). Regenerate the file with ``python scripts/make_self_distill.py``.
+(``lavin_edge.bench.text_fidelity``). Regenerate the file with ``python scripts/make_self_distill.py``.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from lavin_edge.modality import TEXT, has_image
-from lavin_edge.runtime.model import ContextError, Engine
+from lavin_edge.runtime.engine import ContextError, Engine
 from lavin_edge.runtime.ops import NormAdapter
 
 __all__ = ["BatchDecoder"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lavin_edge.modality import modality_of
-from lavin_edge.runtime.model import Engine
+from lavin_edge.runtime.engine import Engine
 
 
 def top1_agreement(ref: Engine, other: Engine, prompts: list[tuple[list[int], int, torch.Tensor | None]],
@@ -17,7 +17,7 @@ def top1_agreement(ref: Engine, other: Engine, prompts: list[tuple[list[int], in
     token included); both engines then read prompt + that continuation in one pass (teacher forcing) and
     their argmax is compared at every position that predicts an answer token. ``all_positions`` compares
     every prompt position instead (harsher: inside a prompt the next token is often a near tie)."""
-    from lavin_edge.chat.sampling import GenerationConfig
+    from lavin_edge.runtime.sampling import GenerationConfig
 
     same = total = 0
     for ids, pos, image in prompts:

@@ -5,14 +5,28 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-from lavin_edge.chat.sampling import GenerationConfig, Sampler, StopStringStream
+from lavin_edge.prompt import ContextError
+from lavin_edge.runtime.sampling import GenerationConfig, Sampler, StopStringStream
 
-if TYPE_CHECKING:
-    from lavin_edge.runtime.model import Engine
+
+class DecodingEngine(Protocol):
+    """What the loop drives (``lavin_edge.runtime.engine.Engine``): a KV cache of ``length`` positions and a
+    forward over new embeddings."""
+
+    tokenizer: Any
+    max_context: int
+    length: int
+    embed: torch.Tensor
+    history: list[int]
+
+    def forward(self, h: torch.Tensor, last_only: bool = True) -> torch.Tensor: ...
+
+    def embed_prompt(self, ids: list[int], image_pos: int = -1, visual: torch.Tensor | None = None
+                     ) -> torch.Tensor: ...
 
 
 @dataclass
@@ -49,15 +63,13 @@ class GenerationResult:
     stats: GenerationStats
 
 
-def generate(engine: Engine, new_ids: list[int], gen: GenerationConfig, image_pos: int = -1,
+def generate(engine: DecodingEngine, new_ids: list[int], gen: GenerationConfig, image_pos: int = -1,
              visual: torch.Tensor | None = None, on_text: Callable[[str], None] | None = None,
              stats: GenerationStats | None = None, stop_ids: set[int] | None = None) -> GenerationResult:
     """Prefill ``new_ids`` after the engine's cached history (``length`` positions), then decode.
 
     The stop token (EOS / end-of-turn) is fed to the cache too, so the next turn can append.
     ``stop_ids`` overrides the tokenizer's (an empty set makes benchmarks produce exactly N tokens)."""
-    from lavin_edge.runtime.model import ContextError
-
     gen.validate()
     eng = engine
     tok = eng.tokenizer

@@ -114,7 +114,7 @@ def head_parts(head: LinearOp, keep: list[Any], native_head: bool = True) -> tup
 
 def build_native_decode(model: Any, isa: str, kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
                         native_head: bool = True) -> NativeDecode | None:
-    """A NativeDecode over ``model``'s layers (a ``lavin_edge.runtime.model.Engine``) on the native ``isa``, or
+    """A NativeDecode over ``model``'s layers (a ``lavin_edge.runtime.engine.Engine``) on the native ``isa``, or
     None when some op is not on the extension's kernels. ``kv_cache``: per layer (k, v) fp16 [slots, n_kv, ctx,
     head_dim] (a ``BatchDecoder``'s; default the engine's own, one slot). ``native_head`` False leaves the head
     to Python (the reference the tests compare the native head with)."""

@@ -1,7 +1,7 @@
 """A quantized model dir served on the extension with NumPy arrays alone, without importing PyTorch: what a
 one-shot ``lavin-edge chat --prompt`` runs, so that its cold start is not ``import torch``.
 
-``Engine`` (``lavin_edge.runtime.model``) is the reference; this class runs the same native code on the same
+``Engine`` (``lavin_edge.runtime.engine``) is the reference; this class runs the same native code on the same
 prepared weights, so its logits are the engine's native ones bit for bit up to the vision tower (NumPy here,
 PyTorch there: ~1e-6 relative) and the rotary table (NumPy's cos/sin here):
 

@@ -109,7 +109,8 @@ def quantize_dir(model_dir: str | Path, out: str | Path, opts: QuantizeOptions |
     if fp is not None:
         records = []
         if opts.eval_vqa:
-            from lavin_edge.data.sources import Problems, load_easy_vqa
+            from lavin_edge.data.easyvqa import load_easy_vqa
+            from lavin_edge.data.records import Problems
 
             records = load_easy_vqa("test", Problems(), "open", limit=opts.eval_vqa, seed=opts.seed)
         quality = compare(fp, model, tok, stdlib_paragraphs("heldout")[:opts.eval_texts], records)
@@ -140,8 +141,10 @@ def calibration_samples(opts: QuantizeOptions, tok: Any, n_visual: int, image_si
     [[data]] tables, sampled with ``seed``), else docstring prose (or ``calib_text``) and easy-vqa questions."""
     import random
 
+    from lavin_edge.data.easyvqa import load_easy_vqa
     from lavin_edge.data.prose import stdlib_paragraphs
-    from lavin_edge.data.sources import Problems, load_easy_vqa, load_source
+    from lavin_edge.data.records import Problems
+    from lavin_edge.data.sources import load_source
     from lavin_edge.quantize.quality import packed_text_samples, record_samples
 
     mods = opts.modalities

@@ -28,13 +28,13 @@ from lavin_edge.config import LavinConfig
 from lavin_edge.modality import IMAGE, TEXT, has_image
 from lavin_edge.prompt import ContextError
 from lavin_edge.runtime.backends import select_backend
+from lavin_edge.runtime.generate import GenerationResult, GenerationStats, generate
 from lavin_edge.runtime.loader import ModelDirError, build_weights, read_model_dir
 
 KV_DTYPE = torch.float16  # the KV cache (keys and values after rotary), see Engine.__init__
 
 if TYPE_CHECKING:
-    from lavin_edge.chat.sampling import GenerationConfig
-    from lavin_edge.runtime.generate import GenerationResult, GenerationStats
+    from lavin_edge.runtime.sampling import GenerationConfig
 
 __all__ = ["ContextError", "Engine", "ModelDirError"]
 
@@ -217,7 +217,5 @@ class Engine:
                  visual: torch.Tensor | None = None, on_text: Callable[[str], None] | None = None,
                  stats: GenerationStats | None = None, stop_ids: set[int] | None = None) -> GenerationResult:
         """Prefill ``new_ids`` after the cached history, then decode (``lavin_edge.runtime.generate``)."""
-        from lavin_edge.runtime.generate import generate
-
         return generate(self, new_ids, gen, image_pos, visual, on_text, stats, stop_ids)
 

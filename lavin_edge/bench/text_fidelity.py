@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lavin_edge.data.sources import Record
+from lavin_edge.data.records import Record
 from lavin_edge.model.lavin import IGNORE_INDEX, Example, collate, encode_example
 
 
