@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lavin_edge.prompt import chat_prompt
+from lavin_edge.prompt import turn_prompt
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -68,7 +68,7 @@ class Problems:
 
 def followup_prompt(instruction: str) -> str:
     """A conversation's second and later turns: the chat format on a new line (``ChatSession`` encodes them so)."""
-    return "\n" + chat_prompt(instruction)
+    return turn_prompt(instruction, first=False)
 
 
 def qcm_prompt(question: str, context: str, choices: list[str]) -> str:

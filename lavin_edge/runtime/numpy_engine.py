@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from lavin_edge.decoding import decode
 from lavin_edge.kernels import tiling
 from lavin_edge.kernels.dispatch import backend, extension, gemv_threads
 from lavin_edge.modality import IMAGE, TEXT, has_image
@@ -225,15 +226,13 @@ class NumpyEngine:
         stack.prefill(h.ctypes.data, len(ids), 0, 0, modality, logits.ctypes.data)
         x = np.empty(self.dim, dtype=np.float32)
         pos = len(ids)
-        for n in range(budget):
-            nxt = int(logits.argmax())
-            if nxt in stop_ids:
-                return "eos"
-            if not on_token(nxt):
-                return "stop_string"
-            if n + 1 == budget:
-                break
-            x[:] = self.embed[nxt]
+
+        def step(picks: list[int]) -> list[int]:
+            nonlocal pos
+            x[:] = self.embed[picks[0]]
             stack.step(x.ctypes.data, pos, modality, logits.ctypes.data)
             pos += 1
-        return "length"
+            return [int(logits.argmax())]
+
+        (reason,), _ = decode([int(logits.argmax())], step, stop_ids, budget, lambda _row, token: on_token(token))
+        return reason
