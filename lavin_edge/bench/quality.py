@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from lavin_edge.runtime.compare import top1_matches
+
 QUALITY_TEXT = Path(__file__).with_name("quality_text.txt")
 VQA_SEED = 20261130  # the fixed held-out sample of the easy-vqa test split
 DEFAULT_VQA = 100
@@ -142,13 +144,12 @@ class Tally:
         lp = torch.log_softmax(logits.double(), -1)
         self.nll -= float(lp.gather(1, targets[:, None]).sum())
         self.positions += targets.numel()
-        top = logits.argmax(-1)
         for ref, name in ((ref_fp, "fp"), (ref_q4, "q4")):
             if ref is None:
                 continue
             r = ref.logits[key]
             d = (logits - r).abs()
-            setattr(self, f"agree_{name}", getattr(self, f"agree_{name}") + int((top == r.argmax(-1)).sum()))
+            setattr(self, f"agree_{name}", getattr(self, f"agree_{name}") + top1_matches(logits, r.argmax(-1)))
             setattr(self, f"max_diff_{name}", max(getattr(self, f"max_diff_{name}"), float(d.max())))
             setattr(self, f"sum_diff_{name}", getattr(self, f"sum_diff_{name}") + float(d.mean(-1).sum()))
 
