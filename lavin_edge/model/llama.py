@@ -32,6 +32,11 @@ from lavin_edge.decoding import decode
 from lavin_edge.model.adapter import FoldedAdapter, RoutedAdapter
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32, or as it is when wider (fp64: the reproducible calibration of ``quantize``)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -40,22 +45,22 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32: bf16 sums of squares lose too much over 4096 channels.
-        xf = x.float()
+        xf = at_least_fp32(x)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.type_as(x) * self.weight.type_as(x)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float, device: torch.device | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [max_len, head_dim/2] for Meta's interleaved rotary layout."""
+def rope_tables(head_dim: int, max_len: int, theta: float, device: torch.device | None = None,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [max_len, head_dim/2] for Meta's interleaved rotary layout, computed in fp64 (``dtype``: kept)."""
     inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
     ang = torch.outer(torch.arange(max_len, dtype=torch.float64, device=device), inv)
-    return ang.cos().float(), ang.sin().float()
+    return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, T, H, hd]; cos/sin [T, hd/2]. Rotates each pair (x[2i], x[2i+1]) by its angle."""
-    xf = x.float().unflatten(-1, (-1, 2))
+    xf = at_least_fp32(x).unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
     c, s = cos[:, None, :], sin[:, None, :]
     out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)

@@ -7,6 +7,12 @@ a layer the linears are quantized in execution order (true sequential): {wq, wk,
 and one Hessian), then wo, then {w1, w3}, then w2, each group's Hessian built from inputs that already pass
 through the quantized earlier groups. Only one Hessian lives at a time.
 
+Reproducible: the calibration forward, the Hessians and GPTQ run in fp64 (``CALIB_DTYPE``; the model is widened
+exactly for the run and restored), and only discrete results leave it (4-bit codes, zero points, fp16 scales,
+the dequantized weights they define). The CPU's SIMD kernels, BLAS code path and thread count change the fp64
+values in their last bits only, so the output is the same bytes unless one of them lies that close to a
+rounding boundary (docs/reproducibility.md).
+
 Quantized directory (``lavin_edge.modeldir``, docs/model-format.md): the merged layout with each LLM linear's
 ``.weight`` replaced by ``.qweight``, ``.qzeros``, ``.scales``, ``.g_idx`` (``lavin_edge.kernels.gptq_format``),
 the lm_head's 4-bit form (``output.hi.*``, ``output.lo.*``), ``quantization_config`` and ``lm_head_w4`` in
@@ -27,7 +33,7 @@ from torch import nn
 
 from lavin_edge.kernels.gptq_format import FORMATS, PACKED_SUFFIXES, dequantize_packed, pack_linear, residual_w4
 from lavin_edge.merge import FORMAT, file_state_dict, module_state_dict, save_merged
-from lavin_edge.model.llama import attention_mask
+from lavin_edge.model.llama import attention_mask, rope_tables
 from lavin_edge.model.merged import MergedLaVIN
 from lavin_edge.modeldir import HEAD_PARTS, ModelDirError, load_model_dir
 from lavin_edge.quantize.gptq import (
@@ -216,6 +222,17 @@ class _Stop(Exception):
     """Raised by a Hessian hook once it has its input: the rest of the layer need not run."""
 
 
+CALIB_DTYPE = torch.float64
+
+
+def _rope(model: MergedLaVIN, t: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of the first ``t`` cache slots, as ``rope_slice`` gives them but in ``dtype`` (fp64: not rounded
+    to fp32 on the way)."""
+    cfg, a = model.llm.cfg, model.llm.position_offset
+    cos, sin = rope_tables(cfg.head_dim, a + t, cfg.rope_theta, dtype=dtype)
+    return cos[a:a + t], sin[a:a + t]
+
+
 @torch.no_grad()
 def _run_layer(model: MergedLaVIN, i: int, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
     """Layer ``i`` of ``model`` on each input; a hook raising _Stop ends one early."""
@@ -223,7 +240,7 @@ def _run_layer(model: MergedLaVIN, i: int, inputs: list[tuple[torch.Tensor, torc
     outs = []
     for h, modality in inputs:
         t = h.shape[1]
-        cos, sin = model.llm.rope_slice(0, t, h.device)
+        cos, sin = _rope(model, t, h.dtype)
         try:
             outs.append(layer(h, modality, cos, sin, attention_mask(t, 0, False, h.device), None, i, 0))
         except _Stop:
@@ -256,7 +273,21 @@ def quantize_model(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQCon
                    modalities: tuple[str, ...] = ("text", "image"), progress: bool = True
                    ) -> tuple[dict[str, torch.Tensor], QuantizeReport]:
     """GPTQ every LLM linear of ``model`` in place (its weights become the dequantized 4-bit values, as served)
-    and return the packed tensors ``{layers.{i}.{name}.{qweight,qzeros,scales,g_idx}}`` and a report."""
+    and return the packed tensors ``{layers.{i}.{name}.{qweight,qzeros,scales,g_idx}}`` and a report.
+
+    The work runs in ``CALIB_DTYPE`` (fp64): ``model`` is widened for the run and narrowed back after, exactly
+    (its other weights come from that dtype; the quantized ones are fp16 scales times 4-bit ints)."""
+    dtype = model.llm.tok_embeddings.weight.dtype
+    model.to(CALIB_DTYPE)
+    try:
+        return _quantize_layers(model, samples, qcfg, modalities, progress)
+    finally:
+        model.to(dtype)
+
+
+def _quantize_layers(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQConfig,
+                     modalities: tuple[str, ...], progress: bool) -> tuple[dict[str, torch.Tensor], QuantizeReport]:
+    """``quantize_model``'s layer-by-layer walk, on a model already in ``CALIB_DTYPE``."""
     from tqdm.auto import tqdm
 
     qcfg.validate(model)
@@ -292,7 +323,7 @@ def quantize_model(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQCon
             for name in readers:
                 lin = _get(layer, name)
                 fp_x = fp_in.pop(name, None)
-                acc = HessianAccumulator(lin.in_features, cross=fp_x is not None)
+                acc = HessianAccumulator(lin.in_features, cross=fp_x is not None, dtype=CALIB_DTYPE)
                 hessians[name] = acc
                 # True sequential reads one input per pass: stop the layer there (up to 2.5x fewer flops).
                 handles.append(lin.register_forward_pre_hook(_hessian_hook(acc, qcfg.true_sequential, fp_x)))
@@ -306,7 +337,7 @@ def quantize_model(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQCon
                           "feed_forward.w3": "feed_forward.w1"}.get(name, name)
                 H = hessians[source].H
                 lin = _get(layer, name)
-                w = lin.weight.detach().float()
+                w = lin.weight.detach().to(CALIB_DTYPE)
                 t1 = time.time()
                 C = hessians[source].C
                 target = w if C is None else asymmetric_target(w, H, C, qcfg.asym_calib, qcfg.damp_percent)
