@@ -102,7 +102,7 @@ def test_quantized_demo_keeps_held_out_accuracy(demo_env: dict[str, str], one_th
     from lavin_edge.data.records import Problems
     from lavin_edge.io.tokenizer import load_tokenizer
     from lavin_edge.merge import load_merged, tokenizer_path
-    from lavin_edge.quantize.pipeline import load_quantized_as_fp
+    from lavin_edge.quantize.files import load_quantized_as_fp
     from lavin_edge.quantize.quality import answer_accuracy
 
     root = Path(demo_env["LAVIN_EDGE_DEMO_DIR"])

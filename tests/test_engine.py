@@ -156,7 +156,8 @@ def tiny_quant_dir(tiny_model: LaVIN, tiny_dir: Path, tmp_path_factory: pytest.T
     """A quantized dir in the project's format; RTN on the GPTQ grid instead of GPTQ itself, since the engine
     only reads the packed layout and GPTQ's own quality is the quantizer's tests' concern."""
     from lavin_edge.merge import read_config
-    from lavin_edge.quantize.pipeline import GPTQConfig, pack_llm_linears, save_quantized
+    from lavin_edge.quantize.files import pack_llm_linears, save_quantized
+    from lavin_edge.quantize.pipeline import GPTQConfig
 
     merged, _ = merge_lavin(tiny_model)
     qcfg = GPTQConfig(group_size=32)
@@ -197,7 +198,7 @@ def test_quantized_engine_matches_dequantized_reference(tiny_quant_dir: Path) ->
     """W4 kernels (int8 activations) vs the dequantized fp32 model of the same directory."""
     _kernels_or_skip()
     from lavin_edge.model.lavin import collate
-    from lavin_edge.quantize.pipeline import load_quantized_as_fp
+    from lavin_edge.quantize.files import load_quantized_as_fp
 
     ref_model, _ = load_quantized_as_fp(tiny_quant_dir)
     eng = Engine.load(tiny_quant_dir, backend="kernels")

@@ -43,8 +43,9 @@ def _model(vocab: int | None = None, dim: int | None = None, seed: int = 0, head
 def _quantized_dir(model: LaVIN, root: Path, act_order: bool) -> Path:
     """GPTQ-packed LLM linears. ``act_order``: GPTQ with desc_act on a different random Hessian per linear, so
     q, k and v carry different permutations and the engine keeps them as separate parts (``ConcatLinear``)."""
+    from lavin_edge.quantize.files import pack_llm_linears, save_quantized
     from lavin_edge.quantize.gptq import QuantResult, gptq_quantize
-    from lavin_edge.quantize.pipeline import GPTQConfig, pack_llm_linears, save_quantized
+    from lavin_edge.quantize.pipeline import GPTQConfig
 
     merged, table = merge_lavin(model)
     fp_dir = save_merged(merged, root / "fp", None, {"test": True}, table)

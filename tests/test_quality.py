@@ -57,7 +57,8 @@ def massive_model(seed: int = 0) -> LaVIN:
 
 def quantized_dir(model: LaVIN, root: Path) -> Path:
     """RTN 4-bit (group 32, symmetric) of every LLM linear, in the GPTQ layout; the merged fp dir beside it."""
-    from lavin_edge.quantize.pipeline import GPTQConfig, pack_llm_linears, save_quantized
+    from lavin_edge.quantize.files import pack_llm_linears, save_quantized
+    from lavin_edge.quantize.pipeline import GPTQConfig
 
     merged, table = merge_lavin(model)
     fp_dir = save_merged(merged, root / "merged", None, {"test": True}, table)

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def quantized_tiny_dir(root: Path, seed: int = 0, max_seq_len: int = 256) -> Path:
     """A tiny LaVIN with GPTQ-packed (RTN) LLM linears and a vocabulary the W4 head packs (multiple of 8)."""
-    from lavin_edge.quantize.pipeline import GPTQConfig, pack_llm_linears, save_quantized
+    from lavin_edge.quantize.files import pack_llm_linears, save_quantized
+    from lavin_edge.quantize.pipeline import GPTQConfig
 
     cfg = preset("tiny", "tiny")
     cfg.llm.vocab_size = 264

@@ -35,7 +35,7 @@ from lavin_edge.data.sources import load_self_distill
 from lavin_edge.demo.build import demo_model_dir
 from lavin_edge.evaluate import judge_open
 from lavin_edge.merge import load_merged
-from lavin_edge.quantize.pipeline import load_quantized_as_fp
+from lavin_edge.quantize.files import load_quantized_as_fp
 from lavin_edge.runtime import Engine
 from lavin_edge.runtime.sampling import GenerationConfig
 from lavin_edge.training.base import BaseSpec, build_base

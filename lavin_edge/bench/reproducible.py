@@ -57,7 +57,8 @@ def tiny_hashes(seed: int = 0) -> dict[str, str]:
     from lavin_edge.config import preset
     from lavin_edge.merge import file_state_dict, merge_lavin
     from lavin_edge.model.lavin import build_lavin
-    from lavin_edge.quantize.pipeline import CalibSample, GPTQConfig, head_w4_tensors, quantize_model
+    from lavin_edge.quantize.files import head_w4_tensors
+    from lavin_edge.quantize.pipeline import CalibSample, GPTQConfig, quantize_model
 
     model = build_lavin(preset("tiny", "tiny"))
     g = torch.Generator().manual_seed(seed)

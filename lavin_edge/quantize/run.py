@@ -72,7 +72,8 @@ def quantize_dir(model_dir: str | Path, out: str | Path, opts: QuantizeOptions |
     from lavin_edge.data.prose import stdlib_paragraphs
     from lavin_edge.merge import load_merged
     from lavin_edge.modeldir import load_tokenizer_of
-    from lavin_edge.quantize.pipeline import GPTQConfig, auto_group_size, quantize_model, save_quantized
+    from lavin_edge.quantize.files import save_quantized
+    from lavin_edge.quantize.pipeline import GPTQConfig, auto_group_size, quantize_model
     from lavin_edge.quantize.quality import compare
 
     opts = opts or QuantizeOptions()
