@@ -9,13 +9,14 @@ import pytest
 from test_engine import trained_like
 
 from lavin_edge.bench import chat as bench
+from lavin_edge.bench import llama7b, llamacpp, roofline
 from lavin_edge.merge import merge_lavin, save_merged
 
 
 def test_random_gptq_row_small_llama() -> None:
     pytest.importorskip("lavin_edge._C")
     llm = dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=512, vocab_size=512, max_seq_len=128)
-    row = bench._llama7b_row(new_tokens=6, prompt_tokens=5, max_context=64, llm=llm, probe_bytes=64 * 2**20)
+    row = llama7b.llama7b_row(new_tokens=6, prompt_tokens=5, max_context=64, llm=llm, probe_bytes=64 * 2**20)
     assert row["new_tokens"] == 6 and row["prompt_tokens"] == 5
     # Weight bytes: 4-bit linears + lm_head with fp16 scales and packed zeros, group 128.
     n_lin = 2 * (256 * 256 * 2 + 256 * 128 * 2 + 256 * 512 * 3) + 512 * 256
@@ -44,7 +45,7 @@ def test_roofline_fields_rounding(read_bw: float, decode: float) -> None:
     from lavin_edge.config import LlamaConfig
 
     llm = LlamaConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=512, vocab_size=512)
-    row = bench._roofline_fields(llm, read_bw, 400_000, 4, 8.0, round(decode, 2))
+    row = roofline.roofline_fields(llm, read_bw, 400_000, 4, 8.0, round(decode, 2))
     row["decode_tok_s"] = round(decode, 2)
     _check_roofline_arithmetic(row)
 
@@ -114,11 +115,11 @@ def test_llamacpp_rows_run_where_llama_cpp_is_installed(tmp_path: Path) -> None:
     from lavin_edge.config import LlamaConfig
 
     path = write_random_llama_gguf(tmp_path / "r.gguf", LlamaConfig(**TINY_LLM))
-    row = bench._llamacpp_row(str(path), new_tokens=5, prompt_ids=[1, 5, 9, 300 - 1], n_ctx=64)
+    row = llamacpp.llamacpp_row(str(path), new_tokens=5, prompt_ids=[1, 5, 9, 300 - 1], n_ctx=64)
     assert row["prompt_tokens"] == 4 and row["new_tokens"] == 5
     assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["peak_rss_mb"] > 0
     # A prompt longer than llama.cpp's batch of 512 (the --context row): reading its Python-side scores failed.
-    long = bench._llamacpp_row(str(path), new_tokens=3, n_ctx=720, random_prompt=700)
+    long = llamacpp.llamacpp_row(str(path), new_tokens=3, n_ctx=720, random_prompt=700)
     assert long["prompt_tokens"] == 700 and long["decode_tok_s"] > 0
 
 
@@ -137,7 +138,7 @@ def test_context_row_times_a_long_text_prompt(tmp_path: Path) -> None:
     assert row.get("skipped") is None, row
     assert row["prompt_tokens"] == 300 and row["new_tokens"] == 4
     assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0
-    assert bench._random_prompt_ids(264, 300) == bench._random_prompt_ids(264, 300)  # both sides' ids
+    assert roofline.random_prompt_ids(264, 300) == roofline.random_prompt_ids(264, 300)  # both sides' ids
 
 
 def test_children_run_this_package_not_the_working_directory(tmp_path: Path) -> None:

