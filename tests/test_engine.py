@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -152,17 +153,10 @@ def test_auto_backend_warns_without_extension(tiny_dir: Path) -> None:
 # ------------------------------------------------------------------------------------ quantized + kernels
 
 @pytest.fixture(scope="module")
-def tiny_quant_dir(tiny_model: LaVIN, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A quantized dir in the project's format; RTN on the GPTQ grid instead of GPTQ itself, since the engine
-    only reads the packed layout and GPTQ's own quality is the quantizer's tests' concern."""
-    from lavin_edge.merge import read_config
-    from lavin_edge.quantize.files import pack_llm_linears, save_quantized
-    from lavin_edge.quantize.pipeline import GPTQConfig
-
-    merged, _ = merge_lavin(tiny_model)
-    qcfg = GPTQConfig(group_size=32)
-    packed = pack_llm_linears(merged, qcfg)
-    return save_quantized(merged, packed, read_config(tiny_dir), qcfg, tmp_path_factory.mktemp("quant"))
+def tiny_quant_dir(tiny_model: LaVIN, tmp_path_factory: pytest.TempPathFactory,
+                   quantize_tiny: Callable[..., Path]) -> Path:
+    """A quantized dir in the project's format (RTN on the GPTQ grid: conftest.quantize_tiny)."""
+    return quantize_tiny(tiny_model, tmp_path_factory.mktemp("quant"))
 
 
 def _kernels_or_skip() -> None:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import quantize_tiny_dir
 from test_engine import trained_like
 
 from lavin_edge.config import preset
-from lavin_edge.merge import merge_lavin, read_config, save_merged
 from lavin_edge.modality import IMAGE, TEXT
 from lavin_edge.runtime import Engine
 from lavin_edge.runtime.batch import BatchDecoder
@@ -22,17 +22,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def quantized_tiny_dir(root: Path, seed: int = 0, max_seq_len: int = 256) -> Path:
     """A tiny LaVIN with GPTQ-packed (RTN) LLM linears and a vocabulary the W4 head packs (multiple of 8)."""
-    from lavin_edge.quantize.files import pack_llm_linears, save_quantized
-    from lavin_edge.quantize.pipeline import GPTQConfig
-
     cfg = preset("tiny", "tiny")
     cfg.llm.vocab_size = 264
     cfg.llm.max_seq_len = max_seq_len
-    merged, table = merge_lavin(trained_like(seed, cfg=cfg))
-    fp_dir = save_merged(merged, root / "fp", None, {"test": True}, table)
-    qcfg = GPTQConfig(group_size=32)
-    packed = pack_llm_linears(merged, qcfg)
-    return save_quantized(merged, packed, read_config(fp_dir), qcfg, root / "q")
+    return quantize_tiny_dir(trained_like(seed, cfg=cfg), root)
 
 
 @pytest.fixture(scope="module")

@@ -276,19 +276,26 @@ def prepare_cuda(t: GPTQTensors, c: _Checked, backend: str | None) -> PreparedW4
 
 
 def prepare_tiled(t: GPTQTensors, c: _Checked, backend: str | None) -> PreparedW4:
-    """The CPU kernels' tiled layout (``TiledW4``), built by ``lavin_edge.kernels.tiling`` (NumPy, shared with the
-    engine without PyTorch); the dense form for group sizes the int8 blocks of 32 would straddle."""
+    """The CPU kernels' tiled layout (``TiledW4``), built by ``lavin_edge.kernels.tiling.tile_linear`` (NumPy,
+    shared with the engine without PyTorch; the PyTorch repack without the extension or for the torch
+    backend); the dense form for group sizes the int8 blocks of 32 would straddle."""
     if c.group_size % reference.ACT_BLOCK and c.groups != 1:
         return prepare_dense(t, c, backend)
     ext = extension()
     np_, kp = tiling.padded_sizes(c.n, c.k)
-    perm_np = None if c.perm is None else c.perm.numpy()
     if ext is not None and (backend or "") != "torch":
-        qw = torch.from_numpy(tiling.repack(ext, t.qweight.numpy(), c.n, c.k, perm_np, torch.get_num_threads()))
-    else:
-        qw = repack_tiled_reference(_nibbles(t, c.perm), kp, np_)
+        a = tiling.tile_linear(ext, t.qweight.numpy(), t.qzeros.numpy(), t.scales.numpy(),
+                               None if t.g_idx is None else t.g_idx.numpy(), c.group_size, t.checkpoint_format,
+                               torch.get_num_threads())
+        assert a is not None  # _check and the group test above refuse what tile_linear refuses
+        tiled = TiledW4(torch.from_numpy(a.qw), torch.from_numpy(a.scales), torch.from_numpy(a.zeros), np_, kp,
+                        a.native)
+        perm = None if a.perm is None else torch.from_numpy(a.perm)  # the array the descriptor points into
+        return PreparedW4(c.n, c.k, c.group_size, c.groups, "tiled", c.device, perm=perm, tiled=tiled,
+                          backend_name=backend)
     st, zt = tiling.tile_params(t.scales.numpy(), _true_zeros(t, c.n).numpy(), np_)
-    tiled = TiledW4(qw, torch.from_numpy(st), torch.from_numpy(zt), np_, kp)
+    tiled = TiledW4(repack_tiled_reference(_nibbles(t, c.perm), kp, np_), torch.from_numpy(st), torch.from_numpy(zt),
+                    np_, kp)
     if ext is not None:
         tiled.native = tiling.descriptor(ext, tiled.qw, tiled.scales, tiled.zeros, c.perm, c.n, c.k, c.groups)
     return PreparedW4(c.n, c.k, c.group_size, c.groups, "tiled", c.device, perm=c.perm, tiled=tiled,
