@@ -1,9 +1,11 @@
-"""The chat benchmark's llama.cpp row: greedy decode through llama-cpp-python on a GGUF (the demo's own base, or a
-random GGUF of ours), timed as our rows are."""
+"""llama.cpp rows beside ours, through llama-cpp-python: the chat benchmark's (greedy decode on a GGUF, the demo's own
+base or a random GGUF of ours, timed as our rows are) and the quality benchmark's (perplexity on the same text)."""
 
 from __future__ import annotations
 
+import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,3 +60,34 @@ def llamacpp_row(gguf: str, new_tokens: int, prompt: str | None = None, prompt_i
         best.update(roofline_fields(roofline_llm, read_bw, decode_bytes_per_token(roofline_llm), 2,
                                      len(toks) + new_tokens / 2, best["decode_tok_s"]))
     return best
+
+
+def llamacpp_perplexity_row(gguf: str | None, text: str, max_len: int) -> dict[str, Any]:
+    """``bench quality``'s llama.cpp row: perplexity of the GGUF on the same text (its own tokenizer, BOS first,
+    the same segment length), or a row that says why it was skipped."""
+    row: dict[str, Any] = {"contender": "llama.cpp (source GGUF, base LLM)", "model": gguf, "path": "llama.cpp"}
+    if gguf is None or not Path(gguf).is_file():
+        row["skipped"] = "the model dir names no GGUF (or the file is gone)"
+        return row
+    try:
+        from llama_cpp import Llama  # type: ignore[import-not-found]
+    except ImportError:
+        row["skipped"] = "llama-cpp-python is not installed"
+        return row
+    llm = Llama(model_path=gguf, n_ctx=max_len + 8, logits_all=True, n_threads=torch.get_num_threads(),
+                verbose=False)
+    nll, count = 0.0, 0
+    paragraphs = [p.strip("\n") for p in text.split("\n\n") if p.strip()]
+    toks = llm.tokenize("\n\n".join(paragraphs).encode(), add_bos=False, special=False)
+    bos = llm.token_bos()
+    for s in range(0, len(toks), max_len - 1):
+        seq = [bos] + toks[s:s + max_len - 1]
+        llm.reset()
+        llm.eval(seq)
+        scores = torch.tensor(llm.scores[:len(seq)]).double()
+        lp = torch.log_softmax(scores[:-1], -1)
+        nll -= float(lp.gather(1, torch.tensor(seq[1:])[:, None]).sum())
+        count += len(seq) - 1
+    row["text_ppl"] = math.exp(nll / count)
+    row["text_positions"] = count
+    return row

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from lavin_edge.bench.llamacpp import llamacpp_perplexity_row
 from lavin_edge.runtime.compare import top1_matches
 
 QUALITY_TEXT = Path(__file__).with_name("quality_text.txt")
@@ -39,7 +40,6 @@ VQA_SEED = 20261130  # the fixed held-out sample of the easy-vqa test split
 DEFAULT_VQA = 100
 MAX_LEN = 256  # tokens per text segment (prefix included)
 ENGINE_BACKENDS = ("avx512", "avx2", "scalar", "torch")
-LLAMACPP_MISSING = "llama-cpp-python is not installed"
 
 
 class QualityBenchError(ValueError):
@@ -258,37 +258,6 @@ def run_contender(c: Contender, segments: Sequence[list[int]], first: int, items
     return row
 
 
-def llamacpp_row(gguf: str | None, text: str, max_len: int) -> dict[str, Any]:
-    """Perplexity of the GGUF through llama-cpp-python on the same text (its own tokenizer, BOS first, the
-    same segment length), or a row that says why it was skipped."""
-    row: dict[str, Any] = {"contender": "llama.cpp (source GGUF, base LLM)", "model": gguf, "path": "llama.cpp"}
-    if gguf is None or not Path(gguf).is_file():
-        row["skipped"] = "the model dir names no GGUF (or the file is gone)"
-        return row
-    try:
-        from llama_cpp import Llama  # type: ignore[import-not-found]
-    except ImportError:
-        row["skipped"] = LLAMACPP_MISSING
-        return row
-    llm = Llama(model_path=gguf, n_ctx=max_len + 8, logits_all=True, n_threads=torch.get_num_threads(),
-                verbose=False)
-    nll, count = 0.0, 0
-    paragraphs = [p.strip("\n") for p in text.split("\n\n") if p.strip()]
-    toks = llm.tokenize("\n\n".join(paragraphs).encode(), add_bos=False, special=False)
-    bos = llm.token_bos()
-    for s in range(0, len(toks), max_len - 1):
-        seq = [bos] + toks[s:s + max_len - 1]
-        llm.reset()
-        llm.eval(seq)
-        scores = torch.tensor(llm.scores[:len(seq)]).double()
-        lp = torch.log_softmax(scores[:-1], -1)
-        nll -= float(lp.gather(1, torch.tensor(seq[1:])[:, None]).sum())
-        count += len(seq) - 1
-    row["text_ppl"] = math.exp(nll / count)
-    row["text_positions"] = count
-    return row
-
-
 # ------------------------------------------------------------------------------------------------ driver
 
 def default_dirs(model: str | None, fp_model: str | None) -> tuple[Path, Path | None]:
@@ -377,7 +346,7 @@ def run_quality_bench(model: str | None = None, fp_model: str | None = None, bac
         q4_in = None if c.name == "4-bit exact" else (ref_q4 if ref_q4.logits else None)
         rows.append(run_contender(c, segments, first, items, fp_in, q4_in, keep, max_new_tokens, log))
     if with_llamacpp:
-        rows.append(llamacpp_row(gguf, text, max_len))
+        rows.append(llamacpp_perplexity_row(gguf, text, max_len))
     result = {"model": str(q_dir), "fp_model": str(fp_dir) if fp_dir else None,
               "text_tokens": sum(len(s) - first - 1 for s in segments), "text_segments": len(segments),
               "vqa_questions": len(items), "threads": torch.get_num_threads(), "w4_activations": fmt, "rows": rows,
