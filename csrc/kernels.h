@@ -170,7 +170,7 @@ using VitAdapterFn = void (*)(const VitAdapterArgs&, int);
 // One decode step of the whole decoder in a single call: one sequence (chat), or m rows of a continuous batch
 // (lavin_edge/runtime/batch.py), each row with its own token, KV cache slot, position and modality.
 //
-// The Python runtime (lavin_edge/runtime/model.py, Engine.decode_step_reference; BatchDecoder.step_reference for
+// The Python runtime (lavin_edge/runtime/engine.py, Engine.decode_step_reference; BatchDecoder.step_reference for
 // m rows) is the readable reference: per layer, x += Wo attn(rope(Wqkv adapter(norm(x)))); x += W2 (silu(W1 n) *
 // W3 n) with n = norm(x). Calling its ~20 ops per layer from Python costs more dispatch time than the
 // GEMVs of a small model; here the same ops run back to back on preallocated buffers. With m rows every linear

@@ -20,17 +20,13 @@ from pathlib import Path
 
 import torch
 
-from lavin_edge.data.sources import (
-    balance_answers,
-    chat_prompt,
-    easy_vqa_image_facts,
-    easy_vqa_negated,
-    explained_answer,
-)
+from lavin_edge.data.easyvqa import balance_answers, easy_vqa_image_facts, easy_vqa_negated, explained_answer
 from lavin_edge.io.tokenizer import load_tokenizer
 from lavin_edge.model.lavin import Batch, encode_example
-from lavin_edge.train import TrainConfig, train
+from lavin_edge.prompt import chat_prompt
 from lavin_edge.training.base import resolve_llm
+from lavin_edge.training.config import TrainConfig
+from lavin_edge.training.loop import train
 
 
 def direct_answer(question: str, colour: str, shape: str, answer: str) -> str:

@@ -26,6 +26,8 @@ from typing import Any
 
 import click
 
+from lavin_edge.commands.process import teardown_skipped
+
 # NumPy's OpenBLAS threads spin after each call and take the cores from the extension's OpenMP team that runs
 # next (the NumPy vision tower beside the native adapters ran 3x slower); the package's heavy work runs in the
 # extension or PyTorch, so NumPy's few products run on one thread. Read when NumPy first loads, so set here.
@@ -120,19 +122,6 @@ def report_error(e: BaseException, debug: bool) -> int:
     return EXIT_INTERNAL
 
 
-_skip_teardown = False
-
-
-def skip_teardown_at_exit() -> None:
-    """For a command that leaves nothing to finish (every file it wrote is closed and in place): when the
-    process's entry point returns, it ends with ``os._exit`` once stdout and stderr are flushed, without the
-    interpreter's teardown of torch's modules, which is a large share of a one-shot chat's process time.
-    Only the real entry point does this (``main()`` called with no args); in-process callers such as click's
-    test runner return as usual."""
-    global _skip_teardown
-    _skip_teardown = True
-
-
 def _warning_line(message: Warning | str, *args: Any, **kwargs: Any) -> None:
     """Python's warnings as one line on stderr, never on stdout, without the source line Python adds."""
     click.echo(f"warning: {_one_line(str(message))}", err=True)
@@ -166,7 +155,7 @@ class LazyGroup(click.Group):
         except BaseException as e:  # noqa: BLE001 - the one place where every error is reported
             sys.exit(report_error(e, _debug_requested(argv)))
         code = rv if isinstance(rv, int) else 0
-        if args is None and _skip_teardown:
+        if args is None and teardown_skipped():
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
@@ -185,8 +174,8 @@ def main(debug: bool) -> None:
 
 
 if __name__ == "__main__":
-    # `python -m lavin_edge.cli` runs this file as __main__, a second copy of the module; the commands import
-    # lavin_edge.cli (skip_teardown_at_exit), so run that copy's main for one set of flags.
+    # `python -m lavin_edge.cli` runs this file as __main__, a second copy of the module: run the imported
+    # copy's main, so that one set of module state (the LazyGroup, report_error) serves the run.
     from lavin_edge import cli
 
     cli.main()

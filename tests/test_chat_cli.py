@@ -11,11 +11,11 @@ from click.testing import CliRunner
 from PIL import Image
 from test_engine import trained_like
 
-from lavin_edge.chat.sampling import GenerationConfig
 from lavin_edge.chat.session import ChatSession
 from lavin_edge.cli import main
 from lavin_edge.merge import merge_lavin, save_merged
 from lavin_edge.runtime import Engine
+from lavin_edge.runtime.sampling import GenerationConfig
 
 
 @pytest.fixture(scope="module")
@@ -151,11 +151,11 @@ def test_help_says_what_the_model_is() -> None:
 
 
 def test_default_model_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from lavin_edge.chat import demo, demo_build
+    from lavin_edge.demo import paths
 
-    monkeypatch.setattr(demo, "demo_roots", lambda: [tmp_path])
+    monkeypatch.setattr(paths, "demo_roots", lambda: [tmp_path])
     # With the shipped adapters the demo builds itself (tests/test_demo.py); without them: a clear error.
-    monkeypatch.setattr(demo_build, "ADAPTERS_DIR", tmp_path / "no-adapters")
+    monkeypatch.setattr(paths, "ADAPTERS_DIR", tmp_path / "no-adapters")
     res = run("--prompt", "hi")
     assert res.exit_code == 2 and "demo model not built" in res.stderr and "lavin-edge train" in res.stderr
 

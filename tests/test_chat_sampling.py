@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lavin_edge.chat.sampling import GenerationConfig, Sampler, StopStringStream
+from lavin_edge.runtime.sampling import GenerationConfig, Sampler, StopStringStream
 
 
 def test_greedy_is_argmax() -> None:

@@ -14,22 +14,16 @@ from click.testing import CliRunner
 from PIL import Image
 from test_engine import merged_dir, trained_like
 
-from lavin_edge.chat.sampling import GenerationConfig
 from lavin_edge.chat.session import ChatSession, Turn
 from lavin_edge.cli import main
+from lavin_edge.data.easyvqa import easy_vqa_image_facts, easy_vqa_yes_no_answer, load_easy_vqa_conversations
 from lavin_edge.data.image import load_image
-from lavin_edge.data.sources import (
-    DataError,
-    Problems,
-    chat_prompt,
-    easy_vqa_image_facts,
-    easy_vqa_yes_no_answer,
-    followup_prompt,
-    load_easy_vqa_conversations,
-    load_self_distill,
-)
+from lavin_edge.data.records import DataError, Problems, followup_prompt
+from lavin_edge.data.sources import load_self_distill
 from lavin_edge.model.lavin import IGNORE_INDEX, encode_example
+from lavin_edge.prompt import chat_prompt
 from lavin_edge.runtime import Engine
+from lavin_edge.runtime.sampling import GenerationConfig
 
 
 @pytest.fixture(scope="module")

@@ -75,7 +75,8 @@ def test_help_lists_debug() -> None:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lavin_edge.train import TrainConfig, train
+    from lavin_edge.training.config import TrainConfig
+    from lavin_edge.training.loop import train
 
     out = tmp_path_factory.mktemp("run")
     train(TrainConfig(data=[{"type": "easy-vqa", "split": "train", "limit": 8}], max_seq_len=96, batch_size=4,

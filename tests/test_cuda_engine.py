@@ -15,12 +15,12 @@ import torch
 from test_engine import trained_like  # noqa: F401  (test_serve_batch's helper needs it importable)
 from test_serve_batch import _requests, quantized_tiny_dir
 
-from lavin_edge.chat.sampling import GenerationConfig, Sampler
 from lavin_edge.modality import IMAGE, TEXT
 from lavin_edge.runtime import Engine
 from lavin_edge.runtime.cuda_engine import CudaEngine
 from lavin_edge.runtime.device import DeviceError, resolve_device
 from lavin_edge.runtime.device_sampling import DeviceSampler
+from lavin_edge.runtime.sampling import GenerationConfig, Sampler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -348,7 +348,8 @@ def test_cuda_tokens_equal_cpu_run(qdir: Path) -> None:
 @needs_gpu
 def test_cuda_demo_tokens_equal_cpu_run() -> None:
     """On a GPU, the demo (when built: $LAVIN_EDGE_DEMO_DIR or the cache): CUDA tokens equal the CPU run's."""
-    from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir
+    from lavin_edge.demo.build import demo_model_dir
+    from lavin_edge.demo.paths import DemoModelMissing
 
     try:
         qdir = demo_model_dir()

@@ -182,7 +182,7 @@ def test_llava_turns_and_alpaca(tmp_path: Path) -> None:
 
 
 def test_truncation_keeps_answer_or_reports(tmp_path: Path) -> None:
-    from lavin_edge.data.sources import Record
+    from lavin_edge.data.records import Record
 
     tok = ByteTokenizer()
     recs = [Record("long-answer", "Instruction: q\nResponse:", " " + "a" * 100),
@@ -216,7 +216,9 @@ def test_easy_vqa_open_and_multiple_choice() -> None:
 
 
 def test_easy_vqa_kinds_filter_rebalances() -> None:
-    from lavin_edge.data.sources import DataError, easy_vqa_kind, load_easy_vqa, load_source
+    from lavin_edge.data.easyvqa import easy_vqa_kind, load_easy_vqa
+    from lavin_edge.data.records import DataError
+    from lavin_edge.data.sources import load_source
 
     colour = load_easy_vqa("train", Problems(), "open", limit=50, kinds=["color"])
     assert len(colour) == 50 and {easy_vqa_kind(r.answer.strip()) for r in colour} == {"color"}
@@ -227,7 +229,7 @@ def test_easy_vqa_kinds_filter_rebalances() -> None:
 
 
 def test_easy_vqa_yes_no_subkinds_split_shape_from_colour_questions() -> None:
-    from lavin_edge.data.sources import EASY_VQA_COLORS, EASY_VQA_SHAPES, easy_vqa_kinds_of, load_easy_vqa
+    from lavin_edge.data.easyvqa import EASY_VQA_COLORS, EASY_VQA_SHAPES, easy_vqa_kinds_of, load_easy_vqa
 
     assert easy_vqa_kinds_of("is there not a circle?", "no") == {"yes/no", "yes/no:shape"}
     assert easy_vqa_kinds_of("is there a red shape in the image?", "yes") == {"yes/no", "yes/no:color"}
@@ -251,7 +253,8 @@ def test_easy_vqa_balance_leaves_the_question_text_no_prior() -> None:
     majority answer of the same text) is at chance, while unbalanced easy-vqa gives it ~80% on yes/no."""
     from collections import Counter
 
-    from lavin_edge.data.sources import balance_answers, load_easy_vqa, load_source
+    from lavin_edge.data.easyvqa import balance_answers, load_easy_vqa
+    from lavin_edge.data.sources import load_source
 
     def text_prior(recs: list) -> float:
         by_text: dict[str, Counter] = {}
@@ -275,7 +278,7 @@ def test_easy_vqa_explained_yes_no_targets_agree_with_their_answers() -> None:
     facts come from other questions)."""
     import re
 
-    from lavin_edge.data.sources import easy_vqa_asked, easy_vqa_negated, load_easy_vqa
+    from lavin_edge.data.easyvqa import easy_vqa_asked, easy_vqa_negated, load_easy_vqa
 
     recs = load_easy_vqa("train", Problems(), "open", kinds=["yes/no"], explain=True)
     assert len(recs) > 20000  # most of the 28k yes/no questions: images with known colour and shape

@@ -87,10 +87,11 @@ def test_quantized_demo_keeps_held_out_accuracy(demo_env: dict[str, str], one_th
     """Issue 5: 4-bit GPTQ may cost at most 2 points of held-out easy-vqa accuracy on the demo model.
     Measured on 300 test questions: fp 100%, 4-bit 100%, the same words on all 300 (fp 89.0%, 4-bit 88.7% with
     the first shipped adapters)."""
-    from lavin_edge.data.sources import Problems, load_easy_vqa
+    from lavin_edge.data.easyvqa import load_easy_vqa
+    from lavin_edge.data.records import Problems
     from lavin_edge.io.tokenizer import load_tokenizer
     from lavin_edge.merge import load_merged, tokenizer_path
-    from lavin_edge.quantize.pipeline import load_quantized_as_fp
+    from lavin_edge.quantize.files import load_quantized_as_fp
     from lavin_edge.quantize.quality import answer_accuracy
 
     root = Path(demo_env["LAVIN_EDGE_DEMO_DIR"])
@@ -120,11 +121,12 @@ def test_demo_text_only_chat_stays_the_base(demo_env: dict[str, str], one_thread
     self-distilled instructions (teacher-forced), the merged demo's top-1 prediction is the base's own answer
     token at 91.0%, at an answer perplexity 1.045x the base's, and held-out prose reads at 1.0002x (stage 1:
     23.4% and 1,316x). The bounds leave room for another machine's rounding, not for a drifted text route."""
+    from lavin_edge.bench.text_fidelity import text_fidelity
     from lavin_edge.config import AdapterConfig
     from lavin_edge.data.prose import stdlib_paragraphs
-    from lavin_edge.data.sources import Problems, load_self_distill
+    from lavin_edge.data.records import Problems
+    from lavin_edge.data.sources import load_self_distill
     from lavin_edge.merge import load_merged
-    from lavin_edge.text_fidelity import text_fidelity
     from lavin_edge.training.base import BaseSpec, build_base
 
     root = _built(demo_env)
@@ -146,7 +148,7 @@ def test_demo_follow_up_turns(demo_env: dict[str, str], one_thread: None) -> Non
     """Issue 15: a yes/no question as the 2nd or 3rd turn about one image, or right after /image, through chat's
     session on the 4-bit engine: 200 of 200 held-out cases (stage 1: 24 of 40 as a 2nd turn);
     here the first 40."""
-    from lavin_edge.chat.followups import followup_cases, run_followups
+    from lavin_edge.bench.followups import followup_cases, run_followups
     from lavin_edge.runtime import Engine
 
     root = _built(demo_env)
@@ -162,12 +164,12 @@ def test_one_shot_engine_answers_as_the_session(demo_env: dict[str, str], one_th
     questions: the towers' float-rounding difference (~1e-6) moves no answer of the shipped demo."""
     import easy_vqa
 
-    from lavin_edge.chat.sampling import GenerationConfig
     from lavin_edge.chat.session import ChatSession
     from lavin_edge.data.image import load_image_array
     from lavin_edge.prompt import conversation_ids
     from lavin_edge.runtime import Engine
     from lavin_edge.runtime.numpy_engine import NumpyEngine
+    from lavin_edge.runtime.sampling import GenerationConfig
 
     root = _built(demo_env)
     fast, eng = NumpyEngine(root / "quantized", threads=1), Engine.load(root / "quantized", max_context=512)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import lavin_edge.chat.demo_build as demo_build
-from lavin_edge.chat.demo import ENV_VAR, DemoModelMissing, demo_model_dir
+import lavin_edge.demo.paths as demo_paths
+from lavin_edge.demo.build import demo_model_dir
+from lavin_edge.demo.paths import ENV_VAR, DemoModelMissing
 
 
 @pytest.fixture
@@ -19,7 +20,7 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
     adapters.mkdir()
     (adapters / "adapters.safetensors").write_bytes(b"weights v1")
     (adapters / "config.json").write_text("{}")
-    monkeypatch.setattr(demo_build, "ADAPTERS_DIR", adapters)
+    monkeypatch.setattr(demo_paths, "ADAPTERS_DIR", adapters)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv(ENV_VAR, raising=False)
     builds: list[str] = []
@@ -36,7 +37,7 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
         builds.append("quantize")
 
     monkeypatch.setattr("lavin_edge.merge.merge_dir", fake_merge)
-    monkeypatch.setattr("lavin_edge.quantize.step.quantize_dir", fake_quantize)
+    monkeypatch.setattr("lavin_edge.quantize.run.quantize_dir", fake_quantize)
     return {"adapters": adapters, "builds": builds, "cache": tmp_path / "home" / ".cache" / "lavin-edge" / "demo"}
 
 
@@ -62,7 +63,7 @@ def test_new_shipped_adapters_rebuild_the_cache(fake: dict) -> None:
 
 def test_unstamped_cache_from_an_older_release_is_rebuilt(fake: dict) -> None:
     demo_model_dir(build=True)
-    (fake["cache"] / demo_build.STAMP_NAME).unlink()
+    (fake["cache"] / demo_paths.STAMP_NAME).unlink()
     demo_model_dir(build=True)
     assert fake["builds"] == ["merge", "quantize"] * 2
 

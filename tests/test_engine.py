@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from lavin_edge.chat.sampling import GenerationConfig
 from lavin_edge.config import LavinConfig, preset
 from lavin_edge.io.tokenizer import ByteTokenizer
 from lavin_edge.merge import merge_lavin, save_merged
 from lavin_edge.modality import IMAGE, TEXT
 from lavin_edge.model.lavin import LaVIN, build_lavin, encode_example
 from lavin_edge.runtime import ContextError, Engine, ModelDirError
+from lavin_edge.runtime.sampling import GenerationConfig
 
 
 def trained_like(seed: int = 0, llm: str = "tiny", vision: str = "tiny", cfg: LavinConfig | None = None) -> LaVIN:
@@ -152,16 +153,10 @@ def test_auto_backend_warns_without_extension(tiny_dir: Path) -> None:
 # ------------------------------------------------------------------------------------ quantized + kernels
 
 @pytest.fixture(scope="module")
-def tiny_quant_dir(tiny_model: LaVIN, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A quantized dir in the project's format; RTN on the GPTQ grid instead of GPTQ itself, since the engine
-    only reads the packed layout and GPTQ's own quality is the quantizer's tests' concern."""
-    from lavin_edge.merge import read_config
-    from lavin_edge.quantize.pipeline import GPTQConfig, pack_llm_linears, save_quantized
-
-    merged, _ = merge_lavin(tiny_model)
-    qcfg = GPTQConfig(group_size=32)
-    packed = pack_llm_linears(merged, qcfg)
-    return save_quantized(merged, packed, read_config(tiny_dir), qcfg, tmp_path_factory.mktemp("quant"))
+def tiny_quant_dir(tiny_model: LaVIN, tmp_path_factory: pytest.TempPathFactory,
+                   quantize_tiny: Callable[..., Path]) -> Path:
+    """A quantized dir in the project's format (RTN on the GPTQ grid: conftest.quantize_tiny)."""
+    return quantize_tiny(tiny_model, tmp_path_factory.mktemp("quant"))
 
 
 def _kernels_or_skip() -> None:
@@ -197,7 +192,7 @@ def test_quantized_engine_matches_dequantized_reference(tiny_quant_dir: Path) ->
     """W4 kernels (int8 activations) vs the dequantized fp32 model of the same directory."""
     _kernels_or_skip()
     from lavin_edge.model.lavin import collate
-    from lavin_edge.quantize.pipeline import load_quantized_as_fp
+    from lavin_edge.quantize.files import load_quantized_as_fp
 
     ref_model, _ = load_quantized_as_fp(tiny_quant_dir)
     eng = Engine.load(tiny_quant_dir, backend="kernels")
@@ -234,7 +229,9 @@ def test_quantized_top1_agreement_with_fp(tiny_dir: Path, tiny_quant_dir: Path) 
 
 def test_demo_model_top1_agreement() -> None:
     """On the demo model (when built): quantized vs fp next-token top-1 agreement >= 95% on held-out prompts."""
-    from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir, held_out_prompts
+    from lavin_edge.demo.build import demo_model_dir
+    from lavin_edge.demo.paths import DemoModelMissing
+    from lavin_edge.demo.prompts import held_out_prompts
 
     try:
         qdir = demo_model_dir()

@@ -13,8 +13,9 @@ import lavin_edge.evaluate as ev
 from lavin_edge.cli import main as cli_main
 from lavin_edge.config import AdapterConfig
 from lavin_edge.data import Record, export_easy_vqa_scienceqa
-from lavin_edge.train import TrainConfig, train
 from lavin_edge.training.base import BaseSpec, build_base
+from lavin_edge.training.config import TrainConfig
+from lavin_edge.training.loop import train
 
 
 def test_parse_answer() -> None:

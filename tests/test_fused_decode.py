@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import quantize_tiny_dir
 from test_engine import trained_like
 
 from lavin_edge.config import preset
 from lavin_edge.kernels.dispatch import CPU_BACKENDS
-from lavin_edge.merge import merge_lavin, read_config, save_merged
 from lavin_edge.modality import IMAGE, TEXT
 from lavin_edge.model.lavin import LaVIN
 from lavin_edge.runtime import Engine
@@ -45,19 +45,14 @@ def _quantized_dir(model: LaVIN, root: Path, act_order: bool) -> Path:
     """GPTQ-packed LLM linears. ``act_order``: GPTQ with desc_act on a different random Hessian per linear, so
     q, k and v carry different permutations and the engine keeps them as separate parts (``ConcatLinear``)."""
     from lavin_edge.quantize.gptq import QuantResult, gptq_quantize
-    from lavin_edge.quantize.pipeline import GPTQConfig, pack_llm_linears, save_quantized
 
-    merged, table = merge_lavin(model)
-    fp_dir = save_merged(merged, root / "fp", None, {"test": True}, table)
-    qcfg = GPTQConfig(group_size=32, desc_act=act_order)
     g = torch.Generator().manual_seed(1)
 
     def gptq_random_hessian(w: torch.Tensor) -> QuantResult:
         x = torch.randn(4 * w.shape[1], w.shape[1], generator=g) * torch.rand(w.shape[1], generator=g) * 3
         return gptq_quantize(w, 2 * x.T @ x / x.shape[0], 4, 32, True, desc_act=True)
 
-    packed = pack_llm_linears(merged, qcfg, gptq_random_hessian if act_order else None)
-    return save_quantized(merged, packed, read_config(fp_dir), qcfg, root / "q")
+    return quantize_tiny_dir(model, root, gptq_random_hessian if act_order else None, desc_act=act_order)
 
 
 def _teacher_forced(eng: Engine, fused: bool, prompt: torch.Tensor, tokens: list[int], modality: int
@@ -147,7 +142,8 @@ def test_native_head_equals_python_rescored_head(act_order_dir: Path) -> None:
 
 def test_native_head_equals_python_rescored_head_demo() -> None:
     """The same on the demo (SmolLM2's 49152-row tied head), when it is built."""
-    from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir
+    from lavin_edge.demo.build import demo_model_dir
+    from lavin_edge.demo.paths import DemoModelMissing
 
     try:
         qdir = demo_model_dir()
@@ -204,7 +200,7 @@ def test_fused_step_each_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_greedy_generation_identical_tokens(plain_dir: Path) -> None:
     """End to end through generate(): the fused path produces the reference's tokens."""
-    from lavin_edge.chat.sampling import GenerationConfig
+    from lavin_edge.runtime.sampling import GenerationConfig
 
     eng = Engine.load(plain_dir, backend="kernels")
     ids = list(range(40, 60))
@@ -274,7 +270,7 @@ def test_torch_backend_has_no_fused_step(plain_dir: Path) -> None:
 def test_stack_rejects_mismatched_shapes(plain_dir: Path) -> None:
     """The native stack checks every part against the model's sizes and every step's position."""
     from lavin_edge.kernels.decode import new_decode_stack
-    from lavin_edge.runtime.native_decode import linear_parts, norm_args
+    from lavin_edge.runtime.native_decode import norm_args, op_parts
 
     eng = Engine.load(plain_dir, backend="kernels")
     lyr, keep = eng.layers[0], []
@@ -282,7 +278,7 @@ def test_stack_rejects_mismatched_shapes(plain_dir: Path) -> None:
     stack = new_decode_stack(eng.backend_impl.isa, eng.dim, eng.n_heads, eng.n_kv, eng.hd, lyr.w13.n_out // 2,
                              eng.max_context, eng.dim, eng.norm.eps, rope, 1)
     norms = (norm_args(lyr.attn_in, keep), norm_args(lyr.ffn_norm, keep))
-    wqkv, wo, w13, w2 = (linear_parts(op, keep) for op in (lyr.wqkv, lyr.wo, lyr.w13, lyr.w2))
+    wqkv, wo, w13, w2 = (op_parts(op, keep) for op in (lyr.wqkv, lyr.wo, lyr.w13, lyr.w2))
     caches = (eng.kv_cache[0][0].data_ptr(), eng.kv_cache[0][1].data_ptr())
     with pytest.raises(ValueError, match="decode wo"):
         stack.add_layer(*norms, wqkv, w13, w13, w2, *caches)  # w13 where wo belongs
@@ -334,7 +330,7 @@ def test_stack_rejects_mismatched_shapes(plain_dir: Path) -> None:
         stack.prefill(xs.data_ptr(), 3, 0, 0, 2, out.data_ptr())
     stack.prefill(xs.data_ptr(), 3, 0, eng.max_context - 3, 1, out.data_ptr())
     with pytest.raises(ValueError, match="rescore"):
-        stack.set_head(norm_args(eng.norm, keep), linear_parts(eng.layers[0].wo, keep), eng.embed.data_ptr(),
+        stack.set_head(norm_args(eng.norm, keep), op_parts(eng.layers[0].wo, keep), eng.embed.data_ptr(),
                        "float64", eng.embed.numel(), 8)
 
 

@@ -24,6 +24,7 @@ import lavin_edge.kernels as K
 from lavin_edge.kernels import dispatch as D
 from lavin_edge.kernels import gptq_format as F
 from lavin_edge.kernels import reference as R
+from lavin_edge.kernels.gptq_format import GPTQTensors
 
 NATIVE = [b for b in K.available_backends() if b != "torch"]
 needs_native = pytest.mark.skipif(not NATIVE, reason="lavin_edge._C not built")
@@ -78,7 +79,7 @@ def test_pack_unpack_roundtrip() -> None:
 @pytest.mark.parametrize("act_order", [False, True])
 def test_rtn_dequantize_close_to_weights(fmt: str, act_order: bool) -> None:
     w, d, gs = make_gptq(40, 256, 64, act_order, fmt)
-    wd = K.dequantize_gptq(d["qweight"], d["qzeros"], d["scales"], d["g_idx"], gs, fmt)
+    wd = GPTQTensors.from_dict(d, fmt, gs).dequantize()
     step = (w.abs().max() * 2 / 15).item()
     assert (wd - w).abs().max().item() <= step * 0.51 + 1e-3
     if act_order:
@@ -95,8 +96,8 @@ def test_rtn_dequantize_close_to_weights(fmt: str, act_order: bool) -> None:
 def test_w4_cpp_scalar_oracle_vs_torch(n: int, k: int, gs: int, act_order: bool, fmt: str) -> None:
     _, d, gsz = make_gptq(n, k, gs, act_order, fmt, seed=n + k)
     x = torch.randn(3, k)
-    ref = R.w4_matmul_reference(x, d["qweight"], d["qzeros"], d["scales"], d["g_idx"], gsz, fmt)
-    got = K.gptq_matmul_scalar(x, d["qweight"], d["qzeros"], d["scales"], d["g_idx"], gsz, fmt)
+    ref = R.w4_matmul_reference(x, GPTQTensors.from_dict(d, fmt, gsz))
+    got = K.gptq_matmul_scalar(x, GPTQTensors.from_dict(d, fmt, gsz))
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
@@ -106,9 +107,9 @@ def test_w4_cpp_scalar_oracle_vs_torch(n: int, k: int, gs: int, act_order: bool,
 @pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
 def test_w4_native_backends(n: int, k: int, gs: int, act_order: bool, fmt: str) -> None:
     w, d, gsz = make_gptq(n, k, gs, act_order, fmt, seed=3 * n + k)
-    wd = K.dequantize_gptq(d["qweight"], d["qzeros"], d["scales"], d["g_idx"], gsz, fmt)
+    wd = GPTQTensors.from_dict(d, fmt, gsz).dequantize()
     prepared = {
-        b: K.prepare_w4(d["qweight"], d["qzeros"], d["scales"], d["g_idx"], gsz, fmt, backend=b) for b in NATIVE
+        b: K.prepare_w4(GPTQTensors.from_dict(d, fmt, gsz), backend=b) for b in NATIVE
     }
     p0 = prepared[NATIVE[0]]
     assert p0.mode == "tiled"
@@ -139,8 +140,9 @@ def test_w4_leading_dims_and_v1_zero_16() -> None:
     stored = torch.full((2, n), 15)
     scales = torch.rand(2, n).half() + 0.1
     qweight, qzeros = F.pack_nibbles_rows(q), F.pack_nibbles_cols(stored)
-    p = K.prepare_w4(qweight, qzeros, scales, None, 32, "gptq")
-    wd = K.dequantize_gptq(qweight, qzeros, scales, None, 32, "gptq")
+    t = GPTQTensors(qweight, qzeros, scales, None, "gptq", 32)
+    p = K.prepare_w4(t)
+    wd = t.dequantize()
     torch.testing.assert_close(wd, (scales.float().repeat_interleave(32, 0) * (q.float() - 16)).t())
     x = torch.randn(2, 3, k)
     y = p.matmul(x)
@@ -160,13 +162,14 @@ def test_w4_dense_fallback_layouts(case: str) -> None:
         _, d, gs = make_gptq(n, k, 32, False, "gptq")
         g_idx = torch.zeros(k, dtype=torch.int32)
         g_idx[:5] = 1  # valid range, groups of unequal size
-    p = K.prepare_w4(d["qweight"], d["qzeros"], d["scales"], g_idx, gs, "gptq")
+    t = GPTQTensors(d["qweight"], d["qzeros"], d["scales"], g_idx, "gptq", gs)
+    p = K.prepare_w4(t)
     assert p.mode == "dense"
     x = torch.randn(4, k)
-    ref = R.w4_matmul_reference(x, d["qweight"], d["qzeros"], d["scales"], g_idx, gs, "gptq")
+    ref = R.w4_matmul_reference(x, t)
     torch.testing.assert_close(p.matmul(x), ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(
-        K.gptq_matmul_scalar(x, d["qweight"], d["qzeros"], d["scales"], g_idx, gs), ref, rtol=1e-5, atol=1e-5
+        K.gptq_matmul_scalar(x, t), ref, rtol=1e-5, atol=1e-5
     )
 
 
@@ -174,29 +177,29 @@ def test_w4_bad_inputs() -> None:
     _, d, gs = make_gptq(32, 128, 32, True, "gptq")
     qw, qz, sc, gi = d["qweight"], d["qzeros"], d["scales"], d["g_idx"]
     with pytest.raises(TypeError, match="qweight"):
-        K.prepare_w4(qw.float(), qz, sc, gi, gs)
+        K.prepare_w4(GPTQTensors(qw.float(), qz, sc, gi, group_size=gs))
     with pytest.raises(TypeError, match="scales"):
-        K.prepare_w4(qw, qz, sc.to(torch.bfloat16), gi, gs)
+        K.prepare_w4(GPTQTensors(qw, qz, sc.to(torch.bfloat16), gi, group_size=gs))
     with pytest.raises(ValueError, match="multiple of group_size"):
-        K.prepare_w4(qw, qz, sc, gi, 96)
+        K.prepare_w4(GPTQTensors(qw, qz, sc, gi, group_size=96))
     with pytest.raises(ValueError, match="qzeros"):
-        K.prepare_w4(qw, qz[:, :2].contiguous(), sc, gi, gs)
+        K.prepare_w4(GPTQTensors(qw, qz[:, :2].contiguous(), sc, gi, group_size=gs))
     with pytest.raises(ValueError, match="contiguous"):
-        K.prepare_w4(qw.t().contiguous().t(), qz, sc, gi, gs)
+        K.prepare_w4(GPTQTensors(qw.t().contiguous().t(), qz, sc, gi, group_size=gs))
     bad = gi.clone()
     bad[3] = 4
     with pytest.raises(ValueError, match="g_idx values"):
-        K.prepare_w4(qw, qz, sc, bad, gs)
+        K.prepare_w4(GPTQTensors(qw, qz, sc, bad, group_size=gs))
     bad[3] = -1
     with pytest.raises(ValueError, match="g_idx values"):
-        K.prepare_w4(qw, qz, sc, bad, gs)
+        K.prepare_w4(GPTQTensors(qw, qz, sc, bad, group_size=gs))
     with pytest.raises(ValueError, match="g_idx"):
-        K.prepare_w4(qw, qz, sc, gi[:64].contiguous(), gs)
+        K.prepare_w4(GPTQTensors(qw, qz, sc, gi[:64].contiguous(), group_size=gs))
     with pytest.raises(ValueError, match="checkpoint_format"):
-        K.prepare_w4(qw, qz, sc, gi, gs, "awq")
+        K.prepare_w4(GPTQTensors(qw, qz, sc, gi, checkpoint_format="awq", group_size=gs))
     with pytest.raises(ValueError, match="multiple of 8"):
         F.quantize_rtn(torch.randn(4, 12), -1)
-    p = K.prepare_w4(qw, qz, sc, gi, gs)
+    p = K.prepare_w4(GPTQTensors(qw, qz, sc, gi, group_size=gs))
     with pytest.raises(TypeError, match="float32"):
         p.matmul(torch.randn(1, 128, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"\[\.\.\., 128\]"):
@@ -211,7 +214,7 @@ def test_w4_bad_inputs() -> None:
 def test_w4_binding_rechecks_sizes() -> None:
     """The C++ side refuses inconsistent sizes when a descriptor is built instead of reading out of bounds."""
     _, d, gs = make_gptq(32, 128, 32, True, "gptq")
-    p = K.prepare_w4(d["qweight"], d["qzeros"], d["scales"], d["g_idx"], gs)
+    p = K.prepare_w4(GPTQTensors.from_dict(d, "gptq", gs))
     tl = p.tiled
     x = torch.randn(1, 128)
     y = torch.empty(1, 32)
@@ -260,7 +263,7 @@ def test_w4_binding_rechecks_sizes() -> None:
 def test_prepared_w4_and_norm_descriptors_match_checked_calls() -> None:
     """The runtime's unchecked per-op calls on the prepared descriptors give the checked wrappers' results."""
     _, d, gs = make_gptq(48, 256, 32, True, "gptq")
-    p = K.prepare_w4(d["qweight"], d["qzeros"], d["scales"], d["g_idx"], gs)
+    p = K.prepare_w4(GPTQTensors.from_dict(d, "gptq", gs))
     x = torch.randn(3, 256)
     torch.testing.assert_close(p.gemm_rows(x, NATIVE[0], 1), p.matmul(x), rtol=0, atol=0)
     wide = torch.randn(1, 512)  # a column slice of a wider row (the SwiGLU half) with m = 1
@@ -399,9 +402,9 @@ def test_fallback_without_extension_warns_once(monkeypatch: pytest.MonkeyPatch) 
         assert K.backend() == "torch"
         assert K.backend() == "torch"
         _, d, gs = make_gptq(16, 64, 32, True, "gptq")
-        p = K.prepare_w4(d["qweight"], d["qzeros"], d["scales"], d["g_idx"], gs)
+        p = K.prepare_w4(GPTQTensors.from_dict(d, "gptq", gs))
         x = torch.randn(2, 64)
-        ref = R.w4_matmul_reference(x, d["qweight"], d["qzeros"], d["scales"], d["g_idx"], gs)
+        ref = R.w4_matmul_reference(x, GPTQTensors.from_dict(d, "gptq", gs))
         torch.testing.assert_close(p.matmul(x), ref, rtol=1e-5, atol=1e-5)
     assert sum("slow PyTorch reference" in str(w.message) for w in caught) == 1
     assert K.cpu_features()["extension"] is False
@@ -449,9 +452,10 @@ def test_only_built_backends_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_cuda_w4(n: int, k: int, gs: int, act_order: bool) -> None:
     _, d, gsz = make_gptq(n, k, gs, act_order, "gptq_v2", seed=n)
     dev = torch.device("cuda")
-    p = K.prepare_w4(*(d[key].to(dev) for key in ("qweight", "qzeros", "scales", "g_idx")), gsz, "gptq_v2")
+    p = K.prepare_w4(GPTQTensors(*(d[key].to(dev) for key in ("qweight", "qzeros", "scales", "g_idx")), "gptq_v2",
+                                 gsz))
     assert p.mode == "cuda"
-    wd = K.dequantize_gptq(d["qweight"], d["qzeros"], d["scales"], d["g_idx"], gsz, "gptq_v2")
+    wd = GPTQTensors.from_dict(d, "gptq_v2", gsz).dequantize()
     for m in (1, 3, 16, 64):
         x = torch.randn(m, k).half()
         ref = x.double() @ wd.double().t()
@@ -481,8 +485,8 @@ def test_cuda_adapters() -> None:
 @pytest.mark.parametrize("n,k,act_order", [(37, 96, True), (16, 40, False), (100, 640, True)])
 def test_w4_cpp_repack_matches_torch_repack(n: int, k: int, act_order: bool) -> None:
     _, d, gs = make_gptq(n, k, 32 if k % 32 == 0 else -1, act_order, "gptq", seed=k)
-    p = K.prepare_w4(d["qweight"], d["qzeros"], d["scales"], d["g_idx"], gs)
-    pt = K.prepare_w4(d["qweight"], d["qzeros"], d["scales"], d["g_idx"], gs, backend="torch")
+    p = K.prepare_w4(GPTQTensors.from_dict(d, "gptq", gs))
+    pt = K.prepare_w4(GPTQTensors.from_dict(d, "gptq", gs), backend="torch")
     a, b = p.tiled, pt.tiled
     assert torch.equal(a.qw, b.qw) and torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros)
     q = F.unpack_nibbles_rows(d["qweight"])
@@ -499,14 +503,14 @@ def test_w4_activation_formats_match_reference(fmt: str, monkeypatch: pytest.Mon
     monkeypatch.setenv("LAVIN_EDGE_W4_ACT", fmt)
     n, k = 48, 256
     w, d, gs = make_gptq(n, k, 64, True, "gptq", seed=7)
-    wd = K.dequantize_gptq(d["qweight"], d["qzeros"], d["scales"], d["g_idx"], gs, "gptq")
+    wd = GPTQTensors.from_dict(d, "gptq", gs).dequantize()
     x = torch.randn(5, k, generator=torch.Generator().manual_seed(8))
     x[:, ::32] *= 300.0  # one massive value per block of 32 (before the act-order gather: most blocks)
     y_fp = (x.double() @ wd.double().t()).float()
     y_small = (x.masked_fill(torch.arange(k) % 32 == 0, 0.0).double() @ wd.double().t()).float()
     outs = {}
     for b in NATIVE:
-        p = K.prepare_w4(d["qweight"], d["qzeros"], d["scales"], d["g_idx"], gs, "gptq", backend=b)
+        p = K.prepare_w4(GPTQTensors.from_dict(d, "gptq", gs), backend=b)
         y_q = (R.quantize_activations_reference(x, p.perm, fmt).double() @ wd.double().t()).float()
         outs[b] = y = p.matmul(x)
         torch.testing.assert_close(y, y_q, rtol=1e-4, atol=1e-4 * y_fp.abs().max().item(), msg=b)
@@ -527,7 +531,7 @@ def test_w4_simd_bit_exact_with_scalar(fmt: str, n: int, k: int, gs: int, act_or
     The "scalar" backend also runs the scalar quantizer, so this holds the SIMD quantizer to it too."""
     monkeypatch.setenv("LAVIN_EDGE_W4_ACT", fmt)
     _, d, gsz = make_gptq(n, k, gs, act_order, "gptq", seed=n + k)
-    prepared = {b: K.prepare_w4(d["qweight"], d["qzeros"], d["scales"], d["g_idx"], gsz, "gptq", backend=b)
+    prepared = {b: K.prepare_w4(GPTQTensors.from_dict(d, "gptq", gsz), backend=b)
                 for b in NATIVE}
     gen = torch.Generator().manual_seed(5)
     for m in (1, 2, 3, 5):
@@ -546,7 +550,7 @@ def test_w4_activation_format_env_is_checked(monkeypatch: pytest.MonkeyPatch) ->
         R.act_format()
     if K.extension() is not None:
         _, d, gs = make_gptq(16, 64, 32, False, "gptq")
-        p = K.prepare_w4(d["qweight"], d["qzeros"], d["scales"], d["g_idx"], gs, "gptq")
+        p = K.prepare_w4(GPTQTensors.from_dict(d, "gptq", gs))
         if p.mode == "tiled" and K.backend() != "torch":
             with pytest.raises(ValueError, match="LAVIN_EDGE_W4_ACT"):
                 p.matmul(torch.randn(1, 64))

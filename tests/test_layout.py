@@ -1,5 +1,6 @@
-"""Module hygiene the layout relies on (issue 13): no module reads another module's underscored names, and
-the runtime reaches the merge and quantize steps only through its loading seam."""
+"""Module hygiene the layout relies on: no module reads another module's underscored names (issue 13), the
+runtime reaches the merge and quantize steps only through its loading seam, imports point down the layers, and
+no modules import each other in a cycle (issue 24). Imports inside functions and under ``TYPE_CHECKING`` count."""
 
 from __future__ import annotations
 
@@ -106,6 +107,131 @@ def test_runtime_reaches_merge_and_quantize_only_through_the_loading_seam() -> N
             if name.startswith(PIPELINE_STEPS) and (rel, name) not in SEAM_ALLOWED:
                 offenders.append(f"{rel}: {name}")
     assert not offenders, offenders
+
+
+# The package's layers, lowest first. A module may import its own top-level package and the layers below its own;
+# packages side by side in one layer (chat and serve, runtime and training) do not import each other. A new
+# top-level module or package goes into this table (the test names any that is missing).
+LAYERS: list[set[str]] = [
+    {"config", "modality", "decoding", "kernels"},  # shared vocabulary, the decode loop; kernels: the extension
+    {"prompt"},  # the sequence layout (chat format, image slots)
+    {"model"},  # the PyTorch LaVIN (training's model)
+    {"io", "data"},  # checkpoint loaders and tokenizers; training data
+    {"modeldir", "evaluate"},  # the model-dir format; evaluation of a PyTorch LaVIN
+    {"runtime", "training"},  # serving runtime (engine, sampling, generation); the training loop
+    {"merge", "chat", "serve"},  # adapters folded into the base; the chat front end and the server, side by side
+    {"quantize"},  # GPTQ on a merged model dir
+    {"demo"},  # the packaged demo: built by merge + quantize, used by chat, serve and bench
+    {"bench"},
+    {"commands"},
+    {"cli"},
+]
+LAYER_OF = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+
+
+def _graph() -> dict[str, set[str]]:
+    """Module -> the lavin_edge modules it imports (a name imported from a package resolves to the package's
+    __init__ unless it is a submodule)."""
+    mods = {_module_name(rel): (rel, tree) for rel, tree in _modules()}
+
+    def resolve(name: str) -> str:
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph = {}
+    for mod, (rel, tree) in mods.items():
+        deps = {resolve(n) for n in _imports(rel, tree) if n.startswith("lavin_edge")}
+        graph[mod] = deps - {mod, ""}
+    return graph
+
+
+def _top(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    out = []
+    for mod, deps in sorted(graph.items()):
+        src = _top(mod)
+        for dep in sorted(deps):
+            dst = _top(dep)
+            if not src or not dst or src == dst:
+                continue
+            if src not in LAYER_OF or dst not in LAYER_OF:
+                out.append(f"{mod} -> {dep}: {src if src not in LAYER_OF else dst} is in no layer of LAYERS")
+            elif LAYER_OF[dst] >= LAYER_OF[src]:
+                out.append(f"{mod} -> {dep}")
+    return out
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            v, it = work[-1]
+            w = next(it, None)
+            if w is not None:
+                if w not in graph:
+                    continue
+                if w not in index:
+                    index[w] = low[w] = len(index)
+                    stack.append(w)
+                    on_stack.add(w)
+                    work.append((w, iter(sorted(graph[w]))))
+                elif w in on_stack:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    comp.append(w)
+                    if w == v:
+                        break
+                if len(comp) > 1:
+                    found.append(sorted(comp))
+    return found
+
+
+def test_imports_point_down_the_layers() -> None:
+    """kernels -> model -> runtime -> chat / serve -> commands: the runtime stack imports nothing from chat,
+    serve, bench, commands, demo, merge, quantize or training."""
+    assert LAYER_OF["kernels"] < LAYER_OF["model"] < LAYER_OF["runtime"] < LAYER_OF["chat"] < LAYER_OF["commands"]
+    assert LAYER_OF["runtime"] < min(LAYER_OF[p] for p in ("serve", "bench", "demo", "merge", "quantize"))
+    assert not _upward_imports(_graph()), _upward_imports(_graph())
+
+
+def test_no_module_cycles() -> None:
+    assert not _cycles(_graph()), _cycles(_graph())
+
+
+def test_layer_and_cycle_checks_catch_what_they_look_for() -> None:
+    """An upward import, a sideways one, a module in no layer and a three-module cycle are each found."""
+    graph = {"lavin_edge.runtime.a": {"lavin_edge.chat.b"}, "lavin_edge.chat.b": {"lavin_edge.serve.c"},
+             "lavin_edge.serve.c": {"lavin_edge.runtime.a"}, "lavin_edge.model.d": {"lavin_edge.newpkg.e"}}
+    assert _upward_imports(graph) == ["lavin_edge.chat.b -> lavin_edge.serve.c",
+                                      "lavin_edge.model.d -> lavin_edge.newpkg.e: newpkg is in no layer of LAYERS",
+                                      "lavin_edge.runtime.a -> lavin_edge.chat.b"]
+    assert _cycles(graph) == [["lavin_edge.chat.b", "lavin_edge.runtime.a", "lavin_edge.serve.c"]]
+    tree = ast.parse("def f():\n    from lavin_edge.chat import session\n")
+    assert "lavin_edge.chat.session" in _imports("runtime/x.py", tree)  # a function-level import counts
 
 
 def test_checks_catch_what_they_look_for() -> None:

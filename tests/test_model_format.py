@@ -22,10 +22,11 @@ from test_engine import trained_like
 
 from lavin_edge.config import preset
 from lavin_edge.kernels import gptq_format as F
-from lavin_edge.kernels.reference import dequantize_gptq
+from lavin_edge.kernels.gptq_format import GPTQTensors
 from lavin_edge.merge import merge_lavin, save_merged
 from lavin_edge.modeldir import FORMAT_VERSION, HEAD_PARTS, ModelDirError, load_model_dir, read_config
-from lavin_edge.quantize.pipeline import GPTQConfig, load_quantized_as_fp, pack_llm_linears, save_quantized
+from lavin_edge.quantize.files import load_quantized_as_fp, pack_llm_linears, save_quantized
+from lavin_edge.quantize.pipeline import GPTQConfig
 from lavin_edge.runtime import Engine
 from lavin_edge.runtime.backends import ReferenceBackend
 
@@ -78,7 +79,7 @@ def test_v1_zero_nibble_0xF_reads_as_16_on_every_path(tmp_path: Path) -> None:
     # The format module's readers.
     gt = F.GPTQTensors.from_dict(foreign, "gptq", 32)
     for got in (F.dequantize_packed(foreign), F.unpack_linear(foreign).dequantize(), gt.dequantize(),
-                dequantize_gptq(foreign["qweight"], foreign["qzeros"], foreign["scales"], None, 32, "gptq")):
+                GPTQTensors(foreign["qweight"], foreign["qzeros"], foreign["scales"], None, "gptq", 32).dequantize()):
         assert torch.equal(got, want)
     # The quality reference model (what --backend torch and quality checks compare with).
     ref, _ = load_quantized_as_fp(qdir)
@@ -92,7 +93,7 @@ def test_v1_zero_nibble_0xF_reads_as_16_on_every_path(tmp_path: Path) -> None:
         from lavin_edge import kernels as K
         from lavin_edge.kernels.reference import quantize_activations_reference
 
-        p = K.prepare_w4(foreign["qweight"], foreign["qzeros"], foreign["scales"], foreign["g_idx"], 32, "gptq")
+        p = K.prepare_w4(GPTQTensors.from_dict(foreign, "gptq", 32))
         assert torch.equal(p.dequantize(), want)
         x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
         y_want = quantize_activations_reference(x).double() @ want.double().T
@@ -305,7 +306,7 @@ _DRIVER = textwrap.dedent("""
     from test_engine import trained_like
     from lavin_edge.merge import merge_lavin, save_merged
     from lavin_edge.modeldir import ModelDirError, read_config
-    from lavin_edge.quantize.step import QuantizeOptions, quantize_dir
+    from lavin_edge.quantize.run import QuantizeOptions, quantize_dir
 
     step, root = sys.argv[1], pathlib.Path(sys.argv[2])
     out = root / "out"

@@ -41,7 +41,7 @@ def _image() -> np.ndarray:
 
 
 def _greedy(eng: Engine, ids: list[int], image_pos: int, visual: torch.Tensor | None, n: int) -> list[int]:
-    from lavin_edge.chat.sampling import GenerationConfig
+    from lavin_edge.runtime.sampling import GenerationConfig
 
     eng.reset(IMAGE if visual is not None else TEXT)
     return eng.generate(ids, GenerationConfig(max_new_tokens=n), image_pos, visual, stop_ids=set()).ids

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import quantize_tiny_dir
 from test_engine import trained_like
 
 from lavin_edge import kernels as K
 from lavin_edge.bench import quality as Q
 from lavin_edge.config import preset
-from lavin_edge.merge import merge_lavin, read_config, save_merged
 from lavin_edge.modality import TEXT
 from lavin_edge.model.lavin import LaVIN
 from lavin_edge.runtime import Engine
@@ -57,13 +57,7 @@ def massive_model(seed: int = 0) -> LaVIN:
 
 def quantized_dir(model: LaVIN, root: Path) -> Path:
     """RTN 4-bit (group 32, symmetric) of every LLM linear, in the GPTQ layout; the merged fp dir beside it."""
-    from lavin_edge.quantize.pipeline import GPTQConfig, pack_llm_linears, save_quantized
-
-    merged, table = merge_lavin(model)
-    fp_dir = save_merged(merged, root / "merged", None, {"test": True}, table)
-    qcfg = GPTQConfig(group_size=32)
-    packed = pack_llm_linears(merged, qcfg)
-    return save_quantized(merged, packed, read_config(fp_dir), qcfg, root / "quantized")
+    return quantize_tiny_dir(model, root, fp_name="merged", q_name="quantized")
 
 
 @pytest.fixture(scope="module")

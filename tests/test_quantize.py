@@ -17,22 +17,16 @@ from test_gptq import reference_unpack
 from lavin_edge.cli import main
 from lavin_edge.io.tokenizer import ByteTokenizer
 from lavin_edge.merge import merge_lavin, save_merged
-from lavin_edge.quantize.pipeline import (
-    LINEAR_NAMES,
-    CalibrationError,
-    CalibSample,
-    GPTQConfig,
-    load_quantized_as_fp,
-    quantize_model,
-    save_quantized,
-)
+from lavin_edge.quantize.files import load_quantized_as_fp, save_quantized
+from lavin_edge.quantize.pipeline import LINEAR_NAMES, CalibrationError, CalibSample, GPTQConfig, quantize_model
 from lavin_edge.quantize.quality import answer_accuracy, perplexity, record_samples, text_samples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _easy_vqa(split: str, n: int):
-    from lavin_edge.data.sources import Problems, load_easy_vqa
+    from lavin_edge.data.easyvqa import load_easy_vqa
+    from lavin_edge.data.records import Problems
 
     return load_easy_vqa(split, Problems(), "open", limit=n, seed=0)
 
@@ -217,8 +211,7 @@ def test_kernels_read_our_checkpoint(quantized) -> None:
     kernels = pytest.importorskip("lavin_edge.kernels", reason="lavin_edge.kernels not present")
     from test_gptq import _layer
 
-    from lavin_edge.kernels.gptq_format import dequantize_packed, pack_linear
-    from lavin_edge.kernels.reference import dequantize_gptq
+    from lavin_edge.kernels.gptq_format import GPTQTensors, dequantize_packed, pack_linear
     from lavin_edge.quantize.gptq import gptq_quantize
 
     _, _, packed, _, _, _ = quantized
@@ -229,9 +222,9 @@ def test_kernels_read_our_checkpoint(quantized) -> None:
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(0))
     for t, fmt in cases:
         ours = dequantize_packed(t, 4, fmt)
-        theirs = dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 32, fmt)
+        theirs = GPTQTensors.from_dict(t, fmt, 32).dequantize()
         assert torch.equal(ours, theirs), fmt
-        prepared = kernels.prepare_w4(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 32, fmt)
+        prepared = kernels.prepare_w4(GPTQTensors.from_dict(t, fmt, 32))
         y = prepared.matmul(x)
         ref = x @ ours.T
         # The native path quantizes activations to int8 per block (llama.cpp's design): loose tolerance.
@@ -241,7 +234,7 @@ def test_kernels_read_our_checkpoint(quantized) -> None:
 def test_calibration_from_a_recipes_data(tmp_path) -> None:  # noqa: ANN001
     """--calib-recipe: text-only records fill the text share, image records (conversations with their earlier
     turns) the rest; too few records or a bad table is a clear error."""
-    from lavin_edge.quantize.step import QuantizeOptions, calibration_samples, read_calib_recipe
+    from lavin_edge.quantize.run import QuantizeOptions, calibration_samples, read_calib_recipe
     from lavin_edge.training.recipe import RecipeError
 
     recipe = tmp_path / "r.toml"

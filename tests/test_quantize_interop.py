@@ -30,13 +30,8 @@ def test_transformers_loads_our_gptq_llm(tmp_path, sym: bool, desc_act: bool) ->
     from lavin_edge.merge import merge_lavin, save_merged
     from lavin_edge.model.lavin import build_lavin
     from lavin_edge.quantize.export import export_hf_gptq
-    from lavin_edge.quantize.pipeline import (
-        CalibSample,
-        GPTQConfig,
-        load_quantized_as_fp,
-        quantize_model,
-        save_quantized,
-    )
+    from lavin_edge.quantize.files import load_quantized_as_fp, save_quantized
+    from lavin_edge.quantize.pipeline import CalibSample, GPTQConfig, quantize_model
 
     torch.manual_seed(0)
     model = build_lavin(preset("tiny", "tiny")).eval()  # fresh adapters: the identity, so HF LLaMA can hold it

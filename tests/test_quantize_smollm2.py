@@ -53,8 +53,9 @@ def smol():
 @pytest.fixture(scope="module")
 def quantized(smol):
     """Quantize once (about 2 minutes on one core); the tests below read the result."""
+    from lavin_edge.data.easyvqa import load_easy_vqa
     from lavin_edge.data.prose import stdlib_paragraphs
-    from lavin_edge.data.sources import Problems, load_easy_vqa
+    from lavin_edge.data.records import Problems
     from lavin_edge.quantize.gptq import rtn_quantize
     from lavin_edge.quantize.pipeline import LINEAR_NAMES, GPTQConfig, _get, quantize_model
     from lavin_edge.quantize.quality import packed_text_samples, perplexity, record_samples

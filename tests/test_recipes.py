@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lavin_edge.train import load_recipe
+from lavin_edge.training.config import load_recipe
 from lavin_edge.training.recipe import RecipeError
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.toml"))

@@ -24,9 +24,9 @@ import uvicorn  # noqa: E402
 from PIL import Image  # noqa: E402
 from test_serve_batch import quantized_tiny_dir  # noqa: E402
 
-from lavin_edge.chat.sampling import GenerationConfig  # noqa: E402
 from lavin_edge.prompt import conversation_ids  # noqa: E402
 from lavin_edge.runtime import Engine  # noqa: E402
+from lavin_edge.runtime.sampling import GenerationConfig  # noqa: E402
 from lavin_edge.serve.images import ImageLimits  # noqa: E402
 from lavin_edge.serve.server import ServeOptions, build_app  # noqa: E402
 

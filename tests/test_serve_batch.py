@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import quantize_tiny_dir
 from test_engine import trained_like
 
 from lavin_edge.config import preset
-from lavin_edge.merge import merge_lavin, read_config, save_merged
 from lavin_edge.modality import IMAGE, TEXT
 from lavin_edge.runtime import Engine
 from lavin_edge.runtime.batch import BatchDecoder
@@ -22,16 +22,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def quantized_tiny_dir(root: Path, seed: int = 0, max_seq_len: int = 256) -> Path:
     """A tiny LaVIN with GPTQ-packed (RTN) LLM linears and a vocabulary the W4 head packs (multiple of 8)."""
-    from lavin_edge.quantize.pipeline import GPTQConfig, pack_llm_linears, save_quantized
-
     cfg = preset("tiny", "tiny")
     cfg.llm.vocab_size = 264
     cfg.llm.max_seq_len = max_seq_len
-    merged, table = merge_lavin(trained_like(seed, cfg=cfg))
-    fp_dir = save_merged(merged, root / "fp", None, {"test": True}, table)
-    qcfg = GPTQConfig(group_size=32)
-    packed = pack_llm_linears(merged, qcfg)
-    return save_quantized(merged, packed, read_config(fp_dir), qcfg, root / "q")
+    return quantize_tiny_dir(trained_like(seed, cfg=cfg), root)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +107,7 @@ def test_modality_is_per_row(qdir: Path) -> None:
 
 def test_greedy_tokens_equal_engine_generate(qdir: Path) -> None:
     """The batch path produces the tokens the engine's own loop (native decode step) produces."""
-    from lavin_edge.chat.sampling import GenerationConfig
+    from lavin_edge.runtime.sampling import GenerationConfig
 
     eng = Engine.load(qdir, backend="auto")
     ref = Engine.load(qdir, backend="auto")
@@ -141,8 +135,9 @@ def test_step_errors(qdir: Path) -> None:
 def test_demo_examples_same_tokens_alone_and_batched() -> None:
     """On the demo (when built): the README's example questions about examples/*.png plus a text question, 16
     greedy tokens each, the same logits alone and as one batch of five (mixed modality)."""
-    from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir
     from lavin_edge.data.image import load_image
+    from lavin_edge.demo.build import demo_model_dir
+    from lavin_edge.demo.paths import DemoModelMissing
     from lavin_edge.prompt import conversation_ids
 
     try:

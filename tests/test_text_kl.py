@@ -9,10 +9,13 @@ import pytest
 import torch
 
 from lavin_edge.config import AdapterConfig
-from lavin_edge.data.sources import Problems, load_prose
+from lavin_edge.data.records import Problems
+from lavin_edge.data.sources import load_prose
 from lavin_edge.model.lavin import IGNORE_INDEX, Batch
-from lavin_edge.train import TrainConfig, distill_loss_sum, scored_positions, token_loss_sum, train
 from lavin_edge.training.base import BaseSpec, build_base
+from lavin_edge.training.config import TrainConfig
+from lavin_edge.training.loop import train
+from lavin_edge.training.losses import distill_loss_sum, scored_positions, token_loss_sum
 from lavin_edge.training.recipe import RecipeError
 
 

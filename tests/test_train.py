@@ -16,12 +16,14 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-import lavin_edge.train as train_mod
+import lavin_edge.training.loop as train_mod
 from lavin_edge.cli import main as cli_main
 from lavin_edge.config import AdapterConfig
-from lavin_edge.train import TrainConfig, train
+from lavin_edge.demo.paths import ADAPTERS_DIR
 from lavin_edge.training.base import BaseSpec, build_base
 from lavin_edge.training.checkpoint import convert_reference_state, reference_key
+from lavin_edge.training.config import TrainConfig
+from lavin_edge.training.loop import train
 from lavin_edge.training.schedule import WarmupCosine, build_optimizer, param_groups, scaled_lr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +98,7 @@ def test_artifact_records_base_names_not_install_paths(tmp_path: Path, monkeypat
     (tmp_path / "llm.gguf").write_bytes(b"")
     monkeypatch.chdir(tmp_path)
     assert train_mod._abs("llm.gguf") == str(tmp_path.resolve() / "llm.gguf")
-    shipped = json.loads((Path(train_mod.__file__).parent / "chat" / "demo_adapters" / "config.json").read_text())
+    shipped = json.loads((ADAPTERS_DIR / "config.json").read_text())
     assert shipped["base"]["llm"] == "smollm2-135m" and shipped["base"]["vision"] == "efficientnet-lite0"
 
 

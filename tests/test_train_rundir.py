@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 from lavin_edge.cli import main as cli_main
 from lavin_edge.io.outdir import COMPLETE_MARKER, OutputDirError, require_complete
-from lavin_edge.train import TrainConfig, train
+from lavin_edge.training.config import TrainConfig
+from lavin_edge.training.loop import train
 from lavin_edge.training.recipe import DATA_KEYS, EVAL_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +89,7 @@ def test_resume_refuses_settings_that_differ(tmp_path: Path) -> None:
 def test_shipped_demo_adapters_are_complete() -> None:
     """merge refuses a run dir without the completeness marker: the packaged demo adapters carry one (write it
     again with lavin_edge.io.outdir.write_marker after replacing their files)."""
-    from lavin_edge.chat.demo_build import ADAPTERS_DIR
+    from lavin_edge.demo.paths import ADAPTERS_DIR
 
     require_complete(ADAPTERS_DIR)
 
@@ -105,7 +106,7 @@ def test_resume_of_nothing_and_of_a_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize("case", ["negative_in_recipe", "negative_lr_flag", "unknown_data_key", "toml_syntax",
                                   "bad_mode", "unknown_top_key", "bad_type", "bad_preset", "missing_root"])
 def test_recipe_checked_before_anything_loads(tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import lavin_edge.train as train_mod
+    import lavin_edge.training.loop as train_mod
 
     def no_loading(*a: object, **k: object) -> None:
         raise AssertionError("a model was loaded before the recipe was checked")
@@ -185,7 +186,9 @@ def test_eval_after_training_shows_progress_and_can_be_skipped(tmp_path: Path) -
 # SIGKILLs it right before the k-th write of its saves (k = 0: never).
 KILL_SCRIPT = """
 import json, os, signal, sys
-import lavin_edge.train as t
+import lavin_edge.training.loop as t
+import lavin_edge.training.save as save
+from lavin_edge.training.config import TrainConfig
 cfgs, ks = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 result = {}
 for k, cfg in zip(ks, cfgs):
@@ -196,8 +199,8 @@ for k, cfg in zip(ks, cfgs):
             names.append(what)
             if len(names) == k:
                 os.kill(os.getpid(), signal.SIGKILL)
-        t._write_step = hook
-        t.train(t.TrainConfig(**cfg), echo=lambda *a: None)
+        save._write_step = hook
+        t.train(TrainConfig(**cfg), echo=lambda *a: None)
         print(json.dumps({"names": names}), flush=True)
         os._exit(0)
     _, status = os.waitpid(pid, 0)

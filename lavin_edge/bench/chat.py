@@ -64,10 +64,10 @@ def _demo_row(model_dir: str, backend: str, new_tokens: int, question: str, imag
               prompt_tokens: int | None = None) -> dict[str, Any]:
     """The chat question (with ``image``), or with ``prompt_tokens`` a text prompt of that many random ids (the
     long-context row: the same ids as its llama.cpp row)."""
-    from lavin_edge.chat.sampling import GenerationConfig
     from lavin_edge.chat.session import ChatSession
     from lavin_edge.modality import IMAGE, TEXT
     from lavin_edge.runtime import Engine, GenerationStats
+    from lavin_edge.runtime.sampling import GenerationConfig
 
     if prompt_tokens:
         eng = Engine.load(model_dir, backend=backend, max_context=prompt_tokens + new_tokens + 8)
@@ -139,10 +139,10 @@ def _llama7b_row(new_tokens: int, prompt_tokens: int, max_context: int, llm: dic
                  probe_bytes: int | None = None) -> dict[str, Any]:
     """Decode on random 4-bit weights of LLaMA-7B's shape (``llm``: another LlamaConfig as a dict, for tests)
     against the bandwidth limit."""
-    from lavin_edge.chat.sampling import GenerationConfig
     from lavin_edge.config import LavinConfig, LlamaConfig, preset
     from lavin_edge.modality import TEXT
     from lavin_edge.runtime import Engine, GenerationStats
+    from lavin_edge.runtime.sampling import GenerationConfig
 
     threads = torch.get_num_threads()
     read_bw = probe_read_bw(threads, probe_bytes)  # first, before the model takes memory
@@ -192,7 +192,8 @@ def run_chat_bench(json_out: bool = False, fp_model: str | None = None, q_model:
     (or one JSON object with ``json_out``). A row that cannot run carries ``skipped`` with the reason
     and null figures. ``context`` > 0: also the demo 4-bit on a text prompt of that many tokens (prefill, then
     decode at that context), beside llama.cpp on the same ids."""
-    from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir
+    from lavin_edge.demo.build import demo_model_dir
+    from lavin_edge.demo.paths import DemoModelMissing
 
     threads = threads or torch.get_num_threads()
     image = image or str(example_image())

@@ -42,10 +42,10 @@ def hbm_read_gbs(device: torch.device, nbytes: int = PROBE_BYTES, reps: int = 10
 
 def _generate(eng: Any, ids: list[int], pos: int, image: str | None, new_tokens: int) -> tuple[Any, list[int]]:
     """Warm-up (captures the decode graphs), then the measured run: (stats, tokens)."""
-    from lavin_edge.chat.sampling import GenerationConfig
     from lavin_edge.data.image import load_image
     from lavin_edge.modality import IMAGE, TEXT
     from lavin_edge.runtime import GenerationStats
+    from lavin_edge.runtime.sampling import GenerationConfig
 
     result = stats = None
     for _ in range(2):
@@ -78,9 +78,9 @@ def _figures(stats: Any, eng: Any, read_gbs: float) -> dict[str, Any]:
 def demo_row(q_model: str, new_tokens: int, question: str, image: str, read_gbs: float, device: str = "cuda"
              ) -> dict[str, Any]:
     """The chat question about ``image`` on ``device`` (cpu: the same row on CPU tensors, for tests)."""
-    from lavin_edge.chat.sampling import GenerationConfig
     from lavin_edge.chat.session import ChatSession
     from lavin_edge.runtime.cuda_engine import CudaEngine
+    from lavin_edge.runtime.sampling import GenerationConfig
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -148,7 +148,8 @@ def run_cuda_chat_bench(json_out: bool = False, q_model: str | None = None, new_
     """Every row (a row that cannot run carries ``skipped``); prints a table or one JSON object. ``device`` "cpu"
     runs the same rows on CPU tensors (a smoke test of this driver; no bandwidth probe there)."""
     from lavin_edge.bench.chat import DEFAULT_QUESTION, example_image
-    from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir
+    from lavin_edge.demo.build import demo_model_dir
+    from lavin_edge.demo.paths import DemoModelMissing
 
     dev = torch.device(device)
     read_gbs = hbm_read_gbs(dev) if dev.type == "cuda" else 1.0

@@ -4,9 +4,9 @@ about the right image, and do single turns stay right, for the fp (merged) and 4
 - text: on the held-out self-distilled instructions (``[[data]] type = "self-distill"``, split "test", never
   trained on), teacher-forced top-1 agreement with the frozen base's own greedy answers, and perplexity of
   those answers and of held-out prose (standard-library docstrings, ``lavin_edge.data.prose``),
-  demo against base (``lavin_edge.text_fidelity``);
+  demo against base (``lavin_edge.bench.text_fidelity``);
 - follow-ups: yes/no as the 2nd or 3rd turn about one easy-vqa test image, or right after ``/image``
-  (``lavin_edge.chat.followups``), through ``ChatSession`` on the chat engine;
+  (``lavin_edge.bench.followups``), through ``ChatSession`` on the chat engine;
 - single turn: easy-vqa test questions, one fresh conversation each, judged as ``lavin-edge eval`` judges.
 
     LAVIN_EDGE_DEMO_DIR=/tmp/demo lavin-edge bench demo-chat [--followups 200] [--single 1000] [--report F]
@@ -24,18 +24,20 @@ from typing import Any
 
 import torch
 
-from lavin_edge.chat.demo import demo_model_dir
-from lavin_edge.chat.followups import followup_cases, run_followups
-from lavin_edge.chat.sampling import GenerationConfig
+from lavin_edge.bench.followups import followup_cases, run_followups
+from lavin_edge.bench.text_fidelity import text_fidelity
 from lavin_edge.chat.session import ChatSession
 from lavin_edge.config import AdapterConfig
+from lavin_edge.data.easyvqa import load_easy_vqa
 from lavin_edge.data.prose import stdlib_paragraphs
-from lavin_edge.data.sources import Problems, load_easy_vqa, load_self_distill
+from lavin_edge.data.records import Problems
+from lavin_edge.data.sources import load_self_distill
+from lavin_edge.demo.build import demo_model_dir
 from lavin_edge.evaluate import judge_open
 from lavin_edge.merge import load_merged
-from lavin_edge.quantize.pipeline import load_quantized_as_fp
+from lavin_edge.quantize.files import load_quantized_as_fp
 from lavin_edge.runtime import Engine
-from lavin_edge.text_fidelity import text_fidelity
+from lavin_edge.runtime.sampling import GenerationConfig
 from lavin_edge.training.base import BaseSpec, build_base
 
 

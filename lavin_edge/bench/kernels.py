@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from lavin_edge import kernels as K
-from lavin_edge.kernels.gptq_format import quantize_rtn
+from lavin_edge.kernels.gptq_format import GPTQTensors, quantize_rtn
 
 LLAMA7B_SHAPES: tuple[tuple[int, int], ...] = ((4096, 4096), (11008, 4096), (4096, 11008))
 GROUP_SIZE = 128
@@ -117,9 +117,9 @@ def _contenders(n: int, k: int, llc: int) -> dict[str, tuple[int, Callable[[torc
     for name, act_order in (("lavin_w4", False), ("lavin_w4_actorder", True)):
         q = quantize_rtn(w, GROUP_SIZE, act_order=act_order, generator=gen)
         # Each copy prepared on its own: its own weight tensors and the native descriptor that points at them.
-        copies = [K.prepare_w4(q["qweight"], q["qzeros"], q["scales"], q["g_idx"], GROUP_SIZE, "gptq")]
+        copies = [K.prepare_w4(GPTQTensors.from_dict(q, "gptq", GROUP_SIZE))]
         p = copies[0]
-        copies += [K.prepare_w4(q["qweight"], q["qzeros"], q["scales"], q["g_idx"], GROUP_SIZE, "gptq")
+        copies += [K.prepare_w4(GPTQTensors.from_dict(q, "gptq", GROUP_SIZE))
                    for _ in range(_copies(p.nbytes, llc) - 1)]
         out[name] = (p.nbytes, lambda x, cs=copies: [functools.partial(c.matmul, x) for c in cs])
 

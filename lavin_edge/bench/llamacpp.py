@@ -7,6 +7,7 @@ child, and the row is skipped with the reason, never the benchmark or the test r
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -113,3 +114,34 @@ def peer_rows(text: str, new_tokens: int, context: int, with_7b: bool
                     "llm": dataclasses.asdict(llm7b)}
         rows.append(("llama-7b-shaped, random Q4_0 GGUF (+Q4_0 output)", spec, missing))
     return rows
+
+
+def llamacpp_perplexity_row(gguf: str | None, text: str, max_len: int) -> dict[str, Any]:
+    """``bench quality``'s llama.cpp row: perplexity of the GGUF on the same text (its own tokenizer, BOS first,
+    the same segment length), or a row that says why it was skipped."""
+    row: dict[str, Any] = {"contender": "llama.cpp (source GGUF, base LLM)", "model": gguf, "path": "llama.cpp"}
+    if gguf is None or not Path(gguf).is_file():
+        row["skipped"] = "the model dir names no GGUF (or the file is gone)"
+        return row
+    try:
+        from llama_cpp import Llama  # type: ignore[import-not-found]
+    except ImportError:
+        row["skipped"] = "llama-cpp-python is not installed"
+        return row
+    llm = Llama(model_path=gguf, n_ctx=max_len + 8, logits_all=True, n_threads=torch.get_num_threads(),
+                verbose=False)
+    nll, count = 0.0, 0
+    paragraphs = [p.strip("\n") for p in text.split("\n\n") if p.strip()]
+    toks = llm.tokenize("\n\n".join(paragraphs).encode(), add_bos=False, special=False)
+    bos = llm.token_bos()
+    for s in range(0, len(toks), max_len - 1):
+        seq = [bos] + toks[s:s + max_len - 1]
+        llm.reset()
+        llm.eval(seq)
+        scores = torch.tensor(llm.scores[:len(seq)]).double()
+        lp = torch.log_softmax(scores[:-1], -1)
+        nll -= float(lp.gather(1, torch.tensor(seq[1:])[:, None]).sum())
+        count += len(seq) - 1
+    row["text_ppl"] = math.exp(nll / count)
+    row["text_positions"] = count
+    return row

@@ -32,14 +32,15 @@ from typing import Any
 
 import torch
 
+from lavin_edge.bench.llamacpp import llamacpp_perplexity_row
 from lavin_edge.kernels.dispatch import CPU_BACKENDS
+from lavin_edge.runtime.compare import top1_matches
 
 QUALITY_TEXT = Path(__file__).with_name("quality_text.txt")
 VQA_SEED = 20261130  # the fixed held-out sample of the easy-vqa test split
 DEFAULT_VQA = 100
 MAX_LEN = 256  # tokens per text segment (prefix included)
 ENGINE_BACKENDS = CPU_BACKENDS  # every name a build may have; those available here run
-LLAMACPP_MISSING = "llama-cpp-python is not installed"
 
 
 class QualityBenchError(ValueError):
@@ -96,8 +97,9 @@ class VqaItem:
 
 def vqa_items(tok: Any, n_visual: int, image_size: int, n: int, seed: int = VQA_SEED) -> list[VqaItem]:
     """``n`` easy-vqa test questions (a fixed seeded sample), targets as the demo was trained on them."""
+    from lavin_edge.data.easyvqa import load_easy_vqa
     from lavin_edge.data.image import load_image
-    from lavin_edge.data.sources import Problems, load_easy_vqa
+    from lavin_edge.data.records import Problems
     from lavin_edge.model.lavin import encode_example
 
     out = []
@@ -143,13 +145,12 @@ class Tally:
         lp = torch.log_softmax(logits.double(), -1)
         self.nll -= float(lp.gather(1, targets[:, None]).sum())
         self.positions += targets.numel()
-        top = logits.argmax(-1)
         for ref, name in ((ref_fp, "fp"), (ref_q4, "q4")):
             if ref is None:
                 continue
             r = ref.logits[key]
             d = (logits - r).abs()
-            setattr(self, f"agree_{name}", getattr(self, f"agree_{name}") + int((top == r.argmax(-1)).sum()))
+            setattr(self, f"agree_{name}", getattr(self, f"agree_{name}") + top1_matches(logits, r.argmax(-1)))
             setattr(self, f"max_diff_{name}", max(getattr(self, f"max_diff_{name}"), float(d.max())))
             setattr(self, f"sum_diff_{name}", getattr(self, f"sum_diff_{name}") + float(d.mean(-1).sum()))
 
@@ -206,8 +207,8 @@ def head_description(engine: Any) -> str:
 
 def answer(engine: Any, item: VqaItem, max_new_tokens: int) -> str:
     """The engine's greedy answer to one question, as ``chat`` produces it."""
-    from lavin_edge.chat.sampling import GenerationConfig
     from lavin_edge.modality import IMAGE
+    from lavin_edge.runtime.sampling import GenerationConfig
 
     engine.reset(IMAGE)
     visual = engine.encode_image(item.image)
@@ -258,43 +259,13 @@ def run_contender(c: Contender, segments: Sequence[list[int]], first: int, items
     return row
 
 
-def llamacpp_row(gguf: str | None, text: str, max_len: int) -> dict[str, Any]:
-    """Perplexity of the GGUF through llama-cpp-python on the same text (its own tokenizer, BOS first, the
-    same segment length), or a row that says why it was skipped."""
-    row: dict[str, Any] = {"contender": "llama.cpp (source GGUF, base LLM)", "model": gguf, "path": "llama.cpp"}
-    if gguf is None or not Path(gguf).is_file():
-        row["skipped"] = "the model dir names no GGUF (or the file is gone)"
-        return row
-    try:
-        from llama_cpp import Llama  # type: ignore[import-not-found]
-    except ImportError:
-        row["skipped"] = LLAMACPP_MISSING
-        return row
-    llm = Llama(model_path=gguf, n_ctx=max_len + 8, logits_all=True, n_threads=torch.get_num_threads(),
-                verbose=False)
-    nll, count = 0.0, 0
-    paragraphs = [p.strip("\n") for p in text.split("\n\n") if p.strip()]
-    toks = llm.tokenize("\n\n".join(paragraphs).encode(), add_bos=False, special=False)
-    bos = llm.token_bos()
-    for s in range(0, len(toks), max_len - 1):
-        seq = [bos] + toks[s:s + max_len - 1]
-        llm.reset()
-        llm.eval(seq)
-        scores = torch.tensor(llm.scores[:len(seq)]).double()
-        lp = torch.log_softmax(scores[:-1], -1)
-        nll -= float(lp.gather(1, torch.tensor(seq[1:])[:, None]).sum())
-        count += len(seq) - 1
-    row["text_ppl"] = math.exp(nll / count)
-    row["text_positions"] = count
-    return row
-
-
 # ------------------------------------------------------------------------------------------------ driver
 
 def default_dirs(model: str | None, fp_model: str | None) -> tuple[Path, Path | None]:
     """(quantized dir, merged fp dir or None): the given ones, else the demo's (built on first use). Without
     ``fp_model`` the quantized dir's recorded source (``source.quantized_from``) or a sibling ``merged/``."""
-    from lavin_edge.chat.demo import MERGED_NAME, demo_model_dir
+    from lavin_edge.demo.build import demo_model_dir
+    from lavin_edge.demo.paths import MERGED_NAME
 
     q = Path(model) if model else demo_model_dir(quantized=True, build=True)
     if not (q / "config.json").is_file():
@@ -376,7 +347,7 @@ def run_quality_bench(model: str | None = None, fp_model: str | None = None, bac
         q4_in = None if c.name == "4-bit exact" else (ref_q4 if ref_q4.logits else None)
         rows.append(run_contender(c, segments, first, items, fp_in, q4_in, keep, max_new_tokens, log))
     if with_llamacpp:
-        rows.append(llamacpp_row(gguf, text, max_len))
+        rows.append(llamacpp_perplexity_row(gguf, text, max_len))
     result = {"model": str(q_dir), "fp_model": str(fp_dir) if fp_dir else None,
               "text_tokens": sum(len(s) - first - 1 for s in segments), "text_segments": len(segments),
               "vqa_questions": len(items), "threads": torch.get_num_threads(), "w4_activations": fmt, "rows": rows,

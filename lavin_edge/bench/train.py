@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from lavin_edge.train import load_recipe, train
+from lavin_edge.training.config import load_recipe
+from lavin_edge.training.loop import train
 
 DEFAULT_RECIPE = "recipes/demo.toml"
 

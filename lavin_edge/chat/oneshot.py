@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TextIO
 
-from lavin_edge.chat.text_stream import StopStringStream
 from lavin_edge.prompt import budget_note, check_prompt_fits, conversation_ids
+from lavin_edge.runtime.text_stream import StopStringStream
 
 
 def answer_without_torch(model_dir: str | Path, image: str | None, question: str, max_new_tokens: int,

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from lavin_edge.chat.sampling import GenerationConfig
 from lavin_edge.modality import IMAGE, NO_IMAGE, TEXT, has_image
 from lavin_edge.prompt import check_prompt_fits, conversation_ids
 from lavin_edge.runtime import Engine, GenerationResult, GenerationStats
+from lavin_edge.runtime.sampling import GenerationConfig
 
 
 @dataclass

@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
-from lavin_edge.chat.demo import DEMO_DESCRIPTION
 from lavin_edge.commands.options import activations_option, device_option, threads_option
+from lavin_edge.demo.paths import DEMO_DESCRIPTION
 
 EPILOG = (DEMO_DESCRIPTION + "\n\nIn the REPL: /image PATH swaps the image, /reset clears the history, /exit "
           "or Ctrl-D quits (exit code 0); Ctrl-C stops an answer, and at the empty prompt quits with exit code 130, "
@@ -60,13 +60,13 @@ def command(model_dir: str | None, image: str | None, prompt: str | None, json_o
         return
     import torch
 
-    from lavin_edge.chat.demo import demo_model_dir
     from lavin_edge.chat.repl import answer_once, run_repl
-    from lavin_edge.chat.sampling import GenerationConfig
     from lavin_edge.chat.session import ChatSession
-    from lavin_edge.cli import skip_teardown_at_exit
+    from lavin_edge.commands.process import skip_teardown_at_exit
     from lavin_edge.data.image import load_image
+    from lavin_edge.demo.build import demo_model_dir
     from lavin_edge.runtime.cuda_engine import engine_for
+    from lavin_edge.runtime.sampling import GenerationConfig
 
     if threads:
         torch.set_num_threads(threads)
@@ -109,9 +109,9 @@ def _answered_without_torch(model_dir: str | None, image: str | None, prompt: st
                             stop: tuple[str, ...], max_context: int | None, threads: int | None) -> bool:
     """A one-shot greedy answer on the engine without PyTorch (lavin_edge.chat.oneshot), when the model (a built
     demo, or a quantized dir) allows it; False: nothing was written, the PyTorch session answers."""
-    from lavin_edge.chat.demo import built_demo_dir
     from lavin_edge.chat.oneshot import answer_without_torch
-    from lavin_edge.cli import skip_teardown_at_exit
+    from lavin_edge.commands.process import skip_teardown_at_exit
+    from lavin_edge.demo.paths import built_demo_dir
 
     path = model_dir if model_dir is not None else built_demo_dir()
     if path is None:

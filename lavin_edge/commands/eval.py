@@ -37,7 +37,8 @@ def command(model_dir: str, data: str, split: str, limit: int | None, method: st
     quantized model)."""
     import torch
 
-    from lavin_edge.data.sources import Problems, load_source
+    from lavin_edge.data.records import Problems
+    from lavin_edge.data.sources import load_source
     from lavin_edge.evaluate import evaluate_records, format_table
     from lavin_edge.training.base import DTYPES, load_trained_artifact, read_run_config
 
@@ -65,7 +66,7 @@ def command(model_dir: str, data: str, split: str, limit: int | None, method: st
     model.to(device)  # the training model in PyTorch: on the GPU with --device cuda
     dtype = DTYPES[base_dtype]
     if dtype != torch.float32:
-        from lavin_edge.train import cast_frozen
+        from lavin_edge.training.prepare import cast_frozen
 
         cast_frozen(model, dtype)
     cands = None

@@ -52,7 +52,7 @@ def command(model_dir: str, out: str, bits: str, group_size: str, sym: bool, des
 
     OUT is written all or nothing: an interrupted run leaves the previous OUT (or none), and the next run into
     OUT removes the temporary directory it left."""
-    from lavin_edge.quantize.step import QuantizeOptions, quantize_dir, read_calib_recipe
+    from lavin_edge.quantize.run import QuantizeOptions, quantize_dir, read_calib_recipe
 
     try:
         opts = QuantizeOptions(

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from lavin_edge.chat.demo import DEMO_DESCRIPTION
 from lavin_edge.commands.options import activations_option, device_option, threads_option
+from lavin_edge.demo.paths import DEMO_DESCRIPTION
 
 EPILOG = (DEMO_DESCRIPTION + "\n\nAPI: POST /v1/chat/completions (OpenAI's schema, stream=true for server-sent "
           "events), GET /v1/models, GET /health; the web page at /. Images only as data:image/...;base64 URLs "
@@ -66,7 +66,8 @@ def command(model_dir: str | None, host: str, port: int, device: str, backend: s
     import torch
     import uvicorn
 
-    from lavin_edge.chat.demo import DemoModelMissing, demo_model_dir
+    from lavin_edge.demo.build import demo_model_dir
+    from lavin_edge.demo.paths import DemoModelMissing
     from lavin_edge.runtime import ModelDirError
     from lavin_edge.serve.images import ImageLimits
     from lavin_edge.serve.server import PortInUse, ServeOptions, bind_socket, load_app

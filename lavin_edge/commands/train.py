@@ -57,7 +57,8 @@ def command(recipe: str, out_dir: str | None, llm: str | None, vision: str | Non
             save_every: int | None, gradient_checkpointing: bool | None, strict_data: bool | None, resume: bool,
             overwrite: bool, no_eval: bool, dry_run: bool, no_progress: bool) -> None:
     """Train adapters from RECIPE (a TOML file); flags override the recipe."""
-    from lavin_edge.train import load_recipe, train
+    from lavin_edge.training.config import load_recipe
+    from lavin_edge.training.loop import train
 
     overrides = {"out_dir": out_dir, "llm": llm, "vision": vision, "tokenizer": tokenizer,
                  "init_adapters": init_adapters, "batch_size": batch_size,

@@ -1,5 +1,6 @@
-"""Training and evaluation data: sources (ScienceQA, LLaVA-Instruct, Alpaca, easy-vqa), image
-preprocessing, tokenised datasets.
+"""Training and evaluation data: records (``records``), sources (``sources``: ScienceQA, LLaVA-Instruct, Alpaca,
+self-distilled text, prose; ``easyvqa``: the easy-vqa questions), image preprocessing (``image``), tokenised
+datasets (``dataset``), the self-distilled answers' writer (``self_distill``) and the docstring prose (``prose``).
 
 The names below are imported on first use (PEP 562): ``lavin_edge.data.image`` loads without PyTorch."""
 
@@ -10,9 +11,9 @@ from typing import Any
 
 _EXPORTS = {
     "Item": "dataset", "LavinDataset": "dataset", "collate_items": "dataset", "ImageError": "image",
-    "load_image": "image", "preprocess": "image", "BadRecord": "sources", "DataError": "sources",
-    "Problems": "sources", "Record": "sources", "export_easy_vqa_scienceqa": "sources", "load_alpaca": "sources",
-    "load_easy_vqa": "sources", "load_llava": "sources", "load_scienceqa": "sources", "load_source": "sources",
+    "load_image": "image", "preprocess": "image", "BadRecord": "records", "DataError": "records",
+    "Problems": "records", "Record": "records", "export_easy_vqa_scienceqa": "easyvqa", "load_alpaca": "sources",
+    "load_easy_vqa": "easyvqa", "load_llava": "sources", "load_scienceqa": "sources", "load_source": "sources",
 }
 __all__ = sorted(_EXPORTS)
 

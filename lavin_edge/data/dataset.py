@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lavin_edge.data.image import ImageError, load_image
-from lavin_edge.data.sources import Problems, Record
+from lavin_edge.data.records import Problems, Record
 from lavin_edge.model.lavin import IGNORE_INDEX, Batch, Example, TokenizerLike, collate, encode_example
 
 

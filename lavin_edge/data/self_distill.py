@@ -7,7 +7,7 @@ instructions (facts, writing, lists, maths, code, how-to) written below, each an
 and stored as JSONL. Training on those answers pulls the adapted text route toward the base's own outputs.
 
 A fixed, hash-chosen subset is held out (``split = "test"``) for measuring how close the demo stays
-(``lavin_edge.text_fidelity``). Regenerate the file with ``python scripts/make_self_distill.py``.
+(``lavin_edge.bench.text_fidelity``). Regenerate the file with ``python scripts/make_self_distill.py``.
 """
 
 from __future__ import annotations
@@ -144,8 +144,6 @@ def greedy_answers(model: Any, tok: Any, prompts: Sequence[list[int]], max_new_t
     """Greedy answers of a text-only ``LaVIN`` to token-id prompts (stop token excluded). Prompts of equal
     length decode together in one batch (no padding, so every row is exactly its batch-1 computation up to
     float summation order)."""
-    from lavin_edge.model.llama import KVCache
-
     stop = set(getattr(tok, "stop_ids", {tok.eos_id}))
     by_len: dict[int, list[int]] = {}
     for n, p in enumerate(prompts):
@@ -155,24 +153,9 @@ def greedy_answers(model: Any, tok: Any, prompts: Sequence[list[int]], max_new_t
         idx = by_len[length]
         for s in range(0, len(idx), batch_size):
             rows = idx[s:s + batch_size]
-            ids = torch.tensor([prompts[n] for n in rows])
-            h = model.embed(ids, torch.full((len(rows),), -1), None)
-            cache = KVCache.allocate(model.cfg.llm, len(rows), h.shape[1] + max_new_tokens, h.dtype, h.device)
-            logits = model.llm.forward_embeds(h, cache, 0, last_only=True)
-            done = [False] * len(rows)
-            for _ in range(max_new_tokens):
-                nxt = logits[:, -1].argmax(-1)
-                for j, n in enumerate(rows):
-                    if not done[j]:
-                        t = int(nxt[j])
-                        if t in stop:
-                            done[j] = True
-                        else:
-                            out[n].append(t)
-                if all(done):
-                    break
-                e = model.llm.tok_embeddings(nxt[:, None])
-                logits = model.llm.forward_embeds(e, cache, cache.length, last_only=True)
+            h = model.embed(torch.tensor([prompts[n] for n in rows]), torch.full((len(rows),), -1), None)
+            for n, answer in zip(rows, model.llm.generate_greedy(h, None, max_new_tokens, stop), strict=True):
+                out[n] = answer
             if log is not None:
                 log(f"  {len(rows)} prompt(s) of {length} tokens answered")
     return out

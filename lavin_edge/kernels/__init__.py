@@ -11,13 +11,14 @@
 
 Public API
 ----------
-``prepare_w4(qweight, qzeros, scales, g_idx=None, group_size=128, checkpoint_format="gptq")``
-    One-time repack of a GPTQ linear into the native kernels' layout; returns a :class:`PreparedW4`.
+``prepare_w4(t: GPTQTensors, *, backend=None)``
+    One-time repack of a GPTQ linear (``gptq_format.GPTQTensors``: its tensors, group size and format) into
+    the native kernels' layout; returns a :class:`PreparedW4`.
     ``.matmul(x)`` computes ``x @ W^T`` for x [..., K] (fp32 on CPU, fp16 on CUDA) without ever
     materialising W; ``.native`` is the descriptor the one-call decode step takes.
 ``prepare_norm_adapter(g, A, a, U, u, eps)``
     A checked LLM norm + folded adapter (:class:`PreparedNormAdapter`) with its descriptor.
-``dequantize_gptq(...)``
+``GPTQTensors.dequantize()``
     Dense fp32 W [N, K] (reference; also the fallback).
 ``rmsnorm_adapter(x, g, A, a, U, u, modality, eps)``, ``vit_routed_adapter(x, A, a, R, rb, B, b, Dw, d, t, s)``
     The adapter kernels, checked per call.
@@ -45,7 +46,7 @@ _EXPORTS = {
     "PreparedNormAdapter": "adapters", "prepare_norm_adapter": "adapters", "rmsnorm_adapter": "adapters",
     "vit_routed_adapter": "adapters", "CPU_BACKENDS": "dispatch", "MAX_RANK": "dispatch",
     "available_backends": "dispatch", "backend": "dispatch", "cpu_features": "dispatch", "extension": "dispatch",
-    "extension_error": "dispatch", "dequantize_gptq": "reference", "PreparedW4": "w4", "gptq_matmul_scalar": "w4",
+    "extension_error": "dispatch", "GPTQTensors": "gptq_format", "PreparedW4": "w4", "gptq_matmul_scalar": "w4",
     "prepare_w4": "w4", "repack_tiled_reference": "w4",
 }
 __all__ = sorted(_EXPORTS)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
+from .decode import norm_weights
 from .dispatch import MAX_RANK, check_tensor, cuda_kernels_ok, extension, resolve_backend, warn_fallback
 
 
@@ -87,14 +88,13 @@ def prepare_norm_adapter(g: torch.Tensor, A: torch.Tensor, a: torch.Tensor, U: t
     """Check an LLM norm + folded adapter (fp32 CPU tensors, shapes in the module docstring; they are made
     contiguous fp32 here) and build its native descriptor when the extension is present."""
     g, A, a, U, u = (t.float().contiguous() for t in (g, A, a, U, u))
-    r = _check_llm_weights(g, A, a, U, u, None, torch.device("cpu"))
+    _check_llm_weights(g, A, a, U, u, None, torch.device("cpu"))
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
     p = PreparedNormAdapter(g, A, a, U, u, float(eps))
     c = extension()
     if c is not None:
-        p.native = c.NormAdapterWeights(g.data_ptr(), A.data_ptr(), a.data_ptr(), U.data_ptr(), u.data_ptr(),
-                                        g.shape[0], r, float(eps))
+        p.native = norm_weights(g, A, a, U, u, eps)
     return p
 
 
@@ -147,8 +147,7 @@ def rmsnorm_adapter(
     if name == "torch":
         return reference.llm_adapter_reference(x, g, A, a, U, u, modality, eps)
     assert c is not None
-    weights = c.NormAdapterWeights(g.data_ptr(), A.data_ptr(), a.data_ptr(), U.data_ptr(), u.data_ptr(), dim, r,
-                                   float(eps))
+    weights = norm_weights(g, A, a, U, u, eps)
     c.llm_adapter(name, weights, x.data_ptr(), y.data_ptr(), bsz * t, row_mod.data_ptr(), torch.get_num_threads())
     return y
 

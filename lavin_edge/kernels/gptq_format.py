@@ -143,6 +143,11 @@ def unpack_linear(t: dict[str, torch.Tensor], bits: int = BITS, checkpoint_forma
                           zeros.float(), t["g_idx"].to(torch.int32))
 
 
+def resolve_group_size(group_size: int | None, k: int) -> int:
+    """GPTQ's group_size -1 (or None/0) means one group spanning all of K."""
+    return k if group_size is None or group_size <= 0 else int(group_size)
+
+
 def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None = None,
                group_size: int | None = None, checkpoint_format: str = "gptq") -> torch.Tensor:
     """GPTQ tensors -> dense fp32 ``W [N, K]`` (the one dequantizer).
@@ -155,8 +160,7 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     if g_idx is not None:
         gi = g_idx.long()
     else:
-        gs = k if group_size is None or group_size <= 0 else int(group_size)
-        gi = torch.arange(k, device=qweight.device) // gs
+        gi = torch.arange(k, device=qweight.device) // resolve_group_size(group_size, k)
     return (scales.float()[gi] * (q - z[gi])).t().contiguous()
 
 
@@ -168,14 +172,15 @@ def dequantize_packed(t: dict[str, torch.Tensor], bits: int = BITS, checkpoint_f
 
 @dataclass
 class GPTQTensors:
-    """One linear in the standard layout, with the settings needed to read it."""
+    """One linear in the standard layout, with the settings needed to read it: what every reader of a GPTQ linear
+    takes (the kernels' ``prepare_w4``, their references, the runtime's ops)."""
 
     qweight: torch.Tensor  # int32 [K/8, N]
     qzeros: torch.Tensor  # int32 [G, N/8]
     scales: torch.Tensor  # fp16 [G, N]
-    g_idx: torch.Tensor  # int32 [K]
-    checkpoint_format: str = "gptq"
-    group_size: int = 128
+    g_idx: torch.Tensor | None = None  # int32/int64 [K]; None: row k is in group k // group_size
+    checkpoint_format: str = "gptq"  # "gptq" (v1: stored zero - 1) or "gptq_v2"
+    group_size: int | None = 128  # rows per group; -1/0/None: one group over K
 
     @classmethod
     def from_dict(cls, t: dict[str, torch.Tensor], checkpoint_format: str, group_size: int) -> GPTQTensors:
@@ -189,6 +194,7 @@ class GPTQTensors:
         return self.scales.shape[1], self.qweight.shape[0] * 8
 
     def dequantize(self) -> torch.Tensor:
+        """Dense fp32 W [N, K] (the reference of every kernel, and their fallback)."""
         return dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.group_size, self.checkpoint_format)
 
     @staticmethod
@@ -198,11 +204,15 @@ class GPTQTensors:
         first = parts[0]
         for p in parts:
             if (p.qweight.shape[0] != first.qweight.shape[0] or p.checkpoint_format != first.checkpoint_format
-                    or p.scales.shape[1] % 8 or not torch.equal(p.g_idx, first.g_idx)):
+                    or p.scales.shape[1] % 8 or not _same_order(p.g_idx, first.g_idx)):
                 return None
         return GPTQTensors(torch.cat([p.qweight for p in parts], 1), torch.cat([p.qzeros for p in parts], 1),
                            torch.cat([p.scales for p in parts], 1), first.g_idx, first.checkpoint_format,
                            first.group_size)
+
+
+def _same_order(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is b or (a is not None and b is not None and torch.equal(a, b))
 
 
 # ----------------------------------------------------------------------------------------------- RTN

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from . import gptq_format
+from .gptq_format import GPTQTensors
 
 ACT_BLOCK = 32  # rows per activation block (one fp32 scale each) in the native CPU W4 kernels
 # Activation formats of the CPU W4 kernels (csrc/kernels.h): the largest integer of a block.
@@ -31,38 +31,9 @@ def act_format() -> str:
     return v
 
 
-def resolve_group_size(group_size: int | None, k: int) -> int:
-    """GPTQ's group_size -1 (or None/0) means one group spanning all of K."""
-    return k if group_size is None or group_size <= 0 else int(group_size)
-
-
-def dequantize_gptq(
-    qweight: torch.Tensor,
-    qzeros: torch.Tensor,
-    scales: torch.Tensor,
-    g_idx: torch.Tensor | None = None,
-    group_size: int | None = 128,
-    checkpoint_format: str = "gptq",
-) -> torch.Tensor:
-    """GPTQ tensors -> dense fp32 ``W`` [N, K]: the format module's one dequantizer (``gptq_format.dequantize``),
-    with ``group_size`` resolved as the kernels do (-1/None/0: one group over K)."""
-    k = qweight.shape[0] * 8
-    return gptq_format.dequantize(qweight, qzeros, scales, g_idx, resolve_group_size(group_size, k),
-                                  checkpoint_format)
-
-
-def w4_matmul_reference(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    qzeros: torch.Tensor,
-    scales: torch.Tensor,
-    g_idx: torch.Tensor | None = None,
-    group_size: int | None = 128,
-    checkpoint_format: str = "gptq",
-) -> torch.Tensor:
+def w4_matmul_reference(x: torch.Tensor, t: GPTQTensors) -> torch.Tensor:
     """``x @ W^T`` in float64 (the oracle), returned as fp32. x: [..., K]."""
-    w = dequantize_gptq(qweight, qzeros, scales, g_idx, group_size, checkpoint_format)
-    return (x.double() @ w.double().t()).float()
+    return (x.double() @ t.dequantize().double().t()).float()
 
 
 def quantize_activations_reference(x: torch.Tensor, perm: torch.Tensor | None = None,

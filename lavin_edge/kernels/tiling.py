@@ -7,11 +7,13 @@ views) and the engine without PyTorch (``lavin_edge.runtime.numpy_engine``) both
 - ``zero_points``: the true zero points [G, N] of ``qzeros`` under the v1 / v2 convention of
   ``lavin_edge.kernels.gptq_format`` (v1 stores zero - 1; a stored 0xF is 16), its NumPy twin (tested equal);
 - ``tile``: the unit-interleaved 4-bit records (csrc repacks them) and the per-tile scales and zero points;
-- ``descriptor``: the extension's ``W4Weights`` over those arrays (the caller keeps them alive).
+- ``descriptor``: the extension's ``W4Weights`` over those arrays (the caller keeps them alive);
+- ``tile_linear``: all of the above for one linear (``prepare_w4``'s tiled form, the engine without PyTorch).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -79,6 +81,33 @@ def descriptor(ext: Any, qw: Any, scales: Any, zeros: Any, perm: Any, n: int, k:
     return ext.W4Weights(address(qw), size(qw), address(scales), size(scales), address(zeros), size(zeros),
                          address(perm) if perm is not None else 0, size(perm) if perm is not None else 0,
                          n, np_, k, kp, groups)
+
+
+@dataclass
+class TiledArrays:
+    """One linear in the tiled layout: the arrays (kept alive by the holder) and their ``W4Weights``."""
+
+    qw: np.ndarray
+    scales: np.ndarray
+    zeros: np.ndarray
+    perm: np.ndarray | None
+    native: Any
+
+
+def tile_linear(ext: Any, qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: np.ndarray | None,
+                group_size: int, checkpoint_format: str, threads: int) -> TiledArrays | None:
+    """A GPTQ linear (qweight int32 [K/8, N], qzeros, fp16 scales [G, N], g_idx or None; ``group_size`` resolved)
+    in the tiled layout; None when the tiled kernels do not take its groups (unequal act-order groups, or groups
+    that the activation blocks of 32 would straddle)."""
+    n, k = qweight.shape[1], qweight.shape[0] * 8
+    groups = k // group_size
+    tileable, perm = act_order(g_idx, groups, group_size)
+    if not tileable or (group_size % ACT_BLOCK and groups != 1):
+        return None
+    np_, _ = padded_sizes(n, k)
+    st, zt = tile_params(scales, zero_points(qzeros, n, checkpoint_format), np_)
+    qw = repack(ext, qweight, n, k, perm, threads)
+    return TiledArrays(qw, st, zt, perm, descriptor(ext, qw, st, zt, perm, n, k, groups))
 
 
 def address(a: Any) -> int:

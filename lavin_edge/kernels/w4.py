@@ -38,8 +38,15 @@ import torch
 
 from . import reference, tiling
 from .dispatch import check_tensor, cuda_kernels_ok, extension, resolve_backend, warn_fallback
-from .gptq_format import CHECKPOINT_FORMATS, pack_nibbles_rows, unpack_nibbles_cols, unpack_nibbles_rows, zero_offset
-from .reference import dequantize_gptq, resolve_group_size
+from .gptq_format import (
+    CHECKPOINT_FORMATS,
+    GPTQTensors,
+    pack_nibbles_rows,
+    resolve_group_size,
+    unpack_nibbles_cols,
+    unpack_nibbles_rows,
+    zero_offset,
+)
 
 
 @dataclass
@@ -185,89 +192,114 @@ class PreparedW4:
         return w.t().contiguous()
 
 
-def prepare_w4(
-    qweight: torch.Tensor,
-    qzeros: torch.Tensor,
-    scales: torch.Tensor,
-    g_idx: torch.Tensor | None = None,
-    group_size: int | None = 128,
-    checkpoint_format: str = "gptq",
-    *,
-    backend: str | None = None,
-) -> PreparedW4:
-    """Validate a GPTQ linear and repack it for the native kernels (one time, at load).
+@dataclass
+class _Checked:
+    """A validated GPTQ linear's sizes, and its act-order gather (``perm``, int32, None for the identity;
+    ``uniform`` False when its groups are of unequal size: only the dense form takes it)."""
 
-    Args:
-        qweight: int32 [K/8, N]; qzeros: int32 [G, ceil(N/8)]; scales: fp16 (or fp32) [G, N];
-        g_idx: int32/int64 [K] or None; group_size: rows per group, -1/None/0 = all of K;
-        checkpoint_format: "gptq" (v1, stored zero - 1) or "gptq_v2".
-        backend: force a CPU backend for this object (a name of ``dispatch.CPU_BACKENDS`` built here).
-    The device of ``qweight`` decides the target: CPU -> tiled layout, CUDA -> CUDA kernels.
-    """
-    if checkpoint_format not in CHECKPOINT_FORMATS:
-        raise ValueError(f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}")
-    check_tensor("qweight", qweight, torch.int32, (None, None))
-    dev = qweight.device
-    kr, n = qweight.shape
+    n: int
+    k: int
+    group_size: int
+    groups: int
+    device: torch.device
+    perm: torch.Tensor | None
+    uniform: bool
+
+
+def _check(t: GPTQTensors, backend: str | None) -> _Checked:
+    if t.checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ValueError(f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {t.checkpoint_format!r}")
+    check_tensor("qweight", t.qweight, torch.int32, (None, None))
+    dev = t.qweight.device
+    kr, n = t.qweight.shape
     k = kr * 8
     if n == 0 or k == 0:
         raise ValueError("qweight must be non-empty")
-    gs = resolve_group_size(group_size, k)
+    gs = resolve_group_size(t.group_size, k)
     if k % gs:
         raise ValueError(f"K={k} is not a multiple of group_size={gs}")
     groups = k // gs
-    check_tensor("qzeros", qzeros, torch.int32, (groups, (n + 7) // 8), dev)
-    check_tensor("scales", scales, (torch.float16, torch.float32), (groups, n), dev)
+    check_tensor("qzeros", t.qzeros, torch.int32, (groups, (n + 7) // 8), dev)
+    check_tensor("scales", t.scales, (torch.float16, torch.float32), (groups, n), dev)
     if backend is not None:
         resolve_backend(backend)
-    perm = None
-    uniform = True
-    if g_idx is not None:
-        check_tensor("g_idx", g_idx, (torch.int32, torch.int64), (k,), dev)
-        uniform, order = tiling.act_order(g_idx.cpu().numpy(), groups, gs)
-        perm = torch.from_numpy(order).to(dev) if order is not None else None
-    scales16 = scales.half()
+    perm, uniform = None, True
+    if t.g_idx is not None:
+        check_tensor("g_idx", t.g_idx, (torch.int32, torch.int64), (k,), dev)
+        uniform, order = tiling.act_order(t.g_idx.cpu().numpy(), groups, gs)
+        perm = torch.from_numpy(order).to(dev).contiguous() if order is not None else None
+    return _Checked(n, k, gs, groups, dev, perm, uniform)
 
-    def dense() -> PreparedW4:
-        w = dequantize_gptq(qweight, qzeros, scales16, g_idx, gs, checkpoint_format)
-        return PreparedW4(n, k, gs, groups, "dense", dev, dense=w, backend_name=backend)
 
-    if g_idx is not None and not uniform:
-        return dense()
-    c = extension()
-    perm32 = perm.contiguous() if perm is not None else None  # int32
-    needs_q = dev.type == "cuda" or c is None or backend == "torch"
-    q = unpack_nibbles_rows(qweight) if needs_q else None  # [K, N] uint8, original row order
-    if q is not None and perm is not None:
-        q = q[perm]
-    zeros = unpack_nibbles_cols(qzeros, n).to(torch.int16) + zero_offset(checkpoint_format)
-    zeros = zeros.to(torch.uint8)  # true zero points, 0..16 (v1's 0xF + 1 = 16 is kept)
+def prepare_w4(t: GPTQTensors, *, backend: str | None = None) -> PreparedW4:
+    """Validate a GPTQ linear and repack it for the native kernels (one time, at load).
 
-    if dev.type == "cuda":
-        assert q is not None
-        if not cuda_kernels_ok() or gs % 8:
-            return dense()
-        return PreparedW4(n, k, gs, groups, "cuda", dev, perm=perm32,
-                          cuda=CudaW4(pack_nibbles_rows(q), scales16.contiguous(), zeros.contiguous()))
-    if dev.type != "cpu":
-        raise ValueError(f"unsupported device {dev}")
-    if gs % reference.ACT_BLOCK and groups != 1:
-        # The int8 blocks of 32 must not straddle groups; other group sizes take the dense path.
-        return dense()
+    ``t``: qweight int32 [K/8, N], qzeros int32 [G, ceil(N/8)], scales fp16 (or fp32) [G, N], g_idx int32/int64
+    [K] or None, its group size (-1/None/0 = all of K) and checkpoint format ("gptq", v1: stored zero - 1, or
+    "gptq_v2"). ``backend`` forces a CPU backend for this object ("avx512", "avx2", "scalar", "torch").
+    The device of ``qweight`` decides the target: CPU -> tiled layout (:func:`prepare_tiled`), CUDA -> the
+    CUDA kernels (:func:`prepare_cuda`); what neither takes -> the dense form (:func:`prepare_dense`).
+    """
+    c = _check(t, backend)
+    t = GPTQTensors(t.qweight, t.qzeros, t.scales.half(), t.g_idx, t.checkpoint_format, c.group_size)
+    if not c.uniform:
+        return prepare_dense(t, c, backend)
+    if c.device.type == "cuda":
+        return prepare_cuda(t, c, backend)
+    if c.device.type != "cpu":
+        raise ValueError(f"unsupported device {c.device}")
+    return prepare_tiled(t, c, backend)
 
-    # The layout itself is built by lavin_edge.kernels.tiling (NumPy, shared with the engine without PyTorch).
-    np_, kp = tiling.padded_sizes(n, k)
-    if c is not None and (backend or "") != "torch":
-        qw = torch.from_numpy(tiling.repack(c, qweight.numpy(), n, k, None if perm32 is None else perm32.numpy(),
-                                            torch.get_num_threads()))
-    else:
-        assert q is not None
-        qw = repack_tiled_reference(q, kp, np_)
-    st, zt = tiling.tile_params(scales16.numpy(), zeros.numpy(), np_)
-    tiled = TiledW4(qw, torch.from_numpy(st), torch.from_numpy(zt), np_, kp)
-    if c is not None:
-        tiled.native = tiling.descriptor(c, tiled.qw, tiled.scales, tiled.zeros, perm32, n, k, groups)
-    return PreparedW4(n, k, gs, groups, "tiled", dev, perm=perm32, tiled=tiled, backend_name=backend)
+
+def prepare_dense(t: GPTQTensors, c: _Checked, backend: str | None) -> PreparedW4:
+    """W dequantized to fp32 [N, K]: for what the fast paths do not take."""
+    return PreparedW4(c.n, c.k, c.group_size, c.groups, "dense", c.device, dense=t.dequantize(), backend_name=backend)
+
+
+def _true_zeros(t: GPTQTensors, n: int) -> torch.Tensor:
+    """The true zero points uint8 [G, N], 0..16 (v1's 0xF + 1 = 16 is kept)."""
+    return (unpack_nibbles_cols(t.qzeros, n).to(torch.int16) + zero_offset(t.checkpoint_format)).to(torch.uint8)
+
+
+def _nibbles(t: GPTQTensors, perm: torch.Tensor | None) -> torch.Tensor:
+    """uint8 [K, N], rows in group order."""
+    q = unpack_nibbles_rows(t.qweight)
+    return q[perm] if perm is not None else q
+
+
+def prepare_cuda(t: GPTQTensors, c: _Checked, backend: str | None) -> PreparedW4:
+    """The CUDA kernel's layout (``CudaW4``), or the dense form where the kernel is unusable."""
+    if not cuda_kernels_ok() or c.group_size % 8:
+        return prepare_dense(t, c, backend)
+    cuda = CudaW4(pack_nibbles_rows(_nibbles(t, c.perm)), t.scales.contiguous(), _true_zeros(t, c.n).contiguous())
+    return PreparedW4(c.n, c.k, c.group_size, c.groups, "cuda", c.device, perm=c.perm, cuda=cuda)
+
+
+def prepare_tiled(t: GPTQTensors, c: _Checked, backend: str | None) -> PreparedW4:
+    """The CPU kernels' tiled layout (``TiledW4``), built by ``lavin_edge.kernels.tiling.tile_linear`` (NumPy,
+    shared with the engine without PyTorch; the PyTorch repack without the extension or for the torch
+    backend); the dense form for group sizes the int8 blocks of 32 would straddle."""
+    if c.group_size % reference.ACT_BLOCK and c.groups != 1:
+        return prepare_dense(t, c, backend)
+    ext = extension()
+    np_, kp = tiling.padded_sizes(c.n, c.k)
+    if ext is not None and (backend or "") != "torch":
+        a = tiling.tile_linear(ext, t.qweight.numpy(), t.qzeros.numpy(), t.scales.numpy(),
+                               None if t.g_idx is None else t.g_idx.numpy(), c.group_size, t.checkpoint_format,
+                               torch.get_num_threads())
+        assert a is not None  # _check and the group test above refuse what tile_linear refuses
+        tiled = TiledW4(torch.from_numpy(a.qw), torch.from_numpy(a.scales), torch.from_numpy(a.zeros), np_, kp,
+                        a.native)
+        perm = None if a.perm is None else torch.from_numpy(a.perm)  # the array the descriptor points into
+        return PreparedW4(c.n, c.k, c.group_size, c.groups, "tiled", c.device, perm=perm, tiled=tiled,
+                          backend_name=backend)
+    st, zt = tiling.tile_params(t.scales.numpy(), _true_zeros(t, c.n).numpy(), np_)
+    tiled = TiledW4(repack_tiled_reference(_nibbles(t, c.perm), kp, np_), torch.from_numpy(st), torch.from_numpy(zt),
+                    np_, kp)
+    if ext is not None:
+        tiled.native = tiling.descriptor(ext, tiled.qw, tiled.scales, tiled.zeros, c.perm, c.n, c.k, c.groups)
+    return PreparedW4(c.n, c.k, c.group_size, c.groups, "tiled", c.device, perm=c.perm, tiled=tiled,
+                      backend_name=backend)
 
 
 TILE_UNIT = 4  # tiles whose records are interleaved (csrc/kernels.h, kUnit)
@@ -306,39 +338,32 @@ def repack_tiled_reference(q: torch.Tensor, kp: int, np_: int) -> torch.Tensor:
     return units_from_tiles(qv[..., 0] | (qv[..., 1] << 4))
 
 
-def gptq_matmul_scalar(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    qzeros: torch.Tensor,
-    scales: torch.Tensor,
-    g_idx: torch.Tensor | None = None,
-    group_size: int | None = 128,
-    checkpoint_format: str = "gptq",
-) -> torch.Tensor:
+def gptq_matmul_scalar(x: torch.Tensor, t: GPTQTensors) -> torch.Tensor:
     """C++ scalar oracle straight on the GPTQ layout (fp32 x [m, K], double accumulation)."""
     c = extension()
     if c is None:
         warn_fallback()
-        return reference.w4_matmul_reference(x, qweight, qzeros, scales, g_idx, group_size, checkpoint_format)
+        return reference.w4_matmul_reference(x, t)
     cpu = torch.device("cpu")
-    check_tensor("qweight", qweight, torch.int32, (None, None), cpu)
-    k, n = qweight.shape[0] * 8, qweight.shape[1]
-    gs = resolve_group_size(group_size, k)
+    check_tensor("qweight", t.qweight, torch.int32, (None, None), cpu)
+    k, n = t.qweight.shape[0] * 8, t.qweight.shape[1]
+    gs = resolve_group_size(t.group_size, k)
     if k % gs:
         raise ValueError(f"K={k} is not a multiple of group_size={gs}")
     groups = k // gs
     check_tensor("x", x, torch.float32, (None, k), cpu)
-    check_tensor("qzeros", qzeros, torch.int32, (groups, (n + 7) // 8), cpu)
-    check_tensor("scales", scales, torch.float16, (groups, n), cpu)
+    check_tensor("qzeros", t.qzeros, torch.int32, (groups, (n + 7) // 8), cpu)
+    check_tensor("scales", t.scales, torch.float16, (groups, n), cpu)
+    g_idx = t.g_idx
     if g_idx is not None:
         check_tensor("g_idx", g_idx, torch.int32, (k,), cpu)
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
     if x.shape[0] == 0:
         return y
     c.w4_gemm_gptq_reference(
-        x.data_ptr(), x.shape[0], qweight.data_ptr(), qweight.numel(), qzeros.data_ptr(), qzeros.numel(),
-        scales.data_ptr(), scales.numel(), g_idx.data_ptr() if g_idx is not None else 0,
-        g_idx.numel() if g_idx is not None else 0, n, k, groups, gs, zero_offset(checkpoint_format),
+        x.data_ptr(), x.shape[0], t.qweight.data_ptr(), t.qweight.numel(), t.qzeros.data_ptr(), t.qzeros.numel(),
+        t.scales.data_ptr(), t.scales.numel(), g_idx.data_ptr() if g_idx is not None else 0,
+        g_idx.numel() if g_idx is not None else 0, n, k, groups, gs, zero_offset(t.checkpoint_format),
         y.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return y

@@ -75,8 +75,9 @@ class RoutedAdapter(nn.Module):
         nn.init.zeros_(self.router.bias)
 
     def routing_weights(self, route_x: torch.Tensor) -> torch.Tensor:
-        """softmax(R x / t) over the two experts, in fp32."""
-        return torch.softmax(self.router(route_x).float() / self.temperature, dim=-1)
+        """softmax(R x / t) over the two experts, in fp32 (fp64 for fp64 inputs: ``merge`` folds in fp64)."""
+        r = self.router(route_x)
+        return torch.softmax((r if r.dtype == torch.float64 else r.float()) / self.temperature, dim=-1)
 
     def forward(self, x: torch.Tensor, route_x: torch.Tensor | None = None) -> torch.Tensor:
         """``route_x`` defaults to ``x`` (per-token routing, the ViT). For the LLM pass the normed state of

@@ -23,7 +23,7 @@ from torch import nn
 from lavin_edge.config import AdapterConfig, VisionConfig
 from lavin_edge.model.adapter import RoutedAdapter
 from lavin_edge.model.efficientnet_lite0 import BN_EPS, HEAD_CHANNELS, LITE0_STAGES, STEM_CHANNELS, TOKEN_STAGES
-from lavin_edge.model.vision import VisionTower
+from lavin_edge.model.tower import VisionTower
 
 __all__ = ["BN_EPS", "HEAD_CHANNELS", "LITE0_STAGES", "STEM_CHANNELS", "TOKEN_STAGES", "EfficientNetLite", "MBConv",
            "SameConv2d"]

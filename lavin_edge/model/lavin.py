@@ -20,7 +20,7 @@ from lavin_edge.modality import IMAGE, TEXT  # noqa: F401  (defined in lavin_edg
 from lavin_edge.model.adapter import VisualProjection
 from lavin_edge.model.llama import Llama
 from lavin_edge.model.vision import build_vision_tower
-from lavin_edge.prompt import IMAGE_PREFIX, TEXT_PREFIX
+from lavin_edge.prompt import layout
 
 IGNORE_INDEX = -100
 
@@ -51,27 +51,17 @@ def encode_example(tok: TokenizerLike, prompt: str, answer: str | None, has_imag
     ``history``: earlier turns of a conversation as (prompt, answer) pairs, each encoded as the prompt's ids then
     the answer's ids + EOS, with every answer in the labels; a follow-up prompt starts with its own newline.
     This is the layout ``lavin_edge.chat.session.ChatSession`` builds at inference, segment by segment.
-    ``max_len`` counts the modality token too. Over-long samples raise instead of being silently cut."""
-    prefix = [tok.bos_id] + tok.encode(IMAGE_PREFIX if has_image else TEXT_PREFIX)
-    image_pos = len(prefix) if has_image else -1
-    if has_image:
-        prefix += [tok.pad_id] * n_visual
-    ids = list(prefix)
-    labels = [IGNORE_INDEX] * len(ids)
-    for p, a in history:
-        q_ids, a_ids = tok.encode(p), tok.encode(a) + [tok.eos_id]
-        ids += q_ids + a_ids
-        labels += [IGNORE_INDEX] * len(q_ids) + a_ids
-    q_ids = tok.encode(prompt)
-    ids += q_ids
-    labels += [IGNORE_INDEX] * len(q_ids)
+    ``max_len`` counts the modality token too. Over-long samples raise instead of being silently cut. The layout
+    is ``lavin_edge.prompt.layout``'s; the labels are its answer tokens."""
+    turns = [(p, tok.encode(a)) for p, a in history]
     if answer is not None:
-        ans = tok.encode(answer) + [tok.eos_id]
-        ids += ans
-        labels += ans
-    if max_len is not None and len(ids) + 1 > max_len:
-        raise ValueError(f"sample of {len(ids) + 1} tokens exceeds max_seq_len {max_len}")
-    return Example(ids, labels, image_pos)
+        seq = layout(tok, n_visual if has_image else 0, [*turns, (prompt, tok.encode(answer))])
+    else:
+        seq = layout(tok, n_visual if has_image else 0, turns, prompt)
+    if max_len is not None and len(seq.ids) + 1 > max_len:
+        raise ValueError(f"sample of {len(seq.ids) + 1} tokens exceeds max_seq_len {max_len}")
+    labels = [t if scored else IGNORE_INDEX for t, scored in zip(seq.ids, seq.answer_mask, strict=True)]
+    return Example(seq.ids, labels, seq.image_pos)
 
 
 @dataclass
@@ -205,7 +195,7 @@ class LaVIN(nn.Module):
         dev = next(self.parameters()).device  # eval --device cuda runs the model on the GPU
         h = self.embed(torch.tensor([prompt_ids], device=dev), torch.tensor([image_pos], device=dev),
                        None if image is None else image[None])
-        return self.llm.generate_greedy(h, None, max_new_tokens, stop_ids)
+        return self.llm.generate_greedy(h, None, max_new_tokens, stop_ids)[0]
 
 
 def build_lavin(cfg: LavinConfig, device: torch.device | str = "cpu") -> LaVIN:

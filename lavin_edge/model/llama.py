@@ -19,7 +19,7 @@ The serving runtime (``lavin_edge.runtime``) and its native decode step are test
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +28,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lavin_edge.config import AdapterConfig, LlamaConfig
+from lavin_edge.decoding import decode
 from lavin_edge.model.adapter import FoldedAdapter, RoutedAdapter
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32, or as it is when wider (fp64: the reproducible calibration of ``quantize``)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 class RMSNorm(nn.Module):
@@ -39,22 +45,22 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32: bf16 sums of squares lose too much over 4096 channels.
-        xf = x.float()
+        xf = at_least_fp32(x)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.type_as(x) * self.weight.type_as(x)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float, device: torch.device | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [max_len, head_dim/2] for Meta's interleaved rotary layout."""
+def rope_tables(head_dim: int, max_len: int, theta: float, device: torch.device | None = None,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [max_len, head_dim/2] for Meta's interleaved rotary layout, computed in fp64 (``dtype``: kept)."""
     inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
     ang = torch.outer(torch.arange(max_len, dtype=torch.float64, device=device), inv)
-    return ang.cos().float(), ang.sin().float()
+    return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, T, H, hd]; cos/sin [T, hd/2]. Rotates each pair (x[2i], x[2i+1]) by its angle."""
-    xf = x.float().unflatten(-1, (-1, 2))
+    xf = at_least_fp32(x).unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
     c, s = cos[:, None, :], sin[:, None, :]
     out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
@@ -260,28 +266,17 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def generate_greedy(self, h: torch.Tensor, modality: torch.Tensor | None, max_new_tokens: int,
-                        stop_ids: set[int]) -> list[int]:
-        """Greedy decoding after the prompt embeddings h [1, T, D], with a KV cache; returns the new token
-        ids (the stop token excluded)."""
-        cache = KVCache.allocate(self.cfg, 1, h.shape[1] + max_new_tokens, h.dtype, h.device)
+                        stop_ids: set[int]) -> list[list[int]]:
+        """Greedy decoding after the prompt embeddings h [B, T, D] (rows of one length, no padding), with a KV
+        cache; returns each row's new token ids (its stop token excluded)."""
+        cache = KVCache.allocate(self.cfg, h.shape[0], h.shape[1] + max_new_tokens, h.dtype, h.device)
         logits = self.forward_embeds(h, modality, cache, 0, last_only=True)
+        out: list[list[int]] = [[] for _ in range(h.shape[0])]
 
-        def step(nxt: int) -> torch.Tensor:
-            e = self.tok_embeddings(torch.tensor([[nxt]], device=h.device))
-            return self.forward_embeds(e, modality, cache, cache.length, last_only=True)
+        def step(picks: list[int]) -> list[int]:
+            e = self.tok_embeddings(torch.tensor(picks, device=h.device)[:, None])
+            return self.forward_embeds(e, modality, cache, cache.length, last_only=True)[:, -1].argmax(-1).tolist()
 
-        return greedy_tokens(logits, step, max_new_tokens, stop_ids)
-
-
-def greedy_tokens(logits: torch.Tensor, step: Callable[[int], torch.Tensor], max_new_tokens: int,
-                  stop_ids: set[int]) -> list[int]:
-    """The greedy loop: ``logits`` are the prefill's last-position logits, ``step(token)`` feeds one token and
-    returns the next logits."""
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        nxt = int(logits[0, -1].argmax())
-        if nxt in stop_ids:
-            break
-        out.append(nxt)
-        logits = step(nxt)
-    return out
+        decode(logits[:, -1].argmax(-1).tolist(), step, stop_ids, max_new_tokens,
+               lambda row, token: out[row].append(token) or True)
+        return out

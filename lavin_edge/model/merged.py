@@ -51,4 +51,4 @@ class MergedLaVIN(nn.Module):
         """Greedy decoding with a KV cache of real tokens only; returns the new ids (stop excluded)."""
         pos = torch.tensor([image_pos])
         h = self.embed(torch.tensor([prompt_ids]), pos, None if image is None else image[None])
-        return self.llm.generate_greedy(h, (pos >= 0).long(), max_new_tokens, stop_ids)
+        return self.llm.generate_greedy(h, (pos >= 0).long(), max_new_tokens, stop_ids)[0]

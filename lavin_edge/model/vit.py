@@ -9,7 +9,7 @@ from torch import nn
 
 from lavin_edge.config import AdapterConfig, VisionConfig
 from lavin_edge.model.adapter import RoutedAdapter
-from lavin_edge.model.vision import VisionTower
+from lavin_edge.model.tower import VisionTower
 
 # OpenAI CLIP's embedding widths (the unused ``proj``), keyed by transformer width.
 _CLIP_PROJ_DIM = {1024: 768, 768: 512}

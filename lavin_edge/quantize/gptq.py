@@ -8,7 +8,9 @@ it against the library on the same layer and inputs (``tests/test_gptq_vs_gptqmo
 ``docs/quantization.md`` for the evidence.
 
 Conventions: a Linear weight is ``W [N, K]`` (N outputs, K inputs); the Hessian is over the K inputs,
-``H = 2/n sum_x x x^T`` in fp32. Integers ``q`` lie in ``0 .. 2^bits - 1`` and dequantize as
+``H = 2/n sum_x x x^T``, in fp32, or in fp64 when given fp64 (``compute_dtype``: the pipeline calibrates and
+quantizes in fp64 so that its result does not depend on the CPU, docs/reproducibility.md).
+Integers ``q`` lie in ``0 .. 2^bits - 1`` and dequantize as
 ``scale * (q - zero)``; groups run along K; ``g_idx[k]`` is the group of input column k.
 """
 
@@ -71,6 +73,11 @@ def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bi
     return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
 
 
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """fp64 if any of ``tensors`` is fp64, else fp32: the precision GPTQ works in."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def _validate(w: torch.Tensor, bits: int, group_size: int) -> None:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"unsupported bits {bits}; choose from {list(SUPPORTED_BITS)}")
@@ -90,20 +97,21 @@ def rtn_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, sym: boo
 
 
 class HessianAccumulator:
-    """Running ``H = 2/n sum x x^T`` over the rows of the inputs a Linear sees (fp32, [K, K]).
+    """Running ``H = 2/n sum x x^T`` over the rows of the inputs a Linear sees ([K, K], ``dtype``: fp32 or fp64).
 
     With ``cross``, also ``C = 2/n sum (x_fp - x) x^T``: how the inputs of the full-precision model (x_fp)
     differ from those of the partly quantized one (x), for ``asymmetric_target``; and ``F = 2/n sum x_fp x_fp^T``
     for ``output_error_vs_fp``."""
 
-    def __init__(self, k: int, device: torch.device | str = "cpu", cross: bool = False) -> None:
-        self.H = torch.zeros(k, k, device=device)
-        self.C = torch.zeros(k, k, device=device) if cross else None
-        self.F = torch.zeros(k, k, device=device) if cross else None
+    def __init__(self, k: int, device: torch.device | str = "cpu", cross: bool = False,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.H = torch.zeros(k, k, device=device, dtype=dtype)
+        self.C = torch.zeros(k, k, device=device, dtype=dtype) if cross else None
+        self.F = torch.zeros(k, k, device=device, dtype=dtype) if cross else None
         self.n = 0
 
     def add_batch(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
+        x = x.reshape(-1, x.shape[-1]).to(self.H.dtype)
         m = x.shape[0]
         if m == 0:
             return
@@ -118,7 +126,7 @@ class HessianAccumulator:
         x = x * (2.0 / self.n) ** 0.5
         self.H.addmm_(x.T, x)
         if self.C is not None and self.F is not None and x_fp is not None:
-            xf = x_fp.reshape(-1, x_fp.shape[-1]).float() * (2.0 / self.n) ** 0.5
+            xf = x_fp.reshape(-1, x_fp.shape[-1]).to(self.H.dtype) * (2.0 / self.n) ** 0.5
             self.C.addmm_((xf - x).T, x)
             self.F.addmm_(xf.T, xf)
 
@@ -133,12 +141,13 @@ def asymmetric_target(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, alpha: 
     against the fp model and undoes the error of the layers upstream (the "asymmetric calibration" of
     GPTQv2 / GPTAQ, Li et al. 2025, here as a change of target before a standard GPTQ run). ``alpha``
     shrinks the correction toward ``w`` (1: the full least-squares step); H is damped as GPTQ damps it."""
-    w = w.float()
-    Hd = H.float().clone()
+    dt = compute_dtype(w, H)
+    w = w.to(dt)
+    Hd = H.to(dt).clone()
     dead = torch.diag(Hd) == 0
     Hd[dead, dead] = 1
     Hd.diagonal().add_(damp_percent * torch.mean(torch.diag(Hd)))
-    corr = torch.linalg.solve(Hd, C.float().T).T  # C H^-1 (H symmetric)
+    corr = torch.linalg.solve(Hd, C.to(dt).T).T  # C H^-1 (H symmetric)
     corr[:, dead] = 0
     return w + alpha * (w @ corr)
 
@@ -180,8 +189,9 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
         raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight inputs {w.shape[1]}")
     if block_size < 1:
         raise ValueError(f"block size must be positive, got {block_size}")
-    W = w.detach().clone().float()
-    H = H.detach().clone().float()
+    dt = compute_dtype(w, H)  # fp64 in: every step in fp64, the codes and grids rounded once at the end
+    W = w.detach().clone().to(dt)
+    H = H.detach().clone().to(dt)
     n, k = W.shape
     gs = group_size
     # Inputs that never fire carry no information: pin them so H stays invertible, zero their weights.
@@ -258,7 +268,9 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
     """Mean squared output error ``mean over inputs x and outputs n of ((W - W_hat) x)_n^2`` on the inputs
     that built ``H = 2/n sum x x^T`` -- exact, without replaying the inputs."""
-    dw = (w.float() - w_hat.float())
+    dt = compute_dtype(w, w_hat, H)
+    dw = w.to(dt) - w_hat.to(dt)
+    H = H.to(dt)
     return float(((dw @ H) * dw).sum() / 2 / w.shape[0])
 
 
@@ -267,6 +279,7 @@ def output_error_vs_fp(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor, C:
     """Mean squared error of ``w_hat x`` (partly quantized model's inputs) against the fp model's ``w x_fp``,
     from the accumulator's H, C, F: 2/n sum ||a x - w x_fp||^2 = tr(a H a^T) - 2 tr(a M w^T) + tr(w F w^T)
     with M = 2/n sum x x_fp^T = H + C^T."""
-    a, w = w_hat.float(), w.float()
+    dt = compute_dtype(w, w_hat, H, C, F)
+    a, w, H, C, F = (t.to(dt) for t in (w_hat, w, H, C, F))
     total = ((a @ H) * a).sum() - 2 * ((a @ (H + C.T)) * w).sum() + ((w @ F) * w).sum()
     return float(total.clamp_min(0) / 2 / w.shape[0])

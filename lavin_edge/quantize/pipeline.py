@@ -7,33 +7,30 @@ a layer the linears are quantized in execution order (true sequential): {wq, wk,
 and one Hessian), then wo, then {w1, w3}, then w2, each group's Hessian built from inputs that already pass
 through the quantized earlier groups. Only one Hessian lives at a time.
 
-Quantized directory (``lavin_edge.modeldir``, docs/model-format.md): the merged layout with each LLM linear's
-``.weight`` replaced by ``.qweight``, ``.qzeros``, ``.scales``, ``.g_idx`` (``lavin_edge.kernels.gptq_format``),
-the lm_head's 4-bit form (``output.hi.*``, ``output.lo.*``), ``quantization_config`` and ``lm_head_w4`` in
-config.json, and ``quantize_config.json`` in the standard GPTQ form.
+Reproducible: the calibration forward, the Hessians and GPTQ run in fp64 (``CALIB_DTYPE``; the model is widened
+exactly for the run and restored), and only discrete results leave it (4-bit codes, zero points, fp16 scales,
+the dequantized weights they define). The CPU's SIMD kernels, BLAS code path and thread count change the fp64
+values in their last bits only, so the output is the same bytes unless one of them lies that close to a
+rounding boundary (docs/reproducibility.md).
+
+The quantized directory it leads to is written and read by ``lavin_edge.quantize.files``.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from lavin_edge.kernels.gptq_format import FORMATS, PACKED_SUFFIXES, dequantize_packed, pack_linear, residual_w4
-from lavin_edge.merge import FORMAT, file_state_dict, module_state_dict, save_merged
-from lavin_edge.model.llama import attention_mask
+from lavin_edge.kernels.gptq_format import FORMATS, dequantize_packed, pack_linear
+from lavin_edge.model.llama import attention_mask, rope_tables
 from lavin_edge.model.merged import MergedLaVIN
-from lavin_edge.modeldir import HEAD_PARTS, ModelDirError, load_model_dir
 from lavin_edge.quantize.gptq import (
     SUPPORTED_GROUP_SIZES,
     HessianAccumulator,
-    QuantResult,
     asymmetric_target,
     check_group_size,
     gptq_quantize,
@@ -99,7 +96,7 @@ class GPTQConfig:
             raise ValueError(f"asym_calib must lie in [0, 1], got {self.asym_calib}")
         layer = model.llm.layers[0]
         for name in LINEAR_NAMES:
-            n, k = _get(layer, name).weight.shape
+            n, k = get_linear(layer, name).weight.shape
             try:
                 check_group_size(k, self.group_size)
             except ValueError as e:
@@ -193,7 +190,7 @@ class QuantizeReport:
         return asdict(self)
 
 
-def _get(module: nn.Module, dotted: str) -> nn.Linear:
+def get_linear(module: nn.Module, dotted: str) -> nn.Linear:
     for part in dotted.split("."):
         module = getattr(module, part)
     return module  # type: ignore[return-value]
@@ -216,6 +213,17 @@ class _Stop(Exception):
     """Raised by a Hessian hook once it has its input: the rest of the layer need not run."""
 
 
+CALIB_DTYPE = torch.float64
+
+
+def _rope(model: MergedLaVIN, t: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of the first ``t`` cache slots, as ``rope_slice`` gives them but in ``dtype`` (fp64: not rounded
+    to fp32 on the way)."""
+    cfg, a = model.llm.cfg, model.llm.position_offset
+    cos, sin = rope_tables(cfg.head_dim, a + t, cfg.rope_theta, dtype=dtype)
+    return cos[a:a + t], sin[a:a + t]
+
+
 @torch.no_grad()
 def _run_layer(model: MergedLaVIN, i: int, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
     """Layer ``i`` of ``model`` on each input; a hook raising _Stop ends one early."""
@@ -223,7 +231,7 @@ def _run_layer(model: MergedLaVIN, i: int, inputs: list[tuple[torch.Tensor, torc
     outs = []
     for h, modality in inputs:
         t = h.shape[1]
-        cos, sin = model.llm.rope_slice(0, t, h.device)
+        cos, sin = _rope(model, t, h.dtype)
         try:
             outs.append(layer(h, modality, cos, sin, attention_mask(t, 0, False, h.device), None, i, 0))
         except _Stop:
@@ -256,7 +264,21 @@ def quantize_model(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQCon
                    modalities: tuple[str, ...] = ("text", "image"), progress: bool = True
                    ) -> tuple[dict[str, torch.Tensor], QuantizeReport]:
     """GPTQ every LLM linear of ``model`` in place (its weights become the dequantized 4-bit values, as served)
-    and return the packed tensors ``{layers.{i}.{name}.{qweight,qzeros,scales,g_idx}}`` and a report."""
+    and return the packed tensors ``{layers.{i}.{name}.{qweight,qzeros,scales,g_idx}}`` and a report.
+
+    The work runs in ``CALIB_DTYPE`` (fp64): ``model`` is widened for the run and narrowed back after, exactly
+    (its other weights come from that dtype; the quantized ones are fp16 scales times 4-bit ints)."""
+    dtype = model.llm.tok_embeddings.weight.dtype
+    model.to(CALIB_DTYPE)
+    try:
+        return _quantize_layers(model, samples, qcfg, modalities, progress)
+    finally:
+        model.to(dtype)
+
+
+def _quantize_layers(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQConfig,
+                     modalities: tuple[str, ...], progress: bool) -> tuple[dict[str, torch.Tensor], QuantizeReport]:
+    """``quantize_model``'s layer-by-layer walk, on a model already in ``CALIB_DTYPE``."""
     from tqdm.auto import tqdm
 
     qcfg.validate(model)
@@ -278,7 +300,7 @@ def quantize_model(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQCon
             # One pass of the layer while it is still fp, on the fp model's states: the fp input of every
             # reader, and the fp model's states for the next layer.
             fp_in = {name: [] for name in INPUT_READERS}
-            fp_handles = [_get(layer, n).register_forward_pre_hook(_capture_hook(fp_in[n])) for n in fp_in]
+            fp_handles = [get_linear(layer, n).register_forward_pre_hook(_capture_hook(fp_in[n])) for n in fp_in]
             try:
                 fp_states = _run_layer(model, i, [(h, m) for h, (_, m) in zip(fp_states, inputs, strict=True)])
             finally:
@@ -290,9 +312,9 @@ def quantize_model(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQCon
             readers = [group[0]] if qcfg.true_sequential else [n for n in group if n in INPUT_READERS]
             handles = []
             for name in readers:
-                lin = _get(layer, name)
+                lin = get_linear(layer, name)
                 fp_x = fp_in.pop(name, None)
-                acc = HessianAccumulator(lin.in_features, cross=fp_x is not None)
+                acc = HessianAccumulator(lin.in_features, cross=fp_x is not None, dtype=CALIB_DTYPE)
                 hessians[name] = acc
                 # True sequential reads one input per pass: stop the layer there (up to 2.5x fewer flops).
                 handles.append(lin.register_forward_pre_hook(_hessian_hook(acc, qcfg.true_sequential, fp_x)))
@@ -305,8 +327,8 @@ def quantize_model(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQCon
                 source = {"attention.wk": "attention.wq", "attention.wv": "attention.wq",
                           "feed_forward.w3": "feed_forward.w1"}.get(name, name)
                 H = hessians[source].H
-                lin = _get(layer, name)
-                w = lin.weight.detach().float()
+                lin = get_linear(layer, name)
+                w = lin.weight.detach().to(CALIB_DTYPE)
                 t1 = time.time()
                 C = hessians[source].C
                 target = w if C is None else asymmetric_target(w, H, C, qcfg.asym_calib, qcfg.damp_percent)
@@ -338,94 +360,13 @@ def quantize_model(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQCon
     return packed, report
 
 
-# ----------------------------------------------------------------------------- files
-
-def head_w4_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """The lm_head's served 4-bit form: value + residual, two symmetric RTN passes (``gptq_format.residual_w4``)
-    of the fp head (``output.weight``, or the embeddings when tied), as ``output.hi.*`` + ``output.lo.*``, and its
-    ``lm_head_w4`` config entry. An fp32 vocab x dim head is the largest read of a small model's decode step
-    (SmolLM2: 113 MB of ~180 MB); one 4-bit pass flipped a third of SmolLM2's top-1 predictions, the residual
-    pass brings it back (~8-bit accuracy for 1/4 of the fp32 bytes). None when the vocab is not a multiple of
-    8 (qzeros packs 8 columns per int32): chat then serves the fp head."""
-    head = tensors.get("output.weight", tensors["tok_embeddings.weight"])
-    if head.shape[0] % 8:
-        return {}, None
-    dim = head.shape[1]
-    gs = next((g for g in (64, 32) if dim % g == 0), -1)
-    parts = residual_w4(head.float(), gs)
-    out = {f"{prefix}.{k}": v for prefix, t in zip(HEAD_PARTS, parts, strict=True) for k, v in t.as_dict().items()}
-    return out, {"parts": list(HEAD_PARTS), "group_size": gs, "checkpoint_format": "gptq", "bits": 4,
-                 "method": "rtn value + rtn residual, symmetric"}
-
-
-def pack_llm_linears(model: MergedLaVIN, qcfg: GPTQConfig,
-                     quantize: Callable[[torch.Tensor], QuantResult] | None = None) -> dict[str, torch.Tensor]:
-    """Every LLM linear of ``model`` quantized without calibration and packed in ``qcfg``'s format, named as
-    ``save_quantized`` takes them (``layers.{i}.{name}.{suffix}``): for tests and stand-in models, where only
-    the packed layout matters. ``quantize(w)`` defaults to round-to-nearest on ``qcfg``'s grid (no clipping)."""
-    if quantize is None:
-        def quantize(w: torch.Tensor) -> QuantResult:
-            return rtn_quantize(w, qcfg.bits, qcfg.group_size, qcfg.sym)
-    packed: dict[str, torch.Tensor] = {}
-    for i, layer in enumerate(model.llm.layers):
-        for name in LINEAR_NAMES:
-            w = _get(layer, name).weight.detach().float()
-            for suffix, t in pack_linear(quantize(w), qcfg.bits, qcfg.format).items():
-                packed[f"layers.{i}.{name}.{suffix}"] = t
-    return packed
-
-
-def save_quantized(model: MergedLaVIN, packed: dict[str, torch.Tensor], merged_config: dict[str, Any],
-                   qcfg: GPTQConfig, out_dir: str | Path, tokenizer: Any = None,
-                   report: QuantizeReport | dict[str, Any] | None = None, overwrite: bool = False) -> Path:
-    """Write the quantized directory, all or nothing: the merged layout with packed LLM linears, the lm_head's
-    4-bit form, ``quantize_config.json`` and ``quantize_report.json``."""
-    quantized = {k.rsplit(".", 1)[0] for k in packed}
-    tensors = {k: v for k, v in file_state_dict(model).items() if k.rsplit(".", 1)[0] not in quantized}
-    tensors.update(packed)
-    head, head_cfg = head_w4_tensors(tensors)
-    tensors.update(head)
-    qc = qcfg.quantization_config()
-    source = dict(merged_config.get("source") or {})
-    source["quantized_from"] = merged_config.get("_dir")
-    table = merged_config.get("routing_table")
-    files = {"quantize_config.json": json.dumps(qc, indent=2) + "\n"}
-    if report is not None:
-        rep = report.to_dict() if isinstance(report, QuantizeReport) else report
-        files["quantize_report.json"] = json.dumps(rep, indent=2) + "\n"
-    extra: dict[str, Any] = {"quantization_config": qc}
-    if head_cfg is not None:
-        extra["lm_head_w4"] = head_cfg
-    return save_merged(model, out_dir, tokenizer, source, None if table is None else torch.tensor(table),
-                       extra=extra, tensors=tensors, extra_files=files, overwrite=overwrite)
-
-
-def load_quantized_as_fp(model_dir: str | Path, dtype: torch.dtype = torch.float32
-                         ) -> tuple[MergedLaVIN, dict[str, Any]]:
-    """The dequantized reference model of a quantized directory (weights = scale * (q - zero), fp16 scales):
-    what quality checks measure and what the chat engine falls back to without kernels."""
-    md = load_model_dir(model_dir)
-    cfg, sd = md.config, md.tensors
-    if not md.quantized:
-        raise ModelDirError(f"{model_dir}: not quantized (no quantization_config in config.json)")
-    fmt = md.quant["checkpoint_format"]
-    head = set(HEAD_PARTS)
-    dense: dict[str, torch.Tensor] = {}
-    prefixes = {k.rsplit(".", 1)[0] for k in sd if k.endswith(".qweight")} - head
-    for p in prefixes:
-        dense[f"{p}.weight"] = dequantize_packed({s: sd[f"{p}.{s}"] for s in PACKED_SUFFIXES}, 4, fmt)
-    dense.update({k: v for k, v in sd.items() if k.rsplit(".", 1)[0] not in prefixes | head})
-    model = MergedLaVIN(md.lavin, md.position_offset)
-    model.load_state_dict(module_state_dict(dense), strict=True)
-    return model.to(dtype).eval(), cfg
-
 
 def auto_group_size(model: MergedLaVIN) -> int:
     """The largest of 128, 64, 32 that divides the input width of every LLM linear (-1 when none does)."""
     layer = model.llm.layers[0]
-    widths = {_get(layer, name).weight.shape[1] for name in LINEAR_NAMES}
+    widths = {get_linear(layer, name).weight.shape[1] for name in LINEAR_NAMES}
     return next((g for g in (128, 64, 32) if all(k % g == 0 for k in widths)), -1)
 
 
-__all__ = ["FORMAT", "CalibSample", "CalibrationError", "GPTQConfig", "QuantizeReport", "auto_group_size",
-           "check_calibration", "head_w4_tensors", "load_quantized_as_fp", "quantize_model", "save_quantized"]
+__all__ = ["CalibSample", "CalibrationError", "GPTQConfig", "QuantizeReport", "auto_group_size", "check_calibration",
+           "quantize_model"]

@@ -49,7 +49,7 @@ def packed_text_samples(tok: TokenizerLike, paragraphs: Sequence[str], n: int, m
 
 def record_samples(records: Sequence[Any], tok: TokenizerLike, n_visual: int, image_size: int, max_len: int,
                    drop_images: bool = False) -> list[CalibSample]:
-    """Training records (``lavin_edge.data.sources.Record``: prompt, answer, image path, earlier turns) as the
+    """Training records (``lavin_edge.data.records.Record``: prompt, answer, image path, earlier turns) as the
     model reads them, answers included. ``drop_images`` turns them into text-modality samples."""
     from lavin_edge.data.image import load_image
 

@@ -3,10 +3,12 @@
 - ``ops``: what a linear and a norm are at run time (dense, 4-bit, concatenated, summed; norm + adapter);
 - ``backends``: where ops run (``ReferenceBackend``: plain PyTorch; ``CpuBackend``: the extension);
 - ``loader``: model dir -> tensors -> a backend's ops (the only module that reads model dirs);
-- ``model``: the runtime LLaMA, ``Engine``: prefill and the per-op decode step (the reference);
+- ``engine``: the runtime LLaMA, ``Engine``: prefill and the per-op decode step (the reference);
 - ``native_decode``: the decode step, and a prompt's prefill, in one native call over the same prepared ops (one
   sequence, or the rows of a batch);
 - ``batch``: ``BatchDecoder``, continuous batching over per-slot KV caches (``lavin_edge.serve`` drives it);
+- ``sampling``: ``GenerationConfig`` and the ``Sampler`` (temperature, top-k/p, min-p, penalties, stop strings);
+  ``text_stream``: token ids -> text pieces as they complete, stop strings held back;
 - ``generate``: the generation loop, sampling, stats; ``vision``: the tower's adapters on the kernel;
 - ``compare``: top-1 agreement of two engines;
 - ``numpy_engine`` and ``numpy_vision``: a quantized model on the extension and NumPy alone, without importing
@@ -24,8 +26,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {"GenerationResult": "generate", "GenerationStats": "generate", "ContextError": "model",
-            "Engine": "model", "ModelDirError": "model"}
+_EXPORTS = {"GenerationResult": "generate", "GenerationStats": "generate", "ContextError": "engine",
+            "Engine": "engine", "ModelDirError": "engine"}
 __all__ = sorted(_EXPORTS)
 
 

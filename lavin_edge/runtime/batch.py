@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from lavin_edge.modality import TEXT, has_image
-from lavin_edge.runtime.model import ContextError, Engine
+from lavin_edge.runtime.engine import ContextError, Engine
+from lavin_edge.runtime.layer import layer_step
 from lavin_edge.runtime.ops import NormAdapter
 
 __all__ = ["BatchDecoder"]
@@ -144,33 +145,26 @@ class BatchDecoder:
         the path of the torch backend."""
         eng = self.engine
         pos = self._check(slots, tokens)
-        m = len(slots)
         mods = [self.views[s].modality for s in slots]
-        nh, nkv, hd = eng.n_heads, eng.n_kv, eng.hd
-        qk_w = (nh + nkv) * hd
-        gqa = nkv != nh
-        slot_idx = torch.tensor(slots)
-        pos_idx = torch.tensor(pos)
+        nh, hd = eng.n_heads, eng.hd
+        slot_idx, pos_idx = torch.tensor(slots), torch.tensor(pos)
         row_mod = torch.tensor(mods, dtype=torch.int32)
-        rope = eng.rope[pos_idx][:, None, :]  # [m, 1, hd/2] complex
-        f = eng.layers[0].w13.n_out // 2
-        att = torch.empty(m, nh * hd)
         x = eng.embed[torch.tensor(tokens, dtype=torch.long)].float()
         for lyr, (k_cache, v_cache) in zip(eng.layers, self.kv_cache, strict=True):
-            qkv = lyr.wqkv(norm_rows(lyr.attn_in, x, row_mod, mods))
-            qk = torch.view_as_complex(qkv[:, :qk_w].reshape(m, nh + nkv, hd // 2, 2))
-            qk = torch.view_as_real(qk * rope).reshape(m, nh + nkv, hd)
-            k_cache[slot_idx, :, pos_idx] = qk[:, nh:].to(k_cache.dtype)
-            v_cache[slot_idx, :, pos_idx] = qkv[:, qk_w:].reshape(m, nkv, hd).to(v_cache.dtype)
-            for i, (s, p) in enumerate(zip(slots, pos, strict=True)):
-                # One call per row over exactly its own keys: no padding, so no row sees another's length.
-                a = F.scaled_dot_product_attention(qk[i, :nh].view(1, nh, 1, hd),
-                                                   k_cache[s:s + 1, :, :p + 1].float(),
-                                                   v_cache[s:s + 1, :, :p + 1].float(), enable_gqa=gqa)
-                att[i] = a.view(nh * hd)
-            x = x + lyr.wo(att)
-            g = lyr.w13(norm_rows(lyr.ffn_norm, x, row_mod, mods))
-            x = x + lyr.w2(F.silu(g[:, :f], inplace=True).mul_(g[:, f:]))
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor = k_cache,
+                       v_cache: torch.Tensor = v_cache) -> torch.Tensor:
+                k_cache[slot_idx, :, pos_idx] = k.to(k_cache.dtype)
+                v_cache[slot_idx, :, pos_idx] = v.to(v_cache.dtype)
+                att = torch.empty(len(slots), nh * hd)
+                for i, (s, p) in enumerate(zip(slots, pos, strict=True)):
+                    # One call per row over exactly its own keys: no padding, so no row sees another's length.
+                    a = F.scaled_dot_product_attention(q[i].view(1, nh, 1, hd), k_cache[s:s + 1, :, :p + 1].float(),
+                                                       v_cache[s:s + 1, :, :p + 1].float(), enable_gqa=eng.n_kv != nh)
+                    att[i] = a.view(nh * hd)
+                return att
+
+            x = layer_step(lyr, x, eng.rope[pos_idx][:, None, :], lambda op, y: norm_rows(op, y, row_mod, mods), attend,
+                           nh, eng.n_kv, hd)
         logits = eng.lm_head(norm_rows(eng.norm, x, row_mod, mods))
         self._advance(slots, tokens)
         return logits

@@ -1,11 +1,20 @@
-"""Comparing two engines' next-token predictions (the quality checks of quantized against fp models)."""
+"""Top-1 agreement: how often one model's next-token argmax is another's (or the target token). ``top1_matches``
+is the count every quality figure uses (``top1_agreement`` of two engines here, ``bench.text_fidelity`` against
+the base's answers, ``bench.quality`` against the fp and exact 4-bit references)."""
 
 from __future__ import annotations
 
 import torch
 
 from lavin_edge.modality import modality_of
-from lavin_edge.runtime.model import Engine
+from lavin_edge.runtime.engine import Engine
+
+
+def top1_matches(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> int:
+    """How many positions of ``logits`` [..., V] have their argmax equal to ``targets`` [...] (token ids; another
+    model's argmax for agreement between models), counting only where ``mask`` is true when given."""
+    same = logits.argmax(-1) == targets
+    return int((same & mask).sum() if mask is not None else same.sum())
 
 
 def top1_agreement(ref: Engine, other: Engine, prompts: list[tuple[list[int], int, torch.Tensor | None]],
@@ -17,7 +26,7 @@ def top1_agreement(ref: Engine, other: Engine, prompts: list[tuple[list[int], in
     token included); both engines then read prompt + that continuation in one pass (teacher forcing) and
     their argmax is compared at every position that predicts an answer token. ``all_positions`` compares
     every prompt position instead (harsher: inside a prompt the next token is often a near tie)."""
-    from lavin_edge.chat.sampling import GenerationConfig
+    from lavin_edge.runtime.sampling import GenerationConfig
 
     same = total = 0
     for ids, pos, image in prompts:
@@ -30,12 +39,11 @@ def top1_agreement(ref: Engine, other: Engine, prompts: list[tuple[list[int], in
             stop = [ref.history[-1]] if res.stats.stop_reason == "eos" else []
             seq = ids + res.ids + stop
             first, last = len(ids) - 1, len(seq) - 1
-        preds = []
+        logits = []
         for e in (ref, other):
             e.reset(mod)
             visual = e.encode_image(image) if image is not None else None
-            logits = e.forward(e.embed_prompt(seq, pos, visual), last_only=False)
-            preds.append(logits[first:last].argmax(-1))
-        same += int((preds[0] == preds[1]).sum())
-        total += preds[0].numel()
+            logits.append(e.forward(e.embed_prompt(seq, pos, visual), last_only=False)[first:last])
+        same += top1_matches(logits[1], logits[0].argmax(-1))
+        total += logits[0].shape[0]
     return same / max(total, 1)

@@ -1,6 +1,6 @@
 """The CUDA engine: a merged or quantized LaVIN model on one device, decode written for CUDA graphs.
 
-Same model as ``Engine`` (lavin_edge.runtime.model, the reference), computed in another way:
+Same model as ``Engine`` (lavin_edge.runtime.engine, the reference), computed in another way:
 
 - weights loaded once onto the device (``cuda_weights``): W4 repacked at load (``prepare_w4_cuda``), fp linears
   and the head in fp16, the vision tower in fp16 with its routed adapters on the kernel;

@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lavin_edge.chat.sampling import GenerationConfig, StopStringStream
 from lavin_edge.prompt import ContextError
 from lavin_edge.runtime.device_sampling import DeviceSampler
 from lavin_edge.runtime.generate import GenerationResult, GenerationStats
+from lavin_edge.runtime.sampling import GenerationConfig
+from lavin_edge.runtime.text_stream import StopStringStream
 
 if TYPE_CHECKING:
     from lavin_edge.runtime.cuda_engine import CudaEngine

@@ -1,6 +1,6 @@
 """Next-token sampling on the device for the CUDA engine: the logits never leave it, one token id per row does.
 
-The same processors and order as ``Sampler.process`` (lavin_edge.chat.sampling): repetition penalty ->
+The same processors and order as ``Sampler.process`` (lavin_edge.runtime.sampling): repetition penalty ->
 temperature -> top-k -> top-p, greedy at temperature 0. Fixed shapes, no host synchronisation, no data-dependent
 Python branches. What differs from the CPU ``Sampler``:
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from lavin_edge.chat.sampling import GenerationConfig
+from lavin_edge.runtime.sampling import GenerationConfig
 
 
 class DeviceSampler:

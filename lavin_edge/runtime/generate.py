@@ -5,14 +5,29 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-from lavin_edge.chat.sampling import GenerationConfig, Sampler, StopStringStream
+from lavin_edge.decoding import EOS, decode
+from lavin_edge.prompt import ContextError
+from lavin_edge.runtime.sampling import GenerationConfig, Sampler, StopStringStream
 
-if TYPE_CHECKING:
-    from lavin_edge.runtime.model import Engine
+
+class DecodingEngine(Protocol):
+    """What the loop drives (``lavin_edge.runtime.engine.Engine``): a KV cache of ``length`` positions and a
+    forward over new embeddings."""
+
+    tokenizer: Any
+    max_context: int
+    length: int
+    embed: torch.Tensor
+    history: list[int]
+
+    def forward(self, h: torch.Tensor, last_only: bool = True) -> torch.Tensor: ...
+
+    def embed_prompt(self, ids: list[int], image_pos: int = -1, visual: torch.Tensor | None = None
+                     ) -> torch.Tensor: ...
 
 
 @dataclass
@@ -49,15 +64,13 @@ class GenerationResult:
     stats: GenerationStats
 
 
-def generate(engine: Engine, new_ids: list[int], gen: GenerationConfig, image_pos: int = -1,
+def generate(engine: DecodingEngine, new_ids: list[int], gen: GenerationConfig, image_pos: int = -1,
              visual: torch.Tensor | None = None, on_text: Callable[[str], None] | None = None,
              stats: GenerationStats | None = None, stop_ids: set[int] | None = None) -> GenerationResult:
     """Prefill ``new_ids`` after the engine's cached history (``length`` positions), then decode.
 
     The stop token (EOS / end-of-turn) is fed to the cache too, so the next turn can append.
     ``stop_ids`` overrides the tokenizer's (an empty set makes benchmarks produce exactly N tokens)."""
-    from lavin_edge.runtime.model import ContextError
-
     gen.validate()
     eng = engine
     tok = eng.tokenizer
@@ -79,29 +92,25 @@ def generate(engine: Engine, new_ids: list[int], gen: GenerationConfig, image_po
     t1 = time.perf_counter()
     stats.prompt_tokens, stats.prefill_s, stats.ttft_s = len(new_ids), t1 - t0, t1 - t0 + stats.vision_s
     out: list[int] = []
-    reason = "length"
     step_in = torch.empty(1, dtype=torch.long)
+
+    def feed(token: int) -> torch.Tensor:
+        step_in[0] = token
+        logits = eng.forward(eng.embed[step_in].float())
+        eng.history.append(token)
+        return logits
+
+    def emit(_row: int, token: int) -> bool:
+        out.append(token)
+        piece = stream.push(token)
+        if piece and on_text is not None:
+            on_text(piece)
+        return not stream.stopped
+
     with torch.inference_mode():
-        while True:
-            if nxt in stop_ids:
-                reason = "eos"
-                if eng.length < eng.max_context:
-                    step_in[0] = nxt
-                    eng.forward(eng.embed[step_in].float())  # keep the end of turn in the history
-                    eng.history.append(nxt)
-                break
-            out.append(nxt)
-            piece = stream.push(nxt)
-            if piece and on_text is not None:
-                on_text(piece)
-            if stream.stopped:
-                reason = "stop_string"
-                break
-            if len(out) >= budget:
-                break
-            step_in[0] = nxt
-            nxt = sampler(eng.forward(eng.embed[step_in].float()))
-            eng.history.append(step_in.item())
+        (reason,), (last,) = decode([nxt], lambda picks: [sampler(feed(picks[0]))], stop_ids, budget, emit)
+        if reason == EOS and eng.length < eng.max_context:
+            feed(last)  # keep the end of turn in the history
     rest = stream.finish()
     if rest and on_text is not None:
         on_text(rest)

@@ -19,39 +19,28 @@ from typing import Any
 
 import torch
 
-from lavin_edge.kernels.decode import linear_part, native_decode_available, new_decode_stack, norm_descriptor
+from lavin_edge.kernels.decode import fill_stack, linear_parts, native_decode_available, new_decode_stack
 from lavin_edge.runtime.ops import ConcatLinear, LinearOp, NormAdapter, RescoredHead, SumLinear, W4Linear
 
 
-def linear_parts(op: LinearOp, keep: list[Any]) -> list[Any] | None:
-    """The stack's parts for one linear, or None when any piece does not run on the tiled W4 kernel (an fp
+def op_parts(op: LinearOp, keep: list[Any]) -> list[Any] | None:
+    """The stack's parts for one linear op, or None when any piece does not run on the tiled W4 kernel (an fp
     weight, a dense-fallback layout, the torch backend)."""
-    if isinstance(op, W4Linear):
-        if op.native is None or op.isa == "torch":
-            return None
-        keep.append(op.prepared)
-        # The GEMV's own thread choice (one thread below SMALL_WEIGHTS): measured on 2 cores, giving every
-        # SmolLM2 GEMV both threads inside the stack was no faster.
-        return [linear_part(op.prepared, 0, False, op.threads_gemv)]
-    if isinstance(op, (ConcatLinear, SumLinear)):
-        out: list[Any] = []
-        offset = 0
-        summed = isinstance(op, SumLinear)
-        for i, sub in enumerate(op.ops):
-            if not isinstance(sub, W4Linear) or linear_parts(sub, keep) is None:
-                return None
-            out.append(linear_part(sub.prepared, 0 if summed else offset, summed and i > 0, sub.threads_gemv))
-            offset += sub.n_out
-        return out
-    return None
+    subs = [op] if isinstance(op, W4Linear) else list(op.ops) if isinstance(op, (ConcatLinear, SumLinear)) else []
+    if not subs or not all(isinstance(w, W4Linear) and w.native is not None and w.isa != "torch" for w in subs):
+        return None
+    keep += [w.prepared for w in subs]
+    # The GEMV's own thread choice (one thread below SMALL_WEIGHTS): measured on 2 cores, giving every
+    # SmolLM2 GEMV both threads inside the stack was no faster.
+    return linear_parts([(w.native, w.n_out, w.threads_gemv) for w in subs], isinstance(op, SumLinear))
 
 
 def norm_args(norm: NormAdapter, keep: list[Any]) -> Any:
     """The stack's descriptor for a norm, or None when it does not run on the kernel."""
-    if norm.isa is None:
+    if norm.isa is None or norm.prepared.native is None:
         return None
     keep.append(norm.prepared)
-    return norm_descriptor(norm.prepared)
+    return norm.prepared.native
 
 
 class NativeDecode:
@@ -104,17 +93,17 @@ def head_parts(head: LinearOp, keep: list[Any], native_head: bool = True) -> tup
         w = head.weight
         if w.dtype not in RESCORE_DTYPES or not w.is_contiguous() or w.device.type != "cpu" or head.top > 64:
             return None, None
-        parts = linear_parts(head.approx, keep)
+        parts = op_parts(head.approx, keep)
         if parts is None:
             return None, None
         keep.append(w)
         return parts, (w, head.top)
-    return linear_parts(head, keep), None
+    return op_parts(head, keep), None
 
 
 def build_native_decode(model: Any, isa: str, kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
                         native_head: bool = True) -> NativeDecode | None:
-    """A NativeDecode over ``model``'s layers (a ``lavin_edge.runtime.model.Engine``) on the native ``isa``, or
+    """A NativeDecode over ``model``'s layers (a ``lavin_edge.runtime.engine.Engine``) on the native ``isa``, or
     None when some op is not on the extension's kernels. ``kv_cache``: per layer (k, v) fp16 [slots, n_kv, ctx,
     head_dim] (a ``BatchDecoder``'s; default the engine's own, one slot). ``native_head`` False leaves the head
     to Python (the reference the tests compare the native head with)."""
@@ -125,16 +114,14 @@ def build_native_decode(model: Any, isa: str, kv_cache: list[tuple[torch.Tensor,
     keep: list[Any] = []
     rope = torch.view_as_real(model.rope).contiguous()
     keep.append(rope)
-    head, rescore = head_parts(model.lm_head, keep, native_head)
+    head, rescore_w = head_parts(model.lm_head, keep, native_head)
     head_norm = norm_args(model.norm, keep)
     if head_norm is None:
         return None
-    first = model.layers[0]
     vocab = model.lm_head.n_out
-    stack = new_decode_stack(isa, model.dim, model.n_heads, model.n_kv, model.hd, first.w13.n_out // 2,
-                             model.max_context, vocab, model.norm.eps, rope, torch.get_num_threads(), slots)
+    layers = []
     for lyr, (k_cache, v_cache) in zip(model.layers, kv_cache, strict=True):
-        pieces = [linear_parts(op, keep) for op in (lyr.wqkv, lyr.wo, lyr.w13, lyr.w2)]
+        pieces = [op_parts(op, keep) for op in (lyr.wqkv, lyr.wo, lyr.w13, lyr.w2)]
         norms = [norm_args(n, keep) for n in (lyr.attn_in, lyr.ffn_norm)]
         if any(p is None for p in pieces) or any(n is None for n in norms):
             return None
@@ -142,10 +129,9 @@ def build_native_decode(model: Any, isa: str, kv_cache: list[tuple[torch.Tensor,
             if not cache.is_contiguous() or cache.dtype != torch.float16:
                 return None
             keep.append(cache)
-        stack.add_layer(*norms, *pieces, k_cache.data_ptr(), v_cache.data_ptr())
-    if rescore is None:
-        stack.set_head(head_norm, head or [])
-    else:
-        w, top = rescore
-        stack.set_head(head_norm, head, w.data_ptr(), RESCORE_DTYPES[w.dtype], w.numel(), top)
+        layers.append((*norms, *pieces))
+    stack = new_decode_stack(isa, model.dim, model.n_heads, model.n_kv, model.hd, model.layers[0].w13.n_out // 2,
+                             model.max_context, vocab, model.norm.eps, rope, torch.get_num_threads(), slots)
+    rescore = None if rescore_w is None else (rescore_w[0], RESCORE_DTYPES[rescore_w[0].dtype], rescore_w[1])
+    fill_stack(stack, layers, kv_cache, head_norm, head or [], rescore)
     return NativeDecode(stack, model.dim, vocab, None if head else model.lm_head, keep)

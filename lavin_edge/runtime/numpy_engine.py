@@ -1,7 +1,7 @@
 """A quantized model dir served on the extension with NumPy arrays alone, without importing PyTorch: what a
 one-shot ``lavin-edge chat --prompt`` runs, so that its cold start is not ``import torch``.
 
-``Engine`` (``lavin_edge.runtime.model``) is the reference; this class runs the same native code on the same
+``Engine`` (``lavin_edge.runtime.engine``) is the reference; this class runs the same native code on the same
 prepared weights, so its logits are the engine's native ones bit for bit up to the vision tower (NumPy here,
 PyTorch there: ~1e-6 relative) and the rotary table (NumPy's cos/sin here):
 
@@ -29,7 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from lavin_edge.decoding import decode
 from lavin_edge.kernels import tiling
+from lavin_edge.kernels.decode import fill_stack, linear_parts, new_decode_stack, norm_weights
 from lavin_edge.kernels.dispatch import backend, extension, gemv_threads
 from lavin_edge.modality import IMAGE, TEXT, has_image
 from lavin_edge.modeldir import (
@@ -133,9 +135,7 @@ class NumpyEngine:
         self.head_norm = self._norm(sd["norm.weight"], None)
         head_q = {"checkpoint_format": q["lm_head_w4"].get("checkpoint_format", "gptq"),
                   "group_size": int(q["lm_head_w4"]["group_size"])}
-        hi, lo = (self._w4(p, head_q) for p in HEAD_PARTS)
-        self.head = [ext.LinearPart(hi, 0, False, gemv_threads(hi.n, hi.k, self.threads)),
-                     ext.LinearPart(lo, 0, True, gemv_threads(lo.n, lo.k, self.threads))]
+        self.head = linear_parts([self._w4(p, head_q) for p in HEAD_PARTS], summed=True)
         self.rescore = self.prep.f32(sd["output.weight"]) if "output.weight" in sd else self.embed
 
     @property
@@ -143,47 +143,34 @@ class NumpyEngine:
         return self.cfg.vision.n_tokens
 
     # -- weights ----------------------------------------------------------------------------------------
-    def _w4(self, name: str, q: dict[str, Any]) -> Any:
-        sd, gs_cfg = self.sd, q["group_size"]
-        qweight, qzeros, scales = sd[name + ".qweight"], sd[name + ".qzeros"], sd[name + ".scales"]
+    def _w4(self, name: str, q: dict[str, Any]) -> tuple[Any, int, int]:
+        """One 4-bit linear tiled (``tiling.tile_linear``, what ``prepare_w4`` calls): (descriptor, outputs,
+        GEMV threads)."""
+        sd = self.sd
+        qweight = sd[name + ".qweight"]
         n, k = qweight.shape[1], qweight.shape[0] * 8
-        gs = k if gs_cfg <= 0 else gs_cfg
-        groups = k // gs
-        tileable, perm = tiling.act_order(sd.get(name + ".g_idx"), groups, gs)
-        if not tileable or (gs % tiling.ACT_BLOCK and groups != 1):
+        gs = k if q["group_size"] <= 0 else q["group_size"]
+        a = tiling.tile_linear(self.ext, qweight, sd[name + ".qzeros"], sd[name + ".scales"], sd.get(name + ".g_idx"),
+                               gs, q["checkpoint_format"], self.threads)
+        if a is None:
             raise Unsupported(f"{name}: groups the tiled kernels do not take")
-        np_, _ = tiling.padded_sizes(n, k)
-        st, zt = tiling.tile_params(scales, tiling.zero_points(qzeros, n, q["checkpoint_format"]), np_)
-        qw = tiling.repack(self.ext, qweight, n, k, perm, self.threads)
-        self.prep.keep += [st, zt, qw, perm]
-        return tiling.descriptor(self.ext, qw, st, zt, perm, n, k, groups)
-
-    def _parts(self, names: list[str]) -> list[Any]:
-        """Linears sharing the input, outputs side by side (q|k|v, gate|up)."""
-        parts, offset = [], 0
-        for name in names:
-            w = self._w4(name, self.q)
-            parts.append(self.ext.LinearPart(w, offset, False, gemv_threads(w.n, w.k, self.threads)))
-            offset += w.n
-        return parts
+        self.prep.keep.append(a)
+        return a.native, n, gemv_threads(n, k, self.threads)
 
     def _norm(self, g: np.ndarray, adapter: tuple[np.ndarray, ...] | None) -> Any:
         """RMSNorm (+ the folded adapter of each modality; a bare norm runs as a zero rank-1 adapter)."""
         d = self.dim
         if adapter is None:
             adapter = (np.zeros((1, d)), np.zeros(1), np.zeros((2, d, 1)), np.zeros((2, d)))
-        A, a, U, u = (self.prep.f32(t) for t in adapter)
-        g = self.prep.f32(g)
-        return self.ext.NormAdapterWeights(g.ctypes.data, A.ctypes.data, a.ctypes.data, U.ctypes.data,
-                                           u.ctypes.data, d, A.shape[0], self.cfg.llm.norm_eps)
+        return norm_weights(self.prep.f32(g), *(self.prep.f32(t) for t in adapter), self.cfg.llm.norm_eps)
 
     def _layer(self, i: int) -> tuple[Any, ...]:
         p, sd = f"layers.{i}.", self.sd
         ad = tuple(sd[p + "adapter." + n] for n in ("down.weight", "down.bias", "up.weight", "up.bias"))
+        groups = (("attention.wq", "attention.wk", "attention.wv"), ("attention.wo",),
+                  ("feed_forward.w1", "feed_forward.w3"), ("feed_forward.w2",))
         return (self._norm(sd[p + "attention_norm.weight"], ad), self._norm(sd[p + "ffn_norm.weight"], None),
-                self._parts([p + "attention.wq", p + "attention.wk", p + "attention.wv"]),
-                self._parts([p + "attention.wo"]),
-                self._parts([p + "feed_forward.w1", p + "feed_forward.w3"]), self._parts([p + "feed_forward.w2"]))
+                *(linear_parts([self._w4(p + name, self.q) for name in names]) for names in groups))
 
     def _stack(self, ctx: int) -> tuple[Any, list[np.ndarray]]:
         """A decode stack with a KV cache of ``ctx`` positions (and the arrays it points into)."""
@@ -191,14 +178,13 @@ class NumpyEngine:
         inv = 1.0 / llm.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
         ang = np.outer(np.arange(self.offset, self.offset + ctx, dtype=np.float64), inv)
         rope = np.ascontiguousarray(np.stack([np.cos(ang), np.sin(ang)], -1), dtype=np.float32)
-        caches = [np.empty((1, self.n_kv, ctx, hd), dtype=np.float16) for _ in range(2 * len(self.layers))]
-        stack = self.ext.DecodeStack(self.isa, self.dim, self.n_heads, self.n_kv, hd, llm.ffn_dim, ctx,
-                                     llm.vocab_size, llm.norm_eps, rope.ctypes.data, self.threads, 1)
-        for layer, k, v in zip(self.layers, caches[::2], caches[1::2], strict=True):
-            stack.add_layer(*layer, k.ctypes.data, v.ctypes.data)
-        w = self.rescore
-        stack.set_head(self.head_norm, self.head, w.ctypes.data, "float32", w.size, HEAD_RESCORE_TOP)
-        return stack, [rope, *caches]
+        caches = [(np.empty((1, self.n_kv, ctx, hd), dtype=np.float16), np.empty((1, self.n_kv, ctx, hd),
+                                                                                   dtype=np.float16))
+                  for _ in self.layers]
+        stack = new_decode_stack(self.isa, self.dim, self.n_heads, self.n_kv, hd, llm.ffn_dim, ctx, llm.vocab_size,
+                                 llm.norm_eps, rope, self.threads, 1)
+        fill_stack(stack, self.layers, caches, self.head_norm, self.head, (self.rescore, "float32", HEAD_RESCORE_TOP))
+        return stack, [rope, *(c for kv in caches for c in kv)]
 
     # -- inputs and generation --------------------------------------------------------------------------
     def encode_image(self, image: np.ndarray) -> np.ndarray:
@@ -225,15 +211,13 @@ class NumpyEngine:
         stack.prefill(h.ctypes.data, len(ids), 0, 0, modality, logits.ctypes.data)
         x = np.empty(self.dim, dtype=np.float32)
         pos = len(ids)
-        for n in range(budget):
-            nxt = int(logits.argmax())
-            if nxt in stop_ids:
-                return "eos"
-            if not on_token(nxt):
-                return "stop_string"
-            if n + 1 == budget:
-                break
-            x[:] = self.embed[nxt]
+
+        def step(picks: list[int]) -> list[int]:
+            nonlocal pos
+            x[:] = self.embed[picks[0]]
             stack.step(x.ctypes.data, pos, modality, logits.ctypes.data)
             pos += 1
-        return "length"
+            return [int(logits.argmax())]
+
+        (reason,), _ = decode([int(logits.argmax())], step, stop_ids, budget, lambda _row, token: on_token(token))
+        return reason

@@ -47,8 +47,7 @@ class W4Linear(LinearOp):
 
     def __init__(self, t: GPTQTensors, isa: str) -> None:
         self.n_out, self.n_in = t.shape
-        self.prepared: PreparedW4 = prepare_w4(t.qweight, t.qzeros, t.scales, t.g_idx, t.group_size,
-                                               t.checkpoint_format)
+        self.prepared: PreparedW4 = prepare_w4(t)
         self.nbytes = int(self.prepared.nbytes)
         self.isa = isa
         # None: not on the tiled kernel (a dense fallback layout, or the torch kernels forced by $LAVIN_EDGE_KERNELS).

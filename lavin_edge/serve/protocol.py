@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from lavin_edge.chat.sampling import GenerationConfig
 from lavin_edge.modality import IMAGE, TEXT
 from lavin_edge.prompt import conversation_ids
+from lavin_edge.runtime.sampling import GenerationConfig
 from lavin_edge.serve.errors import APIError, bad_request
 from lavin_edge.serve.images import ImageLimits, load_image_url
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from lavin_edge.chat.sampling import Sampler, StopStringStream
 from lavin_edge.runtime.batch import BatchDecoder
+from lavin_edge.runtime.sampling import Sampler, StopStringStream
 from lavin_edge.serve.protocol import Completion
 
 Event = tuple[str, Any]

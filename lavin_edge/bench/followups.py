@@ -13,9 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lavin_edge.chat.sampling import GenerationConfig
 from lavin_edge.chat.session import ChatSession
-from lavin_edge.data.sources import Problems, Record, load_easy_vqa_conversations
+from lavin_edge.data.easyvqa import load_easy_vqa_conversations
+from lavin_edge.data.records import Problems, Record
+from lavin_edge.runtime.sampling import GenerationConfig
 
 
 @dataclass

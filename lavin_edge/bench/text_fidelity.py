@@ -16,8 +16,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lavin_edge.data.sources import Record
+from lavin_edge.data.records import Record
 from lavin_edge.model.lavin import IGNORE_INDEX, Example, collate, encode_example
+from lavin_edge.runtime.compare import top1_matches
 
 
 def record_examples(tok: Any, records: Sequence[Record]) -> list[Example]:
@@ -59,7 +60,7 @@ def score(model: Any, examples: Sequence[Example], pad_id: int, batch_size: int 
         pred = logits.argmax(-1)
         lp = -F.cross_entropy(logits.transpose(1, 2), target.clamp_min(0), reduction="none")
         n += int(keep.sum())
-        agree += int(((pred == target) & keep).sum())
+        agree += top1_matches(logits, target, keep)
         nll -= float((lp * keep).sum())
         top1 += [pred[i][keep[i]].tolist() for i in range(pred.shape[0])]
     model.train(was_training)

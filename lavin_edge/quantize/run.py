@@ -72,7 +72,8 @@ def quantize_dir(model_dir: str | Path, out: str | Path, opts: QuantizeOptions |
     from lavin_edge.data.prose import stdlib_paragraphs
     from lavin_edge.merge import load_merged
     from lavin_edge.modeldir import load_tokenizer_of
-    from lavin_edge.quantize.pipeline import GPTQConfig, auto_group_size, quantize_model, save_quantized
+    from lavin_edge.quantize.files import save_quantized
+    from lavin_edge.quantize.pipeline import GPTQConfig, auto_group_size, quantize_model
     from lavin_edge.quantize.quality import compare
 
     opts = opts or QuantizeOptions()
@@ -109,7 +110,8 @@ def quantize_dir(model_dir: str | Path, out: str | Path, opts: QuantizeOptions |
     if fp is not None:
         records = []
         if opts.eval_vqa:
-            from lavin_edge.data.sources import Problems, load_easy_vqa
+            from lavin_edge.data.easyvqa import load_easy_vqa
+            from lavin_edge.data.records import Problems
 
             records = load_easy_vqa("test", Problems(), "open", limit=opts.eval_vqa, seed=opts.seed)
         quality = compare(fp, model, tok, stdlib_paragraphs("heldout")[:opts.eval_texts], records)
@@ -140,8 +142,10 @@ def calibration_samples(opts: QuantizeOptions, tok: Any, n_visual: int, image_si
     [[data]] tables, sampled with ``seed``), else docstring prose (or ``calib_text``) and easy-vqa questions."""
     import random
 
+    from lavin_edge.data.easyvqa import load_easy_vqa
     from lavin_edge.data.prose import stdlib_paragraphs
-    from lavin_edge.data.sources import Problems, load_easy_vqa, load_source
+    from lavin_edge.data.records import Problems
+    from lavin_edge.data.sources import load_source
     from lavin_edge.quantize.quality import packed_text_samples, record_samples
 
     mods = opts.modalities

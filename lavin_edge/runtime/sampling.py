@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lavin_edge.chat.text_stream import StopStringStream
+from lavin_edge.runtime.text_stream import StopStringStream
 
 __all__ = ["GenerationConfig", "Sampler", "StopStringStream"]
 
