@@ -268,9 +268,8 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
     """Mean squared output error ``mean over inputs x and outputs n of ((W - W_hat) x)_n^2`` on the inputs
     that built ``H = 2/n sum x x^T`` -- exact, without replaying the inputs."""
-    dt = compute_dtype(w, w_hat, H)
-    dw = w.to(dt) - w_hat.to(dt)
-    H = H.to(dt)
+    dw = w.float() - w_hat.float()  # a report figure, not an input to any rounding: fp32 is enough
+    H = H.float()
     return float(((dw @ H) * dw).sum() / 2 / w.shape[0])
 
 
@@ -279,7 +278,6 @@ def output_error_vs_fp(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor, C:
     """Mean squared error of ``w_hat x`` (partly quantized model's inputs) against the fp model's ``w x_fp``,
     from the accumulator's H, C, F: 2/n sum ||a x - w x_fp||^2 = tr(a H a^T) - 2 tr(a M w^T) + tr(w F w^T)
     with M = 2/n sum x x_fp^T = H + C^T."""
-    dt = compute_dtype(w, w_hat, H, C, F)
-    a, w, H, C, F = (t.to(dt) for t in (w_hat, w, H, C, F))
+    a, w, H, C, F = (t.float() for t in (w_hat, w, H, C, F))  # a report figure: fp32 is enough
     total = ((a @ H) * a).sum() - 2 * ((a @ (H + C.T)) * w).sum() + ((w @ F) * w).sum()
     return float(total.clamp_min(0) / 2 / w.shape[0])
