@@ -68,9 +68,19 @@ def grid_params(w: torch.Tensor, bits: int, sym: bool, mse: float = 0.0, grid: i
     return scale, zero
 
 
+# Quotients this close to k + 1/2 are rounded as the tie itself (half to even). A group's extreme sits on a tie
+# by construction (max|w| / (2 max|w| / maxq) = maxq / 2 up to its last bit), and which side that last bit falls
+# on must not pick the code: the CPU's kernels can move it (docs/reproducibility.md). Below fp32 resolution, so
+# only fp64 inputs are affected, and only their ties.
+TIE_SNAP = 2.0**-30
+
+
 def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer codes of ``w`` on the grid (same shape as ``w``), clamped to 0 .. 2^bits - 1."""
-    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+    r = w / scale
+    half = torch.floor(r) + 0.5
+    r = torch.where((r - half).abs() < TIE_SNAP, half, r)
+    return torch.clamp(torch.round(r) + zero, 0, 2**bits - 1)
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
