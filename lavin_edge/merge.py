@@ -62,14 +62,16 @@ def routing_table(model: LaVIN) -> torch.Tensor:
 def merge_lavin(model: LaVIN) -> tuple[MergedLaVIN, torch.Tensor]:
     """The merged runtime model (same dtype as ``model``) and the routing table it folded in (fp32).
 
-    Reproducible: the table and the folds are computed in fp64 (``model`` is widened for the call, exactly,
-    and restored) and each folded value is rounded once to the model's dtype, so the bytes do not depend on
-    the CPU's SIMD kernels or thread count unless an fp64 result lies within a few fp64 ulps of a rounding
-    boundary of that dtype (docs/reproducibility.md)."""
+    Reproducible: the table is computed in fp64 (``model`` is widened for the call, exactly, and restored) and
+    rounded once to fp32; the CPU's SIMD kernels and thread count move its fp64 value by a few ulps, which
+    changes the fp32 table only if an entry lies that close to a rounding boundary (120 numbers for SmolLM2,
+    docs/reproducibility.md). The folds are then exact elementwise arithmetic on fp32 numbers: w * t (fp32
+    times fp32) is exact in fp64, and the one sum and scaling are correctly rounded IEEE operations, the
+    same on every CPU; each folded value is rounded once to the model's dtype."""
     dtype = next(model.parameters()).dtype
     model.to(torch.float64)
     try:
-        table = routing_table(model)
+        table = routing_table(model).float()  # the one rounding the CPU can move (see above)
         merged = MergedLaVIN(LavinConfig.from_dict(model.cfg.to_dict()), POSITION_OFFSET)
         merged.to(dtype)
         llm_sd = {k: v for k, v in model.llm.state_dict().items() if ".adapter." not in f".{k}"}
@@ -80,14 +82,14 @@ def merge_lavin(model: LaVIN) -> tuple[MergedLaVIN, torch.Tensor]:
             ad = src.adapter
             dst.adapter.down.load_state_dict(ad.down.state_dict())
             for m in range(2):
-                u_w, u_b = ad.folded(table[i, m])
+                u_w, u_b = ad.folded(table[i, m].double())
                 dst.adapter.up.weight[m] = u_w.to(dtype)
                 dst.adapter.up.bias[m] = u_b.to(dtype)
         merged.vision.load_state_dict(model.vision.state_dict())
         merged.visual_proj.load_state_dict(model.visual_proj.state_dict())
     finally:
         model.to(dtype)
-    return merged.eval(), table.float()
+    return merged.eval(), table
 
 
 # ----------------------------------------------------------------------------- files

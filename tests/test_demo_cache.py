@@ -100,3 +100,19 @@ def test_a_stale_cache_is_not_served_when_the_demo_dir_is_elsewhere(fake: dict, 
     assert d == tmp_path / "elsewhere" / "quantized" and _built_from(d) == "weights v2"
     assert _built_from(fake["cache"] / "quantized") == "weights v1"
     assert fake["builds"] == ["merge", "quantize"] * 2
+
+
+def test_an_empty_demo_dir_gets_the_demo_built_there(fake: dict, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 25: with $LAVIN_EDGE_DEMO_DIR set and empty, chat (and its one-shot path, which asks
+    ``built_demo_dir`` first) served the current ~/.cache demo instead of building one there."""
+    from lavin_edge.chat.demo import built_demo_dir
+
+    cached = demo_model_dir(build=True)
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "elsewhere"))
+    assert built_demo_dir() is None  # the one-shot path must not find the cache's
+    with pytest.raises(DemoModelMissing, match="elsewhere"):
+        demo_model_dir()
+    d = demo_model_dir(build=True)
+    assert d == tmp_path / "elsewhere" / "quantized" and built_demo_dir() == d
+    assert fake["builds"] == ["merge", "quantize"] * 2 and cached.is_dir()

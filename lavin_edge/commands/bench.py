@@ -2,7 +2,8 @@
 code is ``lavin_edge/bench/``, recorded results ``docs/benchmarks/``). `kernels` times the W4 GEMV/GEMM
 against torch on LLaMA-7B shapes with the weights out of cache; `chat` times prefill/decode end to end;
 `quality` measures the engine's accuracy; `serve` load-tests the server; `train` trains a recipe;
-`demo-chat` measures the demo as a chat model."""
+`demo-chat` measures the demo as a chat model; `reproducible` builds
+the same model under each CPU-kernel setting and compares the bytes."""
 
 from __future__ import annotations
 
@@ -222,3 +223,36 @@ def demo_chat(followups: int, single: int, followups_fp: int | None, single_fp: 
     result = run_demo_chat_bench(followups, single, followups_fp, single_fp, texts,
                                  log=lambda m: print(m, file=sys.stderr, flush=True))
     _write_report(result, report)
+
+
+@command.command(name="reproducible")
+@click.option("--demo-dir", type=click.Path(file_okay=False), default=None,
+              help="Build the full demo (merge + GPTQ of the shipped adapters, minutes each) once per setting in "
+                   "DIR/<level>-<threads>, which must not hold a demo yet. Without it: the tiny model, seconds.")
+@click.option("--capability", "capabilities", type=click.Choice(["default", "avx2", "avx512"]), multiple=True,
+              help="ATEN_CPU_CAPABILITY levels to build under (repeat; default: all three).")
+@click.option("--threads", "threads", type=click.IntRange(1), multiple=True,
+              help="Thread counts to build with (repeat; default: 1 and 2).")
+def reproducible(demo_dir: str | None, capabilities: tuple[str, ...], threads: tuple[int, ...]) -> None:
+    """Build the same model under each PyTorch kernel level x thread count, one child process each, and compare
+    the output hashes (and, for the demo, chat's answer to a fixed prompt). Exits 1 when any differ."""
+    import sys
+    from pathlib import Path
+
+    from lavin_edge.bench import reproducible as rep
+
+    caps = capabilities or rep.CAPABILITIES
+    ts = threads or rep.THREADS
+    if demo_dir is None:
+        rows = rep.run_matrix(rep.tiny_row, caps, ts)
+    else:
+        root = Path(demo_dir)
+        for c in caps:
+            for t in ts:
+                if (root / f"{c}-{t}" / "merged").exists():
+                    raise click.UsageError(f"{root / f'{c}-{t}'} already holds a demo: give a new --demo-dir")
+        rows = rep.run_matrix(lambda c, t: rep.demo_row(c, t, root / f"{c}-{t}"), caps, ts)
+    same = rep.all_equal(rows)
+    print("the same bytes under every setting" if same else "DIFFERENT bytes: not reproducible here")
+    if not same:
+        sys.exit(1)

@@ -83,11 +83,12 @@ class DemoModelMissing(FileNotFoundError):
 
 
 def demo_roots() -> list[Path]:
-    """Candidate roots, first match wins: $LAVIN_EDGE_DEMO_DIR, the repo's ``demo/`` (a source checkout),
+    """Candidate roots, first match wins: $LAVIN_EDGE_DEMO_DIR alone when set (a demo elsewhere is never served
+    in its place: an empty one gets the demo built there); else the repo's ``demo/`` (a source checkout),
     ``~/.cache/lavin-edge/demo``."""
-    roots = []
     if os.environ.get(ENV_VAR):
-        roots.append(Path(os.environ[ENV_VAR]).expanduser())
+        return [Path(os.environ[ENV_VAR]).expanduser()]
+    roots = []
     roots.append(Path(__file__).resolve().parents[2] / "demo")
     roots.append(Path.home() / ".cache" / "lavin-edge" / "demo")
     return roots

@@ -68,9 +68,19 @@ def grid_params(w: torch.Tensor, bits: int, sym: bool, mse: float = 0.0, grid: i
     return scale, zero
 
 
+# Quotients this close to k + 1/2 are rounded as the tie itself (half to even). A group's extreme sits on a tie
+# by construction (max|w| / (2 max|w| / maxq) = maxq / 2 up to its last bit), and which side that last bit falls
+# on must not pick the code: the CPU's kernels can move it (docs/reproducibility.md). Below fp32 resolution, so
+# only fp64 inputs are affected, and only their ties.
+TIE_SNAP = 2.0**-30
+
+
 def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer codes of ``w`` on the grid (same shape as ``w``), clamped to 0 .. 2^bits - 1."""
-    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+    r = w / scale
+    half = torch.floor(r) + 0.5
+    r = torch.where((r - half).abs() < TIE_SNAP, half, r)
+    return torch.clamp(torch.round(r) + zero, 0, 2**bits - 1)
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -107,7 +117,8 @@ class HessianAccumulator:
                  dtype: torch.dtype = torch.float32) -> None:
         self.H = torch.zeros(k, k, device=device, dtype=dtype)
         self.C = torch.zeros(k, k, device=device, dtype=dtype) if cross else None
-        self.F = torch.zeros(k, k, device=device, dtype=dtype) if cross else None
+        # F feeds only the report's error figure, never a rounding: fp32 (a third of the fp64 work saved).
+        self.F = torch.zeros(k, k, device=device) if cross else None
         self.n = 0
 
     def add_batch(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
@@ -128,7 +139,8 @@ class HessianAccumulator:
         if self.C is not None and self.F is not None and x_fp is not None:
             xf = x_fp.reshape(-1, x_fp.shape[-1]).to(self.H.dtype) * (2.0 / self.n) ** 0.5
             self.C.addmm_((xf - x).T, x)
-            self.F.addmm_(xf.T, xf)
+            xf32 = xf.float()
+            self.F.addmm_(xf32.T, xf32)
 
 
 def asymmetric_target(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, alpha: float = 1.0,
@@ -268,9 +280,8 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
     """Mean squared output error ``mean over inputs x and outputs n of ((W - W_hat) x)_n^2`` on the inputs
     that built ``H = 2/n sum x x^T`` -- exact, without replaying the inputs."""
-    dt = compute_dtype(w, w_hat, H)
-    dw = w.to(dt) - w_hat.to(dt)
-    H = H.to(dt)
+    dw = w.float() - w_hat.float()  # a report figure, not an input to any rounding: fp32 is enough
+    H = H.float()
     return float(((dw @ H) * dw).sum() / 2 / w.shape[0])
 
 
@@ -279,7 +290,6 @@ def output_error_vs_fp(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor, C:
     """Mean squared error of ``w_hat x`` (partly quantized model's inputs) against the fp model's ``w x_fp``,
     from the accumulator's H, C, F: 2/n sum ||a x - w x_fp||^2 = tr(a H a^T) - 2 tr(a M w^T) + tr(w F w^T)
     with M = 2/n sum x x_fp^T = H + C^T."""
-    dt = compute_dtype(w, w_hat, H, C, F)
-    a, w, H, C, F = (t.to(dt) for t in (w_hat, w, H, C, F))
+    a, w, H, C, F = (t.float() for t in (w_hat, w, H, C, F))  # a report figure: fp32 is enough
     total = ((a @ H) * a).sum() - 2 * ((a @ (H + C.T)) * w).sum() + ((w @ F) * w).sum()
     return float(total.clamp_min(0) / 2 / w.shape[0])

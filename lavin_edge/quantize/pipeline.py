@@ -255,6 +255,42 @@ def _capture_hook(store: list[torch.Tensor]):  # noqa: ANN202 - a torch hook
     return hook
 
 
+class _Replay(nn.Module):
+    """Stands in for a linear whose weights are final: returns, in order, the outputs it gave on the same inputs
+    in an earlier pass (the very values it would compute again), so later passes skip its flops."""
+
+    def __init__(self, outputs: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.outputs, self.next = outputs, 0
+
+    def forward(self, _x: torch.Tensor) -> torch.Tensor:
+        self.next += 1
+        return self.outputs[self.next - 1]
+
+
+def _run_layer_replaying(model: MergedLaVIN, i: int, inputs: list[tuple[torch.Tensor, torch.Tensor]],
+                         cached: dict[str, list[torch.Tensor]], capture: tuple[str, ...]) -> list[torch.Tensor]:
+    """``_run_layer`` with the linears in ``cached`` replayed, and the outputs of those in ``capture`` (final
+    from now on) recorded into ``cached`` for the next pass."""
+    layer = model.llm.layers[i]
+    saved = {name: _get(layer, name) for name in cached}
+    handles = []
+    for name in capture:
+        store = cached.setdefault(name, [])
+        handles.append(_get(layer, name).register_forward_hook(lambda _m, _a, out, st=store: st.append(out)))
+    try:
+        for name, outs in ((n, cached[n]) for n in saved):
+            parent, _, attr = name.rpartition(".")
+            setattr(_get(layer, parent), attr, _Replay(outs))
+        return _run_layer(model, i, inputs)
+    finally:
+        for hnd in handles:
+            hnd.remove()
+        for name, lin in saved.items():
+            parent, _, attr = name.rpartition(".")
+            setattr(_get(layer, parent), attr, lin)
+
+
 # The linears whose inputs differ: q|k|v share one input, w1|w3 another.
 INPUT_READERS = ("attention.wq", "attention.wo", "feed_forward.w1", "feed_forward.w2")
 
@@ -307,6 +343,9 @@ def _quantize_layers(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQC
                 for hnd in fp_handles:
                     hnd.remove()
         hessians: dict[str, HessianAccumulator] = {}
+        # True sequential: outputs of the linears quantized so far, on the current inputs (replayed, not rerun).
+        cached: dict[str, list[torch.Tensor]] = {}
+        done: tuple[str, ...] = ()
         for group in groups:
             # One accumulator per distinct input (only the group's first linear when they share one).
             readers = [group[0]] if qcfg.true_sequential else [n for n in group if n in INPUT_READERS]
@@ -319,10 +358,14 @@ def _quantize_layers(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQC
                 # True sequential reads one input per pass: stop the layer there (up to 2.5x fewer flops).
                 handles.append(lin.register_forward_pre_hook(_hessian_hook(acc, qcfg.true_sequential, fp_x)))
             try:
-                _run_layer(model, i, inputs)
+                if qcfg.true_sequential:
+                    _run_layer_replaying(model, i, inputs, cached, tuple(n for n in done if n not in cached))
+                else:
+                    _run_layer(model, i, inputs)
             finally:
                 for hnd in handles:
                     hnd.remove()
+            done += group
             for name in group:
                 source = {"attention.wk": "attention.wq", "attention.wv": "attention.wq",
                           "feed_forward.w3": "feed_forward.w1"}.get(name, name)
@@ -353,7 +396,9 @@ def _quantize_layers(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQC
             if qcfg.true_sequential:
                 hessians.clear()  # one Hessian at a time
         hessians.clear()
-        inputs = [(o, m) for o, (_, m) in zip(_run_layer(model, i, inputs), inputs, strict=True)]
+        outs = _run_layer_replaying(model, i, inputs, cached, ()) if qcfg.true_sequential else _run_layer(
+            model, i, inputs)
+        inputs = [(o, m) for o, (_, m) in zip(outs, inputs, strict=True)]
         last = report.linears[-len(LINEAR_NAMES):]
         bar.set_postfix(gptq=f"{sum(r.gptq_error for r in last):.3g}", rtn=f"{sum(r.rtn_error for r in last):.3g}")
     report.seconds = time.time() - t0
