@@ -19,11 +19,11 @@ def main() -> None:
     ap.add_argument("merged")
     ap.add_argument("--layers", type=int, default=3)
     a = ap.parse_args()
-    from lavin_edge.chat import demo_build
+    from lavin_edge.demo import paths as demo_build
     from lavin_edge.merge import load_merged
     from lavin_edge.modeldir import load_tokenizer_of
     from lavin_edge.quantize.pipeline import GPTQConfig, quantize_model
-    from lavin_edge.quantize.step import QuantizeOptions, calibration_samples
+    from lavin_edge.quantize.run import QuantizeOptions, calibration_samples
 
     model, mcfg = load_merged(a.merged)
     model.llm.layers = model.llm.layers[:a.layers]

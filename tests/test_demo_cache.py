@@ -106,7 +106,7 @@ def test_an_empty_demo_dir_gets_the_demo_built_there(fake: dict, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 25: with $LAVIN_EDGE_DEMO_DIR set and empty, chat (and its one-shot path, which asks
     ``built_demo_dir`` first) served the current ~/.cache demo instead of building one there."""
-    from lavin_edge.chat.demo import built_demo_dir
+    from lavin_edge.demo.paths import built_demo_dir
 
     cached = demo_model_dir(build=True)
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "elsewhere"))
