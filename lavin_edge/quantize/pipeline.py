@@ -273,22 +273,22 @@ def _run_layer_replaying(model: MergedLaVIN, i: int, inputs: list[tuple[torch.Te
     """``_run_layer`` with the linears in ``cached`` replayed, and the outputs of those in ``capture`` (final
     from now on) recorded into ``cached`` for the next pass."""
     layer = model.llm.layers[i]
-    saved = {name: _get(layer, name) for name in cached}
+    saved = {name: layer.get_submodule(name) for name in cached}
     handles = []
     for name in capture:
         store = cached.setdefault(name, [])
-        handles.append(_get(layer, name).register_forward_hook(lambda _m, _a, out, st=store: st.append(out)))
+        handles.append(layer.get_submodule(name).register_forward_hook(lambda _m, _a, out, st=store: st.append(out)))
     try:
         for name, outs in ((n, cached[n]) for n in saved):
             parent, _, attr = name.rpartition(".")
-            setattr(_get(layer, parent), attr, _Replay(outs))
+            setattr(layer.get_submodule(parent), attr, _Replay(outs))
         return _run_layer(model, i, inputs)
     finally:
         for hnd in handles:
             hnd.remove()
         for name, lin in saved.items():
             parent, _, attr = name.rpartition(".")
-            setattr(_get(layer, parent), attr, lin)
+            setattr(layer.get_submodule(parent), attr, lin)
 
 
 # The linears whose inputs differ: q|k|v share one input, w1|w3 another.
