@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
@@ -17,8 +17,23 @@ from lavin_edge.runtime.generate import GenerationResult, GenerationStats
 from lavin_edge.runtime.sampling import GenerationConfig
 from lavin_edge.runtime.text_stream import StopStringStream
 
-if TYPE_CHECKING:
-    from lavin_edge.runtime.cuda_engine import CudaEngine
+
+class CudaEngine(Protocol):
+    """What the loop needs of ``runtime.cuda_engine.CudaEngine`` (a protocol, so this module does not import it)."""
+
+    device: torch.device
+    tokenizer: Any
+    max_context: int
+    length: int
+    vocab_size: int
+    history: list[int]
+
+    def prefill(self, h: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, token: torch.Tensor) -> torch.Tensor: ...
+
+    def embed_prompt(self, ids: list[int], image_pos: int = -1, visual: torch.Tensor | None = None
+                     ) -> torch.Tensor: ...
 
 
 def _sync(eng: CudaEngine) -> None:
