@@ -57,7 +57,7 @@ def quantized(smol):
     from lavin_edge.data.prose import stdlib_paragraphs
     from lavin_edge.data.records import Problems
     from lavin_edge.quantize.gptq import rtn_quantize
-    from lavin_edge.quantize.pipeline import LINEAR_NAMES, GPTQConfig, _get, quantize_model
+    from lavin_edge.quantize.pipeline import LINEAR_NAMES, GPTQConfig, get_linear, quantize_model
     from lavin_edge.quantize.quality import packed_text_samples, perplexity, record_samples
 
     merged, tok = smol
@@ -77,7 +77,7 @@ def quantized(smol):
     with torch.no_grad():
         for layer in rtn.llm.layers:
             for name in LINEAR_NAMES:
-                lin = _get(layer, name)
+                lin = get_linear(layer, name)
                 r = rtn_quantize(lin.weight, 4, 64, True, mse=2.4)
                 r.scales = r.scales.half().float()  # served as fp16, like GPTQ's
                 lin.weight.copy_(r.dequantize())

@@ -26,8 +26,17 @@ import torch
 from torch import nn
 
 from lavin_edge.kernels.gptq_format import FORMATS, dequantize_packed, pack_linear
-from lavin_edge.model.llama import attention_mask, rope_tables
 from lavin_edge.model.merged import MergedLaVIN
+from lavin_edge.quantize.calibration import (
+    CALIB_DTYPE,
+    CalibSample,
+    capture_hook,
+    get_linear,
+    hessian_hook,
+    layer_inputs,
+    run_layer,
+    run_layer_replaying,
+)
 from lavin_edge.quantize.gptq import (
     SUPPORTED_GROUP_SIZES,
     HessianAccumulator,
@@ -124,19 +133,6 @@ class GPTQConfig:
         }
 
 
-@dataclass
-class CalibSample:
-    """One calibration sequence as the model reads it: ids, where the image goes (-1: none), the image."""
-
-    input_ids: list[int]
-    image_pos: int = -1
-    image: torch.Tensor | None = None
-
-    @property
-    def modality(self) -> str:
-        return "image" if self.image_pos >= 0 else "text"
-
-
 def check_calibration(samples: list[CalibSample], model: MergedLaVIN,
                       modalities: tuple[str, ...] = ("text", "image")) -> None:
     """Refuse calibration data that does not match the model or misses a modality it will serve."""
@@ -190,107 +186,6 @@ class QuantizeReport:
         return asdict(self)
 
 
-def get_linear(module: nn.Module, dotted: str) -> nn.Linear:
-    for part in dotted.split("."):
-        module = getattr(module, part)
-    return module  # type: ignore[return-value]
-
-
-@torch.no_grad()
-def _layer_inputs(model: MergedLaVIN, samples: list[CalibSample]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Embeddings (with projected visual tokens) entering LLM layer 0, one [1, T, D] per sample."""
-    out = []
-    dtype = model.llm.tok_embeddings.weight.dtype
-    for s in samples:
-        ids = torch.tensor([s.input_ids])
-        pos = torch.tensor([s.image_pos])
-        img = None if s.image is None else s.image[None].to(dtype)
-        out.append((model.embed(ids, pos, img), (pos >= 0).long()))
-    return out
-
-
-class _Stop(Exception):
-    """Raised by a Hessian hook once it has its input: the rest of the layer need not run."""
-
-
-CALIB_DTYPE = torch.float64
-
-
-def _rope(model: MergedLaVIN, t: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of the first ``t`` cache slots, as ``rope_slice`` gives them but in ``dtype`` (fp64: not rounded
-    to fp32 on the way)."""
-    cfg, a = model.llm.cfg, model.llm.position_offset
-    cos, sin = rope_tables(cfg.head_dim, a + t, cfg.rope_theta, dtype=dtype)
-    return cos[a:a + t], sin[a:a + t]
-
-
-@torch.no_grad()
-def _run_layer(model: MergedLaVIN, i: int, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-    """Layer ``i`` of ``model`` on each input; a hook raising _Stop ends one early."""
-    layer = model.llm.layers[i]
-    outs = []
-    for h, modality in inputs:
-        t = h.shape[1]
-        cos, sin = _rope(model, t, h.dtype)
-        try:
-            outs.append(layer(h, modality, cos, sin, attention_mask(t, 0, False, h.device), None, i, 0))
-        except _Stop:
-            pass
-    return outs
-
-
-def _hessian_hook(acc: HessianAccumulator, stop: bool, fp_inputs: list[torch.Tensor] | None = None):  # noqa: ANN202
-    """Feeds a Linear's input to ``acc``; with ``fp_inputs``, paired with the fp model's input of the same sample
-    (consumed in order)."""
-    def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        acc.add_batch(args[0], fp_inputs.pop(0) if fp_inputs is not None else None)
-        if stop:
-            raise _Stop
-    return hook
-
-
-def _capture_hook(store: list[torch.Tensor]):  # noqa: ANN202 - a torch hook
-    def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        store.append(args[0].detach().clone())
-    return hook
-
-
-class _Replay(nn.Module):
-    """Stands in for a linear whose weights are final: returns, in order, the outputs it gave on the same inputs
-    in an earlier pass (the very values it would compute again), so later passes skip its flops."""
-
-    def __init__(self, outputs: list[torch.Tensor]) -> None:
-        super().__init__()
-        self.outputs, self.next = outputs, 0
-
-    def forward(self, _x: torch.Tensor) -> torch.Tensor:
-        self.next += 1
-        return self.outputs[self.next - 1]
-
-
-def _run_layer_replaying(model: MergedLaVIN, i: int, inputs: list[tuple[torch.Tensor, torch.Tensor]],
-                         cached: dict[str, list[torch.Tensor]], capture: tuple[str, ...]) -> list[torch.Tensor]:
-    """``_run_layer`` with the linears in ``cached`` replayed, and the outputs of those in ``capture`` (final
-    from now on) recorded into ``cached`` for the next pass."""
-    layer = model.llm.layers[i]
-    saved = {name: layer.get_submodule(name) for name in cached}
-    handles = []
-    for name in capture:
-        store = cached.setdefault(name, [])
-        handles.append(layer.get_submodule(name).register_forward_hook(lambda _m, _a, out, st=store: st.append(out)))
-    try:
-        for name, outs in ((n, cached[n]) for n in saved):
-            parent, _, attr = name.rpartition(".")
-            setattr(layer.get_submodule(parent), attr, _Replay(outs))
-        return _run_layer(model, i, inputs)
-    finally:
-        for hnd in handles:
-            hnd.remove()
-        for name, lin in saved.items():
-            parent, _, attr = name.rpartition(".")
-            setattr(layer.get_submodule(parent), attr, lin)
-
-
 # The linears whose inputs differ: q|k|v share one input, w1|w3 another.
 INPUT_READERS = ("attention.wq", "attention.wo", "feed_forward.w1", "feed_forward.w2")
 
@@ -321,7 +216,7 @@ def _quantize_layers(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQC
     check_calibration(samples, model, modalities)
     model.eval()
     t0 = time.time()
-    inputs = _layer_inputs(model, samples)
+    inputs = layer_inputs(model, samples)
     # Asymmetric calibration follows the fp model alongside: its hidden states at the current layer.
     fp_states = [h for h, _ in inputs] if qcfg.asym_calib > 0 else None
     report = QuantizeReport(qcfg.quantization_config(), len(samples), sum(len(s.input_ids) for s in samples))
@@ -336,9 +231,9 @@ def _quantize_layers(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQC
             # One pass of the layer while it is still fp, on the fp model's states: the fp input of every
             # reader, and the fp model's states for the next layer.
             fp_in = {name: [] for name in INPUT_READERS}
-            fp_handles = [get_linear(layer, n).register_forward_pre_hook(_capture_hook(fp_in[n])) for n in fp_in]
+            fp_handles = [get_linear(layer, n).register_forward_pre_hook(capture_hook(fp_in[n])) for n in fp_in]
             try:
-                fp_states = _run_layer(model, i, [(h, m) for h, (_, m) in zip(fp_states, inputs, strict=True)])
+                fp_states = run_layer(model, i, [(h, m) for h, (_, m) in zip(fp_states, inputs, strict=True)])
             finally:
                 for hnd in fp_handles:
                     hnd.remove()
@@ -356,12 +251,12 @@ def _quantize_layers(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQC
                 acc = HessianAccumulator(lin.in_features, cross=fp_x is not None, dtype=CALIB_DTYPE)
                 hessians[name] = acc
                 # True sequential reads one input per pass: stop the layer there (up to 2.5x fewer flops).
-                handles.append(lin.register_forward_pre_hook(_hessian_hook(acc, qcfg.true_sequential, fp_x)))
+                handles.append(lin.register_forward_pre_hook(hessian_hook(acc, qcfg.true_sequential, fp_x)))
             try:
                 if qcfg.true_sequential:
-                    _run_layer_replaying(model, i, inputs, cached, tuple(n for n in done if n not in cached))
+                    run_layer_replaying(model, i, inputs, cached, tuple(n for n in done if n not in cached))
                 else:
-                    _run_layer(model, i, inputs)
+                    run_layer(model, i, inputs)
             finally:
                 for hnd in handles:
                     hnd.remove()
@@ -369,34 +264,14 @@ def _quantize_layers(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQC
             for name in group:
                 source = {"attention.wk": "attention.wq", "attention.wv": "attention.wq",
                           "feed_forward.w3": "feed_forward.w1"}.get(name, name)
-                H = hessians[source].H
-                lin = get_linear(layer, name)
-                w = lin.weight.detach().to(CALIB_DTYPE)
-                t1 = time.time()
-                C = hessians[source].C
-                target = w if C is None else asymmetric_target(w, H, C, qcfg.asym_calib, qcfg.damp_percent)
-                res = gptq_quantize(target, H, qcfg.bits, qcfg.group_size, qcfg.sym, qcfg.desc_act,
-                                    qcfg.static_groups, qcfg.damp_percent, qcfg.damp_increment, qcfg.block_size,
-                                    qcfg.mse)
-                tensors = pack_linear(res, qcfg.bits, qcfg.format)
-                w_hat = dequantize_packed(tensors, qcfg.bits, qcfg.format)  # what will be served (fp16 scales)
-                rtn = rtn_quantize(w, qcfg.bits, qcfg.group_size, qcfg.sym, qcfg.mse)
-                rtn.scales = rtn.scales.half().float()
-                F = hessians[source].F
-                if C is None or F is None:
-                    errors = output_error(w, w_hat, H), output_error(w, rtn.dequantize(), H)
-                else:
-                    errors = (output_error_vs_fp(w, w_hat, H, C, F),
-                              output_error_vs_fp(w, rtn.dequantize(), H, C, F))
-                report.linears.append(LinearReport(f"layers.{i}.{name}", (w.shape[0], w.shape[1]), *errors,
-                                                   res.damp, time.time() - t1))
+                tensors, rep = _quantize_linear(get_linear(layer, name), hessians[source], qcfg, f"layers.{i}.{name}")
+                report.linears.append(rep)
                 for suffix, t in tensors.items():
                     packed[f"layers.{i}.{name}.{suffix}"] = t
-                lin.weight.copy_(w_hat.to(lin.weight.dtype))
             if qcfg.true_sequential:
                 hessians.clear()  # one Hessian at a time
         hessians.clear()
-        outs = _run_layer_replaying(model, i, inputs, cached, ()) if qcfg.true_sequential else _run_layer(
+        outs = run_layer_replaying(model, i, inputs, cached, ()) if qcfg.true_sequential else run_layer(
             model, i, inputs)
         inputs = [(o, m) for o, (_, m) in zip(outs, inputs, strict=True)]
         last = report.linears[-len(LINEAR_NAMES):]
@@ -404,6 +279,28 @@ def _quantize_layers(model: MergedLaVIN, samples: list[CalibSample], qcfg: GPTQC
     report.seconds = time.time() - t0
     return packed, report
 
+
+@torch.no_grad()
+def _quantize_linear(lin: nn.Linear, acc: HessianAccumulator, qcfg: GPTQConfig, name: str
+                     ) -> tuple[dict[str, torch.Tensor], LinearReport]:
+    """GPTQ on one linear with its input's Hessian (``acc``); its weight becomes what will be served (the packed
+    codes dequantized, fp16 scales) for the passes that follow. Returns the packed tensors and the report line."""
+    H, C, F = acc.H, acc.C, acc.F
+    w = lin.weight.detach().to(CALIB_DTYPE)
+    t1 = time.time()
+    target = w if C is None else asymmetric_target(w, H, C, qcfg.asym_calib, qcfg.damp_percent)
+    res = gptq_quantize(target, H, qcfg.bits, qcfg.group_size, qcfg.sym, qcfg.desc_act, qcfg.static_groups,
+                        qcfg.damp_percent, qcfg.damp_increment, qcfg.block_size, qcfg.mse)
+    tensors = pack_linear(res, qcfg.bits, qcfg.format)
+    w_hat = dequantize_packed(tensors, qcfg.bits, qcfg.format)  # what will be served (fp16 scales)
+    rtn = rtn_quantize(w, qcfg.bits, qcfg.group_size, qcfg.sym, qcfg.mse)
+    rtn.scales = rtn.scales.half().float()
+    if C is None or F is None:
+        errors = output_error(w, w_hat, H), output_error(w, rtn.dequantize(), H)
+    else:
+        errors = output_error_vs_fp(w, w_hat, H, C, F), output_error_vs_fp(w, rtn.dequantize(), H, C, F)
+    lin.weight.copy_(w_hat.to(lin.weight.dtype))
+    return tensors, LinearReport(name, (w.shape[0], w.shape[1]), *errors, res.damp, time.time() - t1)
 
 
 def auto_group_size(model: MergedLaVIN) -> int:
