@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from lavin_edge.commands.options import activations_option, device_option, threads_option
+from lavin_edge.commands.options import THREADS_RULE, activations_option, bounded_threads, device_option, threads_option
 
 
 @click.group(name="bench")
@@ -232,7 +232,8 @@ def demo_chat(followups: int, single: int, followups_fp: int | None, single_fp: 
 @click.option("--capability", "capabilities", type=click.Choice(["default", "avx2", "avx512"]), multiple=True,
               help="ATEN_CPU_CAPABILITY levels to build under (repeat; default: all three).")
 @click.option("--threads", "threads", type=click.IntRange(1), multiple=True,
-              help="Thread counts to build with (repeat; default: 1 and 2).")
+              callback=lambda ctx, param, value: tuple(bounded_threads(t) for t in value),
+              help=f"Thread counts to build with (repeat; default: 1 and 2); {THREADS_RULE}.")
 def reproducible(demo_dir: str | None, capabilities: tuple[str, ...], threads: tuple[int, ...]) -> None:
     """Build the same model under each PyTorch kernel level x thread count, one child process each, and compare
     the output hashes (and, for the demo, chat's answer to a fixed prompt). Exits 1 when any differ."""
