@@ -18,12 +18,17 @@ cuobjdump=$(command -v cuobjdump || true)
 if [ -z "$cuobjdump" ]; then
   cuobjdump=$(ls build/cuda-tools/nvidia/*/bin/cuobjdump 2>/dev/null | head -1)
 fi
-if [ -z "$cuobjdump" ]; then
-  echo "cuda_static_check: installing nvidia-cuda-cuobjdump into build/cuda-tools" >&2
-  python3 -m pip install -q --disable-pip-version-check --target build/cuda-tools nvidia-cuda-cuobjdump >&2 \
+if [ -z "$cuobjdump" ] || { ! command -v nvdisasm >/dev/null && [ ! -x "$(dirname "$cuobjdump")/nvdisasm" ]; }; then
+  # cuobjdump -sass runs nvdisasm: both come from PyPI.
+  echo "cuda_static_check: installing nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm into build/cuda-tools" >&2
+  python3 -m pip install -q --disable-pip-version-check --target build/cuda-tools nvidia-cuda-cuobjdump \
+    nvidia-cuda-nvdisasm >&2 \
     || { echo "error: cuobjdump not on PATH and pip could not install nvidia-cuda-cuobjdump" >&2; exit 2; }
   cuobjdump=$(ls build/cuda-tools/nvidia/*/bin/cuobjdump 2>/dev/null | head -1)
   [ -n "$cuobjdump" ] || { echo "error: nvidia-cuda-cuobjdump has no cuobjdump binary" >&2; exit 2; }
+fi
+if ! command -v nvdisasm >/dev/null && [ -x "$(dirname "$cuobjdump")/nvdisasm" ]; then
+  export PATH="$(dirname "$cuobjdump"):$PATH"  # cuobjdump finds nvdisasm on PATH
 fi
 
 # Compile every (source, arch) to a cubin with ptxas' report, as many at once as there are cores.
