@@ -21,7 +21,7 @@ fi
 if [ -z "$cuobjdump" ] || { ! command -v nvdisasm >/dev/null && [ ! -x "$(dirname "$cuobjdump")/nvdisasm" ]; }; then
   # cuobjdump -sass runs nvdisasm: both come from PyPI.
   echo "cuda_static_check: installing nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm into build/cuda-tools" >&2
-  python3 -m pip install -q --disable-pip-version-check --target build/cuda-tools nvidia-cuda-cuobjdump \
+  python3 -m pip install -q --upgrade --disable-pip-version-check --target build/cuda-tools nvidia-cuda-cuobjdump \
     nvidia-cuda-nvdisasm >&2 \
     || { echo "error: cuobjdump not on PATH and pip could not install nvidia-cuda-cuobjdump" >&2; exit 2; }
   cuobjdump=$(ls build/cuda-tools/nvidia/*/bin/cuobjdump 2>/dev/null | head -1)
