@@ -5,9 +5,7 @@ a decode step that compiles as one graph, sampling on the device, and the --devi
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -192,12 +190,14 @@ def test_device_option_without_gpu(tmp_path: Path) -> None:
     assert resolve_device("cpu") == "cpu" and resolve_device("auto") == "cpu"
     with pytest.raises(DeviceError, match="--device cuda"):
         resolve_device("cuda")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    from lavin_edge.bench.child import module_command
+
     for args in (["chat", "--device", "cuda", "--prompt", "hi", "--model", str(tmp_path)],
                  ["bench", "chat", "--device", "cuda"], ["serve", "--device", "cuda"],
                  ["eval", "--device", "cuda", str(tmp_path), "--data", "easy-vqa"]):
-        res = subprocess.run([sys.executable, "-m", "lavin_edge.cli", *args], capture_output=True, text=True,
-                             env=env, timeout=300, cwd=tmp_path)
+        # The package these tests imported (installed, with its extension), not the checkout's source tree.
+        res = subprocess.run(module_command("lavin_edge.cli", *args), capture_output=True, text=True, timeout=300,
+                             cwd=tmp_path)
         assert res.returncode == 2, (args, res.stderr)
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and ("GPU" in lines[0] or "CUDA" in lines[0]), lines
