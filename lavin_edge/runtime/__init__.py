@@ -10,7 +10,8 @@
 - ``sampling``: ``GenerationConfig`` and the ``Sampler`` (temperature, top-k/p, min-p, penalties, stop strings);
   ``text_stream``: token ids -> text pieces as they complete, stop strings held back;
 - ``generate``: the generation loop, sampling, stats; ``vision``: the tower's adapters on the kernel;
-- ``compare``: top-1 agreement of two engines;
+- ``compare``: top-1 agreement of two engines; ``layer``: the reference layer step; ``sequence``: what a
+  one-sequence engine remembers (cached length, ids, route), shared by ``Engine`` and ``CudaEngine``;
 - ``numpy_engine`` and ``numpy_vision``: a quantized model on the extension and NumPy alone, without importing
   PyTorch (the one-shot ``chat``'s cold start), tested against ``Engine``.
 - ``cuda_engine`` (+ ``cuda_weights``, ``cuda_state``, ``cuda_generate``, ``device_sampling``, ``cuda_batch``):

@@ -39,11 +39,12 @@ from lavin_edge.prompt import ContextError
 from lavin_edge.runtime.cuda_state import DecodeState, rotate
 from lavin_edge.runtime.cuda_weights import DeviceWeights, apply_norm, load_device_weights
 from lavin_edge.runtime.loader import ModelDirError, read_model_dir
+from lavin_edge.runtime.sequence import CachedSequence
 
 __all__ = ["CudaEngine", "engine_for"]
 
 
-class CudaEngine:
+class CudaEngine(CachedSequence):
     """Inference on ``device`` ("cuda", or "cpu": the same code on CPU tensors, as CI runs it). One sequence with
     ``Engine``'s interface for ``ChatSession`` (reset, rewind, history, modality, length, encode_image,
     embed_prompt, generate); with ``slots`` > 1 the decode step runs that many rows, serve's batch
@@ -116,18 +117,6 @@ class CudaEngine:
                 raise ValueError("image_pos given without visual tokens")
             h[image_pos:image_pos + visual.shape[0]] = visual.to(self.device, torch.float32)
         return h
-
-    def reset(self, modality: int = TEXT) -> None:
-        self.length = 0
-        self.history = []
-        self.modality = modality
-
-    def rewind(self, n: int) -> None:
-        """Forget cache positions from ``n`` on."""
-        if not 0 <= n <= self.length:
-            raise ValueError(f"cannot rewind to {n}: {self.length} positions cached")
-        self.length = n
-        del self.history[n:]
 
     # -- prefill --------------------------------------------------------------------------------------
     @torch.inference_mode()

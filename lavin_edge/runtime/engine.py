@@ -30,6 +30,7 @@ from lavin_edge.runtime.backends import select_backend
 from lavin_edge.runtime.generate import GenerationResult, GenerationStats, generate
 from lavin_edge.runtime.layer import layer_step
 from lavin_edge.runtime.loader import ModelDirError, build_weights, read_model_dir
+from lavin_edge.runtime.sequence import CachedSequence
 
 KV_DTYPE = torch.float16  # the KV cache (keys and values after rotary), see Engine.__init__
 
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["ContextError", "Engine", "ModelDirError"]
 
 
-class Engine:
+class Engine(CachedSequence):
     """Batch-1 inference on a merged/quantized LaVIN. The KV cache holds one conversation; ``length`` says
     how many runtime positions are filled, so a new turn can be appended without recomputing history."""
 
@@ -116,18 +117,6 @@ class Engine:
                 raise ValueError("image_pos given without visual tokens")
             h[image_pos:image_pos + visual.shape[0]] = visual
         return h
-
-    def reset(self, modality: int = TEXT) -> None:
-        self.length = 0
-        self.history = []
-        self.modality = modality
-
-    def rewind(self, n: int) -> None:
-        """Forget cache positions from ``n`` on (causal attention: the first n stay valid as they are)."""
-        if not 0 <= n <= self.length:
-            raise ValueError(f"cannot rewind to {n}: {self.length} positions cached")
-        self.length = n
-        del self.history[n:]
 
     # -- forward ------------------------------------------------------------------------------------
     @torch.inference_mode()
