@@ -98,3 +98,11 @@ def quantize_tiny() -> Callable[..., Path]:
     """``quantize_tiny(model, root, quantize=None, desc_act=False)`` -> the 4-bit dir of a tiny LaVIN (its merged
     fp dir beside it)."""
     return quantize_tiny_dir
+
+
+@pytest.fixture
+def torch_compile_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile enabled for this test: test_quantize_interop.py and test_gptq_vs_gptqmodel.py set
+    TORCHDYNAMO_DISABLE=1 in the process when they are collected (gptqmodel would compile for nothing), and
+    torch reads it at every compiled call."""
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)

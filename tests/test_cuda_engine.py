@@ -111,7 +111,7 @@ class GraphCheck:
         return self.inner(gm, inputs)
 
 
-def test_decode_step_compiles_as_one_graph(qdir: Path) -> None:
+def test_decode_step_compiles_as_one_graph(qdir: Path, torch_compile_on: None) -> None:
     """``torch.compile(fullgraph=True)`` of the decode step (aot_eager): no graph break, no op reading a device
     value back to Python (an ``.item()`` position), one graph for every position (a Python-int position would
     be a guard, recompiling at the next token); the compiled step gives the eager step's logits. The two

@@ -108,7 +108,7 @@ def test_norm_adapter_reference_matches_cpu_adapter() -> None:
                                F.rms_norm(x.half().float(), (d,), g.half().float(), 1e-6), rtol=2e-3, atol=2e-3)
 
 
-def test_reference_step_traces_as_one_graph() -> None:
+def test_reference_step_traces_as_one_graph(torch_compile_on: None) -> None:
     """Norm + adapter then a W4 linear added into an output, as the engine's decode step calls them on CPU
     tensors: no graph break (a lazy cache or a Python-side read of a tensor would be one)."""
     t, _ = make(64, 256, 64, True, "gptq_v2")

@@ -11,7 +11,6 @@ import re
 import socket
 import struct
 import subprocess
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -117,9 +116,13 @@ def test_port_in_use_is_one_line_before_the_model_loads(monkeypatch: pytest.Monk
 
 def test_serve_answers_on_the_socket_it_bound(qdir: Path) -> None:
     """The real command in a child on --port 0: the socket bound before the load is the one uvicorn serves."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lavin_edge.cli", "serve", "--model", str(qdir), "--port", "0",
-                             "--threads", "1", "--log-level", "warning"], env=env, stderr=subprocess.PIPE, text=True)
+    from lavin_edge.bench.child import module_command
+
+    # The package these tests imported (installed, with its extension), not the checkout's source tree.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(module_command("lavin_edge.cli", "serve", "--model", str(qdir), "--port", "0",
+                                           "--threads", "1", "--log-level", "warning"),
+                            env=env, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stderr.readline()
         m = re.search(r"serving q on http://127\.0\.0\.1:(\d+)/", line)
