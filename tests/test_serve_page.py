@@ -197,8 +197,18 @@ def test_example_ask_stream_follow_up_and_reload(server: LiveServer, page) -> No
     drv.shot("reloaded")
 
 
-def test_stop_frees_the_slot_and_the_next_question_works(server: LiveServer, page) -> None:  # noqa: ANN001
+def test_stop_frees_the_slot_and_the_next_question_works(server: LiveServer, page,  # noqa: ANN001
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     drv = page
+    # The tiny model decodes thousands of tokens a second: without a pause per step the whole answer can end
+    # while the test looks at the streaming state, and Stop is gone before it is pressed.
+    step = server.scheduler.decoder.step
+
+    def slow_step(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        time.sleep(0.005)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(server.scheduler.decoder, "step", slow_step)
     _enter_key(drv, KEY)
     _set(drv, "max-tokens", str(CONTEXT))
     steps0 = server.scheduler.steps
