@@ -11,9 +11,8 @@ from typing import Any, Protocol
 
 import torch
 
-from lavin_edge.prompt import ContextError
 from lavin_edge.runtime.device_sampling import DeviceSampler
-from lavin_edge.runtime.generate import GenerationResult, GenerationStats
+from lavin_edge.runtime.generate import GenerationResult, GenerationStats, turn_limits
 from lavin_edge.runtime.sampling import GenerationConfig
 from lavin_edge.runtime.text_stream import StopStringStream
 
@@ -48,14 +47,8 @@ def generate(eng: CudaEngine, new_ids: list[int], gen: GenerationConfig, image_p
     """Prefill ``new_ids`` after ``eng``'s cached history, then decode; ``stop_ids`` as ``generate``'s."""
     gen.validate()
     tok = eng.tokenizer
-    if stop_ids is None:
-        stop_ids = set(getattr(tok, "stop_ids", {tok.eos_id}))
+    stop_ids, budget = turn_limits(eng, new_ids, gen, stop_ids)
     stats = stats or GenerationStats()
-    room = eng.max_context - eng.length - len(new_ids)
-    if room < 1:
-        raise ContextError(f"prompt of {len(new_ids)} tokens does not fit: {eng.length} in history, "
-                           f"context {eng.max_context}")
-    budget = min(gen.max_new_tokens, room)
     sampler = DeviceSampler(gen, eng.vocab_size, eng.device)
     sampler.observe(new_ids)
     stream = StopStringStream(tok.decode, gen.stop_strings)

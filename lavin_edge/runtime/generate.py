@@ -64,6 +64,20 @@ class GenerationResult:
     stats: GenerationStats
 
 
+def turn_limits(eng: DecodingEngine, new_ids: list[int], gen: GenerationConfig, stop_ids: set[int] | None
+                ) -> tuple[set[int], int]:
+    """A turn's stop ids (the tokenizer's unless given) and how many tokens it may decode: ``max_new_tokens``
+    within the context left after the history and ``new_ids`` (ContextError when the prompt does not fit)."""
+    tok = eng.tokenizer
+    if stop_ids is None:
+        stop_ids = set(getattr(tok, "stop_ids", {tok.eos_id}))
+    room = eng.max_context - eng.length - len(new_ids)
+    if room < 1:
+        raise ContextError(f"prompt of {len(new_ids)} tokens does not fit: {eng.length} in history, "
+                           f"context {eng.max_context}")
+    return stop_ids, min(gen.max_new_tokens, room)
+
+
 def generate(engine: DecodingEngine, new_ids: list[int], gen: GenerationConfig, image_pos: int = -1,
              visual: torch.Tensor | None = None, on_text: Callable[[str], None] | None = None,
              stats: GenerationStats | None = None, stop_ids: set[int] | None = None) -> GenerationResult:
@@ -74,14 +88,8 @@ def generate(engine: DecodingEngine, new_ids: list[int], gen: GenerationConfig, 
     gen.validate()
     eng = engine
     tok = eng.tokenizer
-    if stop_ids is None:
-        stop_ids = set(getattr(tok, "stop_ids", {tok.eos_id}))
+    stop_ids, budget = turn_limits(eng, new_ids, gen, stop_ids)
     stats = stats or GenerationStats()
-    room = eng.max_context - eng.length - len(new_ids)
-    if room < 1:
-        raise ContextError(f"prompt of {len(new_ids)} tokens does not fit: {eng.length} in history, "
-                           f"context {eng.max_context}")
-    budget = min(gen.max_new_tokens, room)
     sampler = Sampler(gen, eng.embed.shape[0])
     sampler.observe(new_ids)
     stream = StopStringStream(tok.decode, gen.stop_strings)
